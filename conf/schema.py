@@ -1,0 +1,129 @@
+"""Typed schemas for every config group.
+
+Hydra merges the YAML files of conf/ into these dataclasses, so an unknown key or a wrong type fails at
+composition, before Ray starts, with a message that names the key. After composition launch.py turns the
+config into these dataclasses (`OmegaConf.to_object`) and no DictConfig travels further.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer (family `llm`). Presets live in conf/model/."""
+
+    family: str = "llm"
+    preset: str = "tiny"
+    # The vocabulary size is not set here: it comes from the tokenizer trained with the data (data.vocab_size).
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 344
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # "auto" builds on the meta device when the model is too big to build whole on one host, else on the CPU.
+    init_device: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes packed token sequences."""
+
+    source: str = "stdlib"  # stdlib | text_dir | parquet
+    path: Optional[str] = None  # required for text_dir and parquet
+    column: str = "text"  # the text column of a parquet source or the field of jsonl records
+    vocab_size: int = 4096  # byte-level BPE vocabulary trained on the corpus
+    seq_len: int = 256  # tokens per training sequence
+    val_fraction: float = 0.05  # share of documents held out for validation
+    max_chars: Optional[int] = None  # cap on corpus characters (first documents in sorted order)
+    rows_per_shard: int = 2048  # packed sequences per parquet shard
+    seed: int = 0  # shuffle order of the packed training rows
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 16  # sequences per optimizer step, summed over workers and accumulation
+    micro_batch_size: int = 4  # sequences per forward pass on one worker
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = False
+    log_every_n_steps: int = 10
+    eval_every_n_steps: int = 50
+    eval_batches: int = 4  # global batches of validation data per evaluation
+    torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU share
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddp"  # ddp | fsdp | zero1 | zero2 | zero3
+    fsdp_reshard_after_forward: bool = True
+    zero_offload_optimizer: bool = False  # ZeRO: keep optimizer states in host memory
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 50
+    keep_top_k: int = 2  # ranked by val_loss; the latest checkpoint is always kept for resuming
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    address: Optional[str] = None  # Ray address; None (and no RAY_ADDRESS) starts an embedded local Ray
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only read when use_gpu is true
+    local_num_cpus: Optional[int] = None  # embedded Ray only; None = this machine's core count
+    include_dashboard: bool = False
+    peak_tflops_per_gpu: float = 989.0  # dense bf16 peak used for MFU (H100 SXM datasheet)
+    runtime_env_excludes: list = field(
+        default_factory=lambda: [".git", ".venv", "outputs", "wandb", "**/__pycache__", ".pytest_cache"]
+    )
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "slipway"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # None: offline unless WANDB_MODE or WANDB_API_KEY say otherwise
+
+
+@dataclass
+class PathsConfig:
+    root: str = "outputs"  # relative paths resolve against the directory launch.py was started in
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Experiment name used in the run name; experiment files set it, plain runs are "default".
+    name: str = "default"
+
+
+def register_configs() -> None:
+    """Register the root schema so conf/config.yaml can name it first in its defaults list."""
+    ConfigStore.instance().store(name="slipway_schema", node=RootConfig)
