@@ -6,7 +6,6 @@ config into these dataclasses (`OmegaConf.to_object`) and no DictConfig travels 
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -36,13 +35,16 @@ class DataConfig:
     """Where the text comes from and how it becomes packed token sequences."""
 
     source: str = "stdlib"  # stdlib | text_dir | parquet
-    path: Optional[str] = None  # required for text_dir and parquet
+    path: str | None = None  # required for text_dir and parquet
     column: str = "text"  # the text column of a parquet source or the field of jsonl records
     vocab_size: int = 4096  # byte-level BPE vocabulary trained on the corpus
     seq_len: int = 256  # tokens per training sequence
     val_fraction: float = 0.05  # share of documents held out for validation
-    max_chars: Optional[int] = None  # cap on corpus characters (first documents in sorted order)
+    max_chars: int | None = None  # cap on corpus characters (first documents in sorted order)
     rows_per_shard: int = 2048  # packed sequences per parquet shard
+    # Prepared splits up to this size are read once by the driver into Ray's object store; larger ones are
+    # streamed from the shards by Ray Data read tasks each epoch.
+    in_memory_limit_mb: int = 512
     seed: int = 0  # shuffle order of the packed training rows
 
 
@@ -84,13 +86,13 @@ class CheckpointConfig:
 @dataclass
 class ClusterConfig:
     name: str = "local"
-    address: Optional[str] = None  # Ray address; None (and no RAY_ADDRESS) starts an embedded local Ray
+    address: str | None = None  # Ray address; None (and no RAY_ADDRESS) starts an embedded local Ray
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only read when use_gpu is true
-    local_num_cpus: Optional[int] = None  # embedded Ray only; None = this machine's core count
-    include_dashboard: bool = False
+    local_num_cpus: int | None = None  # embedded Ray only; None = this machine's core count
+    include_dashboard: bool = True
     peak_tflops_per_gpu: float = 989.0  # dense bf16 peak used for MFU (H100 SXM datasheet)
     runtime_env_excludes: list = field(
         default_factory=lambda: [".git", ".venv", "outputs", "wandb", "**/__pycache__", ".pytest_cache"]
@@ -101,13 +103,14 @@ class ClusterConfig:
 class LoggerConfig:
     name: str = "none"  # none | wandb
     project: str = "slipway"
-    entity: Optional[str] = None
-    mode: Optional[str] = None  # None: offline unless WANDB_MODE or WANDB_API_KEY say otherwise
+    entity: str | None = None
+    mode: str | None = None  # None: offline unless WANDB_MODE or WANDB_API_KEY say otherwise
 
 
 @dataclass
 class PathsConfig:
     root: str = "outputs"  # relative paths resolve against the directory launch.py was started in
+    data_cache: str = "${paths.root}/data"  # prepared corpora, keyed by content fingerprint
 
 
 @dataclass
@@ -120,8 +123,6 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    # Experiment name used in the run name; experiment files set it, plain runs are "default".
-    name: str = "default"
 
 
 def register_configs() -> None:

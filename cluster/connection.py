@@ -1,0 +1,81 @@
+"""Connecting the driver to Ray: an embedded local instance, or an existing cluster by address.
+
+An existing cluster gets the repo shipped as the job's `runtime_env.working_dir` (minus outputs, .git and
+caches), so workers import the same trainers/ and datasets/ code as the driver.
+"""
+
+import logging
+import math
+import os
+from pathlib import Path
+
+from conf.schema import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_address(cfg: ClusterConfig) -> str | None:
+    """`cluster.address`, else RAY_ADDRESS, else None (start an embedded local Ray)."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def local_cpu_count(cfg: ClusterConfig) -> int:
+    """Logical CPUs for an embedded Ray: at least the workers' share plus two for Ray Data's read tasks.
+
+    Ray counts CPUs as scheduling tokens, not cores. Training workers hold one token each; without spare
+    tokens Ray Data's read tasks could never be scheduled and the first batch would never arrive.
+    """
+    if cfg.local_num_cpus:
+        return cfg.local_num_cpus
+    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2
+    return max(os.cpu_count() or 1, needed)
+
+
+def build_runtime_env(cfg: ClusterConfig, *, remote: bool, env_vars: dict[str, str]) -> dict:
+    if remote:
+        return {"working_dir": str(REPO_ROOT), "excludes": list(cfg.runtime_env_excludes), "env_vars": env_vars}
+    # Locally the workers see this filesystem; putting the repo on their path is enough.
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {"env_vars": {"PYTHONPATH": path, **env_vars}}
+
+
+def connect(cfg: ClusterConfig, *, env_vars: dict[str, str] | None = None) -> None:
+    """Start or join Ray; reuse a Ray that this process already started (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = resolve_address(cfg)
+    runtime_env = build_runtime_env(cfg, remote=address is not None, env_vars=env_vars or {})
+    if address is None:
+        num_cpus = local_cpu_count(cfg)
+        logger.info("starting an embedded local Ray with %d logical CPUs", num_cpus)
+        # address="local" always starts a new instance; None would join a `ray start` cluster found on disk.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.include_dashboard, runtime_env=runtime_env,
+                 logging_level=logging.WARNING)
+    else:
+        logger.info("connecting to the Ray cluster at %s", address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as err:
+            raise ValueError(f"cannot reach the Ray cluster at cluster.address={address!r}: {err}") from err
+
+
+def check_capacity(cfg: ClusterConfig) -> None:
+    """Fail fast, naming both numbers, when the run asks for more than the cluster has (Ray would wait)."""
+    import ray
+
+    available = ray.cluster_resources()
+    wanted = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        wanted["GPU"] = cfg.num_workers * cfg.gpus_per_worker
+    for resource, amount in wanted.items():
+        have = available.get(resource, 0.0)
+        if amount > have:
+            per_worker = cfg.gpus_per_worker if resource == "GPU" else cfg.cpus_per_worker
+            raise ValueError(
+                f"cluster.num_workers={cfg.num_workers} x {per_worker:g} {resource} per worker needs "
+                f"{amount:g} {resource}, but the Ray cluster has {have:g} {resource}"
+            )

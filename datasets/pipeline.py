@@ -1,0 +1,54 @@
+"""Ray Data datasets over prepared token shards."""
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from datasets.text import SPLITS, PreparedText
+
+if TYPE_CHECKING:
+    import ray.data
+
+logger = logging.getLogger(__name__)
+
+
+def build_ray_datasets(prepared: PreparedText, *, in_memory_limit_mb: int = 512) -> dict[str, "ray.data.Dataset"]:
+    """{"train": ..., "val": ...}, each in shard order; column `tokens` is (rows, seq_len + 1).
+
+    Sets `preserve_order` on the current DataContext: Ray Data otherwise yields blocks in completion order, and
+    Ray Train copies this setting into its ingest options, so it must be set in the driver before the trainer
+    is built. The shuffling that training wants was done once, with data.seed, when the rows were prepared.
+
+    A split no larger than `in_memory_limit_mb` is read by the driver and handed to Ray as Arrow tables:
+    every epoch and every evaluation then iterates blocks already in the object store, where a streaming
+    read would start read tasks (seconds each on a small machine) every time. Larger splits stream.
+    """
+    import ray.data  # imported here: Ray is slow to import and most users of this package do not need it
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False  # one bar per worker and epoch would bury the training log
+    directories = {"train": prepared.train_dir, "val": prepared.val_dir}
+    return {name: _load_split(Path(directories[name]), split=name, in_memory_limit_mb=in_memory_limit_mb)
+            for name in SPLITS}
+
+
+def _shard_files(directory: Path, *, split: str) -> list[str]:
+    files = sorted(str(path) for path in directory.glob("part-*.parquet"))
+    if not files:
+        raise ValueError(f"prepared {split} directory {directory} has no part-*.parquet shards; prepare the data again")
+    return files
+
+
+def _load_split(directory: Path, *, split: str, in_memory_limit_mb: int) -> "ray.data.Dataset":
+    import pyarrow.parquet as pq
+    import ray.data
+
+    files = _shard_files(directory, split=split)
+    size_mb = sum(Path(file).stat().st_size for file in files) / 2**20
+    if size_mb <= in_memory_limit_mb:
+        logger.info("loading %d %s shards (%.1f MB) from %s into the object store", len(files), split, size_mb,
+                    directory)
+        return ray.data.from_arrow([pq.read_table(file, columns=["tokens"]) for file in files])
+    logger.info("streaming %d %s shards (%.1f MB) from %s", len(files), split, size_mb, directory)
+    return ray.data.read_parquet(files, columns=["tokens"])

@@ -1,0 +1,78 @@
+"""The one entry point: compose -> validate -> prepare data -> connect -> train.
+
+    python launch.py +exp=llm_tiny [overrides]
+    python launch.py --cfg job +exp=llm_tiny        # print the resolved config and exit (Hydra's flag)
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from conf.schema import RootConfig, register_configs
+
+logger = logging.getLogger("slipway")
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+def run(dict_cfg: DictConfig, *, experiment: str) -> Path:
+    """Run every stage for a composed config and return the run directory."""
+    from cluster.connection import check_capacity, connect
+    from datasets.pipeline import build_ray_datasets
+    from datasets.text import prepare_text
+    from trainers import outputs
+    from trainers.run import check_data_fits, fit, validate_config
+
+    cfg: RootConfig = OmegaConf.to_object(dict_cfg)
+    validate_config(cfg)
+    config = OmegaConf.to_container(dict_cfg, resolve=True)
+    root = Path(cfg.paths.root).resolve()
+    run_dir = root / "runs" / outputs.run_name(config, experiment=experiment)
+    previous = outputs.read_summary(run_dir)
+    if previous and previous.get("status") == "finished":
+        logger.info("%s already finished (%d steps); not training again", run_dir.name, previous["steps"])
+        return run_dir
+    prepared = prepare_text(cfg.data, cache_root=Path(cfg.paths.data_cache).resolve(),
+                            max_seq_len=cfg.model.max_seq_len)
+    check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
+    outputs.write_run_files(run_dir, config=config, experiment=experiment, data_fingerprint=prepared.fingerprint,
+                            repo=REPO_ROOT)
+    connect(cfg.cluster)
+    check_capacity(cfg.cluster)
+    datasets = build_ray_datasets(prepared, in_memory_limit_mb=cfg.data.in_memory_limit_mb)
+    summary = fit(cfg, run_name=run_dir.name, run_dir=run_dir, data=prepared.to_dict(), datasets=datasets)
+    final = summary["final_metrics"]
+    logger.info("finished %s: %d steps, train_loss %.4f, best val_loss %s", run_dir.name, summary["steps"],
+                final.get("train_loss", float("nan")), summary.get("best_val_loss"))
+    return run_dir
+
+
+def experiment_name() -> str:
+    return HydraConfig.get().runtime.choices.get("exp") or "default"
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(dict_cfg: DictConfig) -> None:
+    from ray.train import TrainingFailedError
+
+    try:
+        run_dir = run(dict_cfg, experiment=experiment_name())
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("error: %s", err)
+        sys.exit(2)
+    except TrainingFailedError as err:
+        logger.error("error: training failed after all retries: %s", err)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        logger.error("interrupted: rerun the same command to resume from the latest checkpoint")
+        sys.exit(130)
+    print(f"run_dir: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    register_configs()  # the schemas must be in Hydra's ConfigStore before main() composes
+    main()

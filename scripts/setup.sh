@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) with Slipway's dependencies. CPU torch goes in first so that no other package
+# can pull a multi-GB CUDA build; on a GPU machine install the CUDA build of the same torch version instead:
+#   TORCH_INDEX_URL=<your PyTorch wheel index for CUDA or CPU> bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+
+TORCH_VERSION=$(python - <<'PY'
+import tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(d.split("==")[1] for d in deps if d.startswith("torch==")))
+PY
+)
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  python -m pip install -q "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX_URL"
+else
+  python -m pip install -q "torch==${TORCH_VERSION}"
+fi
+
+# pyproject.toml lists the dependencies; the repo's folders are imported from the root, never installed.
+python - <<'PY' > .venv/requirements.txt
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+PY
+python -m pip install -q -r .venv/requirements.txt
+python -c "import torch, ray, deepspeed; print('torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"

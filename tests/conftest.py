@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from conf.schema import register_configs  # noqa: E402
+
+register_configs()  # as launch.py does before composing
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole test session, sized for 2 training workers plus Ray Data tasks."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """Prepared corpora shared by every training test (the first run prepares, later runs reuse)."""
+    return tmp_path_factory.mktemp("data_cache")

@@ -1,0 +1,45 @@
+"""Shared test helpers: compose a config the way launch.py does and run it on the session's Ray."""
+
+import json
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that one Ray Train run of a few steps takes seconds on 2 cores.
+TINY_OVERRIDES = [
+    "+exp=llm_tiny",
+    "data.max_chars=400000",
+    "data.seq_len=64",
+    "data.val_fraction=0.2",
+    "trainer.max_steps=6",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=2",
+    "trainer.warmup_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.eval_every_n_steps=3",
+    "trainer.eval_batches=2",
+    "checkpoint.every_n_steps=3",
+]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_training(root: Path, data_cache: Path, overrides: list[str] = (), *, experiment: str = "llm_tiny") -> Path:
+    """launch.run for the tiny config plus `overrides`, outputs under `root`; returns the run directory."""
+    import launch
+
+    cfg = compose_config([*TINY_OVERRIDES, f"paths.root={root}", f"paths.data_cache={data_cache}", *overrides])
+    return launch.run(cfg, experiment=experiment)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["train_loss"] for row in read_metrics(run_dir) if "train_loss" in row}

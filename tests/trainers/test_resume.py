@@ -1,0 +1,118 @@
+"""Fault tolerance: a crash, a SIGKILLed worker and a rerun all end exactly where an uninterrupted run ends.
+
+DDP on CPU is deterministic (fixed thread count, gloo all-reduce over 2 ranks, data order fixed by the
+prepared shards), so "the same final loss" is checked as exact equality of every logged training loss.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from ray.train import TrainingFailedError
+
+from tests.helpers import read_metrics, run_training, train_losses
+from trainers.loop import CRASH_AT_STEP_ENV
+
+# Long enough (about 5 s of training) for a kill from outside to land mid-run.
+RESUME_OVERRIDES = ["strategy=ddp", "trainer.max_steps=40", "checkpoint.every_n_steps=5",
+                    "trainer.eval_every_n_steps=10", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(ray_session, data_cache, tmp_path_factory):
+    losses = train_losses(run_training(tmp_path_factory.mktemp("uninterrupted"), data_cache, RESUME_OVERRIDES))
+    assert sorted(losses) == list(range(1, 41))
+    return losses
+
+
+def checkpoint_dirs(run_dir):
+    return sorted(path.name for path in run_dir.glob("checkpoint_step_*"))
+
+
+def test_worker_crash_restarts_from_latest_checkpoint(uninterrupted_losses, data_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_AT_STEP_ENV, "13")
+
+    run_dir = run_training(tmp_path, data_cache, RESUME_OVERRIDES)
+
+    assert (run_dir / ".crash_injected_at_13").exists(), "the fault hook did not fire"
+    assert train_losses(run_dir) == uninterrupted_losses
+    assert [row["step"] for row in read_metrics(run_dir) if "train_loss" in row] == list(range(1, 41))
+
+
+def _train_worker_processes() -> list[psutil.Process]:
+    """Ray Train worker processes started by this test session's Ray (descendants of this process)."""
+    workers = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
+
+
+def _wait_for_step(run_root, step: int, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for metrics in run_root.glob("runs/*/metrics.jsonl"):
+            if any(row.get("step", 0) >= step for row in read_metrics(metrics.parent)):
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"training did not reach step {step} within {timeout_s} s")
+
+
+def test_sigkilled_worker_restarts_from_latest_checkpoint(uninterrupted_losses, data_cache, tmp_path):
+    outcome = {}
+
+    def train():
+        try:
+            outcome["run_dir"] = run_training(tmp_path, data_cache, RESUME_OVERRIDES)
+        except Exception as err:  # surfaced by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    _wait_for_step(tmp_path, 12, timeout_s=240)
+    workers = _train_worker_processes()
+    assert workers, "no RayTrainWorker process found to kill"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+
+    assert not thread.is_alive(), "training did not finish after the worker was killed"
+    assert "error" not in outcome, outcome.get("error")
+    losses = train_losses(outcome["run_dir"])
+    assert losses == uninterrupted_losses
+    restored = [line for line in (outcome["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert len(restored) == len(read_metrics(outcome["run_dir"])), "torn or duplicated metric lines"
+
+
+def test_failed_run_resumes_when_the_same_command_is_rerun(uninterrupted_losses, data_cache, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setenv(CRASH_AT_STEP_ENV, "23")
+    with pytest.raises(TrainingFailedError):
+        run_training(tmp_path, data_cache, [*RESUME_OVERRIDES, "checkpoint.max_failures=0"])
+    monkeypatch.delenv(CRASH_AT_STEP_ENV)
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    assert '"status": "failed"' in (run_dir / "summary.json").read_text()
+    assert "checkpoint_step_00000020" in checkpoint_dirs(run_dir)
+
+    rerun_dir = run_training(tmp_path, data_cache, [*RESUME_OVERRIDES, "checkpoint.max_failures=0"])
+
+    assert rerun_dir == run_dir
+    assert train_losses(run_dir) == uninterrupted_losses
+
+
+def test_rerunning_a_finished_run_does_not_train_again(ray_session, data_cache, tmp_path):
+    run_dir = run_training(tmp_path, data_cache, ["strategy=ddp"])
+    metrics_before, checkpoints_before = (run_dir / "metrics.jsonl").read_text(), checkpoint_dirs(run_dir)
+
+    assert run_training(tmp_path, data_cache, ["strategy=ddp"]) == run_dir  # short-circuits on summary.json
+    (run_dir / "summary.json").unlink()
+    assert run_training(tmp_path, data_cache, ["strategy=ddp"]) == run_dir  # restores step 6 = max_steps
+
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+    assert checkpoint_dirs(run_dir) == checkpoints_before
+    assert '"status": "finished"' in (run_dir / "summary.json").read_text()

@@ -1,0 +1,278 @@
+"""`train_loop`: what every Ray Train worker runs.
+
+Rebuild the typed config, build the model, apply the strategy, restore the latest checkpoint, then train
+on this rank's slice of each global batch, evaluating, logging and checkpointing on schedule.
+
+Data order: every worker reads the same ordered stream of global batches and takes rows
+[rank * per_rank, (rank + 1) * per_rank) of each. The run then sees exactly the data a single process with
+the same global batch would see, and resuming is "skip the batches already trained on". The price is that
+each worker reads every token row; rows are a few KB against a step of compute, so it does not show.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from conf.schema import RootConfig
+from trainers import checkpointing, optim
+from trainers.checkpointing import TrainState
+from trainers.families import Family, get_family, init_device_for
+from trainers.strategies import build_strategy
+from trainers.tracking import Tracker
+
+logger = logging.getLogger("slipway.train")
+
+CRASH_AT_STEP_ENV = "SLIPWAY_TEST_CRASH_AT_STEP"  # test-only fault hook; see _maybe_inject_crash
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str
+    accum_steps: int
+    rows_per_rank: int  # rows of each global batch this rank trains on
+
+
+def configure_worker_logging() -> None:
+    """Our progress at INFO; Ray Train's per-report and Ray Data's per-execution lines only when they warn."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    for noisy in ("ray.data", "ray.train", "deepspeed", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def rebuild_config(config_dict: dict) -> RootConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), config_dict))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision={precision!r} is not one of auto, fp32, bf16")
+    return precision
+
+
+def _setup_worker(cfg: RootConfig) -> WorkerContext:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    per_rank = cfg.trainer.global_batch_size // world
+    threads = cfg.trainer.torch_threads or max(1, int(cfg.cluster.cpus_per_worker))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.trainer.seed)  # same seed on every rank: identical initial weights
+    return WorkerContext(rank=rank, world_size=world, device=device,
+                         precision=resolve_precision(cfg.trainer.precision, device),
+                         accum_steps=per_rank // cfg.trainer.micro_batch_size, rows_per_rank=per_rank)
+
+
+def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerContext):
+    device = init_device_for(cfg.model, vocab_size=data["vocab_size"], device=ctx.device)
+    model = family.build_model(cfg.model, data=data, device=device)
+    strategy = build_strategy(cfg.strategy, device=ctx.device, precision=ctx.precision,
+                              accum_steps=ctx.accum_steps, grad_clip=cfg.trainer.grad_clip,
+                              micro_batch_size=cfg.trainer.micro_batch_size)
+    strategy.setup(
+        model, blocks=family.blocks(model),
+        build_optimizer=partial(optim.build_optimizer, cfg=cfg.trainer),
+        build_scheduler=partial(optim.build_scheduler, cfg=cfg.trainer),
+        weight_decay=cfg.trainer.weight_decay,
+        activation_checkpointing=cfg.trainer.activation_checkpointing,
+    )
+    return strategy
+
+
+def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def train_step(strategy, family: Family, rows: torch.Tensor, ctx: WorkerContext, micro: int) -> tuple[float, float]:
+    """One optimizer step over this rank's rows; returns (this rank's mean loss, grad norm before clipping)."""
+    losses = []
+    for index in range(ctx.accum_steps):
+        batch = rows[index * micro:(index + 1) * micro].to(ctx.device, non_blocking=True)
+        with strategy.micro_step(is_last=index == ctx.accum_steps - 1):
+            with strategy.autocast():
+                loss = family.loss(strategy.model, batch)
+            strategy.backward(loss)
+        losses.append(loss.detach())
+    grad_norm = strategy.step()
+    return float(torch.stack(losses).mean()), grad_norm
+
+
+@torch.no_grad()
+def evaluate(strategy, family: Family, val_shard, ctx: WorkerContext, *, micro: int, max_batches: int) -> float:
+    """Mean validation loss over the first `max_batches` eval batches, averaged over all ranks' rows."""
+    strategy.model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    batch_rows = micro * ctx.world_size
+    for index, batch in enumerate(val_shard.iter_torch_batches(batch_size=batch_rows, drop_last=True)):
+        if index >= max_batches:
+            break
+        rows = batch["tokens"][ctx.rank * micro:(ctx.rank + 1) * micro].to(ctx.device, dtype=torch.long)
+        with strategy.autocast():
+            total[0] += float(family.loss(strategy.model, rows)) * len(rows)
+        total[1] += len(rows)
+    strategy.model.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _maybe_inject_crash(step: int, run_dir: Path, rank: int) -> None:
+    """Test-only: crash rank 1 (or 0 when alone) once at the step named by SLIPWAY_TEST_CRASH_AT_STEP."""
+    crash_at = os.environ.get(CRASH_AT_STEP_ENV)
+    if not crash_at or step != int(crash_at) or rank != min(1, dist.get_world_size() - 1):
+        return
+    marker = run_dir / f".crash_injected_at_{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    raise RuntimeError(f"injected crash at step {step} ({CRASH_AT_STEP_ENV})")
+
+
+class Progress:
+    """Throughput and ETA over the steps since the last log line, counting data wait but not eval/checkpoint."""
+
+    def __init__(self, *, max_steps: int, items_per_step: int):
+        self.max_steps, self.items_per_step = max_steps, items_per_step
+        self.busy_seconds, self.steps = 0.0, 0
+        self.mark = time.perf_counter()
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        self.busy_seconds += now - self.mark
+        self.steps += 1
+        self.mark = now
+
+    def pause_ended(self) -> None:
+        """Call after eval or checkpointing so their time is not charged to training steps."""
+        self.mark = time.perf_counter()
+
+    def window(self, step: int) -> dict:
+        step_time = self.busy_seconds / max(1, self.steps)
+        figures = {"step_time_s": step_time, "tokens_per_s": self.items_per_step / step_time if step_time else 0.0,
+                   "eta_s": step_time * (self.max_steps - step)}
+        self.busy_seconds, self.steps = 0.0, 0
+        return figures
+
+
+def _format_progress(metrics: dict, max_steps: int) -> str:
+    eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
+    line = (f"step {metrics['step']}/{max_steps} | loss {metrics['train_loss']:.4f} | "
+            f"{metrics['tokens_per_s']:,.0f} tok/s | {metrics['step_time_s']:.3f} s/step | eta {eta}")
+    if "mfu" in metrics:
+        line += f" | mfu {metrics['mfu']:.1%}"
+    return line
+
+
+def _checkpoint_payload(cfg: RootConfig, data: dict) -> dict:
+    return {"family": cfg.model.family, "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+            "vocab_size": data["vocab_size"], "seq_len": data["seq_len"], "tokenizer_path": data["tokenizer_path"]}
+
+
+def train_loop(config: dict) -> None:
+    """Per-worker entry. `config` holds plain data: the resolved config, run facts and the prepared data."""
+    configure_worker_logging()
+    cfg = rebuild_config(config["cfg"])
+    data, run_dir = config["data"], Path(config["run_dir"])
+    ctx = _setup_worker(cfg)
+    family = get_family(cfg.model.family)
+    strategy = _setup_strategy(cfg, family, data, ctx)
+    state = checkpointing.restore_latest(strategy, rank=ctx.rank) or TrainState()
+    tracker = None
+    if ctx.rank == 0:
+        tracker = Tracker(cfg.logger, run_dir=run_dir, run_name=config["run_name"], config=config["cfg"],
+                          resume_step=state.step)
+    try:
+        _train(cfg, family=family, strategy=strategy, state=state, ctx=ctx, data=data, run_dir=run_dir,
+               tracker=tracker)
+    finally:
+        if tracker:
+            tracker.finish()
+
+
+def _train(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext, data: dict,
+           run_dir: Path, tracker: Tracker | None) -> None:
+    import ray.train
+
+    trainer = cfg.trainer
+    if state.step >= trainer.max_steps:
+        logger.info("checkpoint is at step %d = trainer.max_steps: nothing to train", state.step)
+        return
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    items_per_step = trainer.global_batch_size * family.items_per_row(data)
+    flops_per_item = family.flops_per_item(cfg.model, data=data)
+    progress = Progress(max_steps=trainer.max_steps, items_per_step=items_per_step)
+    payload = _checkpoint_payload(cfg, data)
+    if ctx.rank == 0:
+        logger.info("training %s with %s on %d worker(s) from step %d to %d, %d micro-batch(es) of %d per step",
+                    cfg.model.preset, cfg.strategy.name, ctx.world_size, state.step, trainer.max_steps,
+                    ctx.accum_steps, trainer.micro_batch_size)
+    while state.step < trainer.max_steps:
+        batches = train_shard.iter_torch_batches(batch_size=trainer.global_batch_size, drop_last=True)
+        for index, batch in enumerate(batches):
+            if index < state.batches_in_epoch:
+                continue  # trained on before the checkpoint we resumed from
+            if index == state.batches_in_epoch and index > 0 and progress.steps == 0:
+                progress.pause_ended()  # do not charge the skipped batches to the first step
+            rows = batch["tokens"][ctx.rank * ctx.rows_per_rank:(ctx.rank + 1) * ctx.rows_per_rank]
+            _maybe_inject_crash(state.step + 1, run_dir, ctx.rank)
+            loss, grad_norm = train_step(strategy, family, rows.long(), ctx, trainer.micro_batch_size)
+            state.step += 1
+            state.batches_in_epoch += 1
+            progress.step_done()
+            _after_step(cfg, family=family, strategy=strategy, state=state, ctx=ctx, loss=loss,
+                        grad_norm=grad_norm, val_shard=val_shard, progress=progress, tracker=tracker,
+                        flops_per_item=flops_per_item, payload=payload)
+            if state.step >= trainer.max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+
+def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext, loss: float,
+                grad_norm: float, val_shard, progress: Progress, tracker: Tracker | None, flops_per_item: float,
+                payload: dict) -> None:
+    """Log, evaluate, checkpoint and report as scheduled after an optimizer step."""
+    trainer, step = cfg.trainer, state.step
+    is_last = step >= trainer.max_steps
+    do_log = step % trainer.log_every_n_steps == 0 or is_last or step == 1
+    do_checkpoint = step % cfg.checkpoint.every_n_steps == 0 or is_last
+    do_eval = step % trainer.eval_every_n_steps == 0 or do_checkpoint
+    metrics: dict = {"step": step}
+    if do_log:
+        [mean_loss] = _all_reduce_mean([loss], ctx.device)
+        metrics.update(train_loss=mean_loss, grad_norm=grad_norm, lr=strategy.current_lr(), epoch=state.epoch,
+                       **progress.window(step))
+        if ctx.device.type == "cuda":
+            peak = cfg.cluster.peak_tflops_per_gpu * 1e12 * ctx.world_size
+            metrics["mfu"] = metrics["tokens_per_s"] * flops_per_item / peak
+    if do_eval:
+        metrics["val_loss"] = evaluate(strategy, family, val_shard, ctx, micro=trainer.micro_batch_size,
+                                       max_batches=trainer.eval_batches)
+    if ctx.rank == 0 and len(metrics) > 1:
+        if do_log:
+            logger.info(_format_progress(metrics, trainer.max_steps))
+        if "val_loss" in metrics:
+            logger.info("step %d | val_loss %.4f", step, metrics["val_loss"])
+        tracker.log(metrics)
+    if do_checkpoint:
+        checkpointing.save_and_report(strategy, state, metrics, rank=ctx.rank, model_config=payload)
+    elif do_eval:
+        checkpointing.report_metrics(metrics)
+    if do_eval or do_checkpoint:
+        progress.pause_ended()

@@ -1,0 +1,130 @@
+"""Driver side of a training run: validate sizes, build the TorchTrainer, fit, and record the outcome."""
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from conf.schema import RootConfig
+from trainers import outputs
+from trainers.families import get_family
+from trainers.loop import CRASH_AT_STEP_ENV, resolve_precision, train_loop
+from trainers.strategies import STRATEGY_NAMES
+from trainers.tracking import LOGGER_NAMES
+
+logger = logging.getLogger(__name__)
+
+
+def validate_config(cfg: RootConfig) -> None:
+    """Checks that need more than one key, done on the driver before Ray starts."""
+    trainer, workers = cfg.trainer, cfg.cluster.num_workers
+    get_family(cfg.model.family)
+    resolve_precision(cfg.trainer.precision, _driver_device(cfg))
+    if cfg.strategy.name not in STRATEGY_NAMES:
+        raise ValueError(f"strategy.name={cfg.strategy.name!r} is not one of {', '.join(STRATEGY_NAMES)}")
+    if cfg.logger.name not in LOGGER_NAMES:
+        raise ValueError(f"logger.name={cfg.logger.name!r} is not one of {', '.join(LOGGER_NAMES)}")
+    if workers < 1:
+        raise ValueError(f"cluster.num_workers must be at least 1, got {workers}")
+    if trainer.global_batch_size % (workers * trainer.micro_batch_size):
+        raise ValueError(
+            f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of cluster.num_workers="
+            f"{workers} x trainer.micro_batch_size={trainer.micro_batch_size}"
+        )
+    for key in ("max_steps", "log_every_n_steps", "eval_every_n_steps", "eval_batches"):
+        if getattr(trainer, key) < 1:
+            raise ValueError(f"trainer.{key} must be at least 1, got {getattr(trainer, key)}")
+    if cfg.checkpoint.every_n_steps < 1:
+        raise ValueError(f"checkpoint.every_n_steps must be at least 1, got {cfg.checkpoint.every_n_steps}")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} is beyond the model's limit model.max_seq_len={cfg.model.max_seq_len}"
+        )
+
+
+def _driver_device(cfg: RootConfig):
+    import torch
+
+    return torch.device("cuda" if cfg.cluster.use_gpu else "cpu")
+
+
+def check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
+    """An epoch must hold one global batch and validation one eval batch, or training would never step."""
+    if train_rows < cfg.trainer.global_batch_size:
+        raise ValueError(
+            f"the prepared training split has {train_rows} sequences, fewer than trainer.global_batch_size="
+            f"{cfg.trainer.global_batch_size}; add data (data.max_chars) or lower the batch size"
+        )
+    eval_rows = cfg.trainer.micro_batch_size * cfg.cluster.num_workers
+    if val_rows < eval_rows:
+        raise ValueError(
+            f"the prepared validation split has {val_rows} sequences, fewer than one eval batch "
+            f"(trainer.micro_batch_size x cluster.num_workers = {eval_rows}); raise data.val_fraction"
+        )
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment variables the workers need from the driver (the test-only fault hook)."""
+    return {key: os.environ[key] for key in (CRASH_AT_STEP_ENV,) if key in os.environ}
+
+
+def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path, data: dict, datasets: dict):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    family = get_family(cfg.model.family)
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
+    if cfg.cluster.use_gpu:
+        resources["GPU"] = cfg.cluster.gpus_per_worker
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": config, "data": data, "run_dir": str(run_dir), "run_name": run_name},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(run_dir.parent),  # Ray Train's experiment directory is the run directory itself
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep_top_k, checkpoint_score_attribute=family.metric,
+                checkpoint_score_order=family.metric_mode,
+            ),
+            worker_runtime_env={"env_vars": _worker_env()} if _worker_env() else None,
+        ),
+        # Every worker reads the whole ordered stream and takes its rows (see trainers/loop.py).
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+    )
+
+
+def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: dict) -> dict:
+    """Train to completion (resuming from the run's latest checkpoint) and write summary.json and loss.png."""
+    from ray.train import TrainingFailedError
+
+    family = get_family(cfg.model.family)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    trainer = build_trainer(cfg, config=config, run_name=run_name, run_dir=run_dir, data=data, datasets=datasets)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        outputs.write_summary(run_dir, status="failed", best_checkpoint=None, latest_checkpoint=None,
+                              metric=family.metric, error=str(err).splitlines()[0] if str(err) else repr(err))
+        outputs.plot_losses(run_dir)
+        raise
+    best = _best_checkpoint_path(result, metric=family.metric, mode=family.metric_mode)
+    latest = result.checkpoint.path if result.checkpoint else None
+    summary = outputs.write_summary(run_dir, status="finished", best_checkpoint=best, latest_checkpoint=latest,
+                                    metric=family.metric)
+    outputs.plot_losses(run_dir)
+    return summary
+
+
+def _best_checkpoint_path(result, *, metric: str, mode: str) -> str | None:
+    scored = [(metrics[metric], checkpoint.path) for checkpoint, metrics in (result.best_checkpoints or [])
+              if metric in metrics]
+    if not scored:
+        return result.checkpoint.path if result.checkpoint else None
+    pick = min if mode == "min" else max
+    return pick(scored)[1]
