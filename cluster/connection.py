@@ -22,15 +22,23 @@ def resolve_address(cfg: ClusterConfig) -> str | None:
 
 
 def local_cpu_count(cfg: ClusterConfig) -> int:
-    """Logical CPUs for an embedded Ray: at least the workers' share plus two for Ray Data's read tasks.
+    """Logical CPUs for an embedded Ray: the workers' share plus two for Ray Data's read tasks.
 
     Ray counts CPUs as scheduling tokens, not cores. Training workers hold one token each; without spare
-    tokens Ray Data's read tasks could never be scheduled and the first batch would never arrive.
+    tokens streamed Ray Data reads could never be scheduled and the first batch would never arrive. Asking
+    for more worker CPUs than the machine has cores is refused: the workers would only slow each other down.
     """
     if cfg.local_num_cpus:
         return cfg.local_num_cpus
-    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2
-    return max(os.cpu_count() or 1, needed)
+    cores = os.cpu_count() or 1
+    wanted = cfg.num_workers * cfg.cpus_per_worker
+    if wanted > cores:
+        raise ValueError(
+            f"cluster.num_workers={cfg.num_workers} x cluster.cpus_per_worker={cfg.cpus_per_worker:g} needs "
+            f"{wanted:g} CPU, but this machine has {cores} cores; lower them (fractions are allowed) or set "
+            "cluster.local_num_cpus to oversubscribe on purpose"
+        )
+    return math.ceil(wanted) + 2
 
 
 def build_runtime_env(cfg: ClusterConfig, *, remote: bool, env_vars: dict[str, str]) -> dict:

@@ -48,24 +48,29 @@ _ALLOWED_PICKLE_MODULES = (
 _ALLOWED_PICKLE_GLOBALS = {
     ("collections", "OrderedDict"), ("torch", "Size"), ("torch._utils", "_rebuild_tensor_v2"),
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("torch", "device"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
 }
+_TORCH_CONSTANT_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 
 
 class _AllowListUnpickler(pickle.Unpickler):
-    """Resolves only checkpoint-metadata classes and torch dtypes; anything else is refused."""
+    """Resolves only checkpoint-metadata classes and torch dtype/layout constants; anything else is refused."""
 
     def find_class(self, module: str, name: str):
         if module in _ALLOWED_PICKLE_MODULES or (module, name) in _ALLOWED_PICKLE_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_CONSTANT_TYPES):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"checkpoint refers to {module}.{name}, which is not on the allow-list")
 
 
 def _safe_deepspeed_globals() -> list:
+    """DeepSpeed's own plain-data classes that its ZeRO state files contain besides tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def _make_safe_dcp_reader(path: str):

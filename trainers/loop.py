@@ -253,7 +253,7 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState,
     do_log = step % trainer.log_every_n_steps == 0 or is_last or step == 1
     do_checkpoint = step % cfg.checkpoint.every_n_steps == 0 or is_last
     do_eval = step % trainer.eval_every_n_steps == 0 or do_checkpoint
-    metrics: dict = {"step": step}
+    metrics: dict = {"step": step, "time": time.time()}
     if do_log:
         [mean_loss] = _all_reduce_mean([loss], ctx.device)
         metrics.update(train_loss=mean_loss, grad_norm=grad_norm, lr=strategy.current_lr(), epoch=state.epoch,
@@ -264,7 +264,7 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState,
     if do_eval:
         metrics["val_loss"] = evaluate(strategy, family, val_shard, ctx, micro=trainer.micro_batch_size,
                                        max_batches=trainer.eval_batches)
-    if ctx.rank == 0 and len(metrics) > 1:
+    if ctx.rank == 0 and (do_log or do_eval):
         if do_log:
             logger.info(_format_progress(metrics, trainer.max_steps))
         if "val_loss" in metrics:

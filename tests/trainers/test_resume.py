@@ -116,3 +116,26 @@ def test_rerunning_a_finished_run_does_not_train_again(ray_session, data_cache, 
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before
     assert checkpoint_dirs(run_dir) == checkpoints_before
     assert '"status": "finished"' in (run_dir / "summary.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def short_ddp_losses(ray_session, data_cache, tmp_path_factory):
+    return train_losses(run_training(tmp_path_factory.mktemp("short_ddp"), data_cache, ["strategy=ddp"]))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2", "zero3"])
+def test_sharded_strategies_restore_their_checkpoints(strategy, short_ddp_losses, data_cache, tmp_path,
+                                                      monkeypatch):
+    """A crash after the step-3 checkpoint: the sharded state (DCP or ZeRO partitions) must load back.
+
+    Compared with the uninterrupted DDP run at the parity tolerance (test_strategy_parity.py).
+    """
+    monkeypatch.setenv(CRASH_AT_STEP_ENV, "5")
+
+    run_dir = run_training(tmp_path, data_cache, [f"strategy={strategy}"])
+
+    assert (run_dir / ".crash_injected_at_5").exists()
+    losses = train_losses(run_dir)
+    assert sorted(losses) == sorted(short_ddp_losses)
+    for step, expected in short_ddp_losses.items():
+        assert losses[step] == pytest.approx(expected, rel=1e-4), f"{strategy} after restore, step {step}"

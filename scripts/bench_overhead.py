@@ -1,0 +1,293 @@
+"""Ray Train's overhead against plain torchrun: the same model, data and steps trained both ways.
+
+    python scripts/bench_overhead.py                          # llm_tiny, 120 steps, 2 workers
+    python scripts/bench_overhead.py --steps 200 --model llm_125m --overrides data.seq_len=256
+
+Leg A runs `python launch.py +exp=llm_tiny ...` (Ray Train, strategy=ddp); leg B runs scripts/torchrun_llm.py
+under `torchrun --standalone --nproc_per_node=<workers>` with the same composed config and prepared data.
+For each leg it reports the seconds from spawning the process to the end of step 1 (imports, Ray, worker
+processes, data, model: what a user waits for), and the steady-state tokens/s from step --warmup-steps to
+step steps - 1. The last step is left out because the Ray run evaluates and checkpoints there, and only
+there (eval and checkpoint intervals are set to --steps). The train losses at the last step should agree
+closely: both legs train on the same rows from the same initial weights with the same optimizer.
+
+On a shared machine the figures move with whatever else runs: --repeats N alternates the legs N times
+(A B A B ...) and reports the median of each figure.
+
+Outputs go to <out>/bench-<time>/round-<i>/ (logs, the torchrun step file, the Ray run directory) and
+<out>/bench-<time>/results.json; prepared data is cached in <out>/data, so only the first invocation pays for
+preparing it.
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN_SCRIPT = REPO_ROOT / "scripts" / "torchrun_llm.py"
+EXPERIMENT = "llm_tiny"
+# Keys the bench sets itself to keep the two legs comparable; use its flags instead.
+CONTROLLED_KEYS = {
+    "trainer.max_steps": "--steps", "trainer.log_every_n_steps": None, "trainer.eval_every_n_steps": None,
+    "checkpoint.every_n_steps": None, "cluster.num_workers": "--workers", "paths.root": "--out",
+    "strategy": None, "strategy.name": None, "model": "--model", "exp": None,
+}
+SECONDS_TO_KILL = 10  # after SIGTERM, before SIGKILL, when a leg overruns --timeout
+
+logger = logging.getLogger("bench_overhead")
+
+
+@dataclass
+class LegResult:
+    name: str
+    spawned_at: float  # time.time() just before the process was started
+    wall_s: float  # spawn to exit
+    rows: dict[int, dict]  # step -> the step's metrics row; every row holds "time"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per leg")
+    parser.add_argument("--warmup-steps", type=int, default=20, help="first steps left out of the steady state")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers = torchrun processes")
+    parser.add_argument("--model", default=None, help="model preset (a conf/model/ name, e.g. llm_125m)")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for both legs")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "slipway-bench-overhead",
+                        help="output folder; each invocation writes a new bench-<time>/ inside it")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of both legs; medians are reported")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds a leg may run before it is killed")
+    args = parser.parse_args(argv)
+    if not 1 <= args.warmup_steps < args.steps - 1:
+        parser.error(f"--warmup-steps must be at least 1 and below --steps - 1 = {args.steps - 1}")
+    if args.workers < 1 or args.repeats < 1:
+        parser.error("--workers and --repeats must be at least 1")
+    for key in (override_key(override) for override in args.overrides):
+        if key in CONTROLLED_KEYS:
+            hint = f"use {CONTROLLED_KEYS[key]}" if CONTROLLED_KEYS[key] else "the bench sets it"
+            parser.error(f"--overrides may not set {key} ({hint}): both legs must do the same work")
+    return args
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def build_overrides(args: argparse.Namespace, *, run_root: Path) -> list[str]:
+    """Hydra overrides for both legs: logging every step, eval and checkpoint only at the very end.
+
+    Each round needs a run root of its own: launch.py names a run by its config hash and would resume (or
+    skip, when finished) a run of the same config found under the same root.
+    """
+    data_cache = [] if any(override_key(o) == "paths.data_cache" for o in args.overrides) else [
+        f"paths.data_cache={args.out.resolve() / 'data'}"]
+    return [
+        f"+exp={EXPERIMENT}",
+        *([f"model={args.model}"] if args.model else []),
+        *args.overrides,
+        f"trainer.max_steps={args.steps}",
+        "trainer.log_every_n_steps=1",
+        f"trainer.eval_every_n_steps={args.steps}",
+        f"checkpoint.every_n_steps={args.steps}",
+        f"cluster.num_workers={args.workers}",
+        f"paths.root={run_root}",
+        *data_cache,
+    ]
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from conf.schema import register_configs
+
+    register_configs()  # the schemas must be in Hydra's ConfigStore before composing, as in launch.py
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_leg(name: str, command: list[str], *, log_path: Path, timeout: float) -> tuple[float, float]:
+    """Run one leg with its output in `log_path`; returns (spawned_at, wall seconds). Raises if it fails."""
+    logger.info("leg %s: %s\n  log: %s", name, " ".join(command), log_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log:
+        spawned_at = time.time()
+        # A session of its own, so a timeout or Ctrl-C can end the leg's whole process tree (torchrun's workers).
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        except BaseException:
+            _end_process_group(process)
+            raise
+    wall = time.time() - spawned_at
+    if code != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"leg {name} exited with status {code}; last lines of {log_path}:\n{tail}")
+    logger.info("leg %s finished in %.1f s", name, wall)
+    return spawned_at, wall
+
+
+def _end_process_group(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=SECONDS_TO_KILL)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def read_step_rows(path: Path) -> dict[int, dict]:
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return rows
+
+
+def ray_run_dir(log_path: Path) -> Path:
+    """The run directory named by launch.py's final `run_dir: <path>` line."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("run_dir: ")]
+    if not lines:
+        raise RuntimeError(f"launch.py printed no 'run_dir: <path>' line; see {log_path}")
+    return Path(lines[-1].removeprefix("run_dir: ").strip())
+
+
+def run_ray_leg(overrides: list[str], *, round_dir: Path, timeout: float) -> LegResult:
+    log_path = round_dir / "ray.log"
+    command = [sys.executable, str(REPO_ROOT / "launch.py"), *overrides]
+    spawned_at, wall = run_leg("A (Ray Train via launch.py)", command, log_path=log_path, timeout=timeout)
+    rows = read_step_rows(ray_run_dir(log_path) / "metrics.jsonl")
+    return LegResult(name="ray", spawned_at=spawned_at, wall_s=wall, rows=rows)
+
+
+def run_torchrun_leg(config_path: Path, *, data_dir: Path, workers: int, round_dir: Path,
+                     timeout: float) -> LegResult:
+    steps_path = round_dir / "torchrun_steps.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
+               str(TORCHRUN_SCRIPT), "--config", str(config_path), "--data", str(data_dir), "--out", str(steps_path)]
+    spawned_at, wall = run_leg("B (torchrun)", command, log_path=round_dir / "torchrun.log", timeout=timeout)
+    return LegResult(name="torchrun", spawned_at=spawned_at, wall_s=wall, rows=read_step_rows(steps_path))
+
+
+def summarize(leg: LegResult, *, first: int, last: int, tokens_per_step: int) -> dict:
+    """Start-up and steady-state figures of one leg; the window runs from the end of step `first` to `last`."""
+    missing = [step for step in (1, *range(first, last + 1)) if step not in leg.rows]
+    if missing:
+        raise RuntimeError(f"leg {leg.name} has no metrics row for steps {missing[:10]}")
+    times = {step: leg.rows[step]["time"] for step in range(first, last + 1)}
+    step_seconds = [times[step] - times[step - 1] for step in range(first + 1, last + 1)]
+    return {
+        "seconds_to_first_step": leg.rows[1]["time"] - leg.spawned_at,
+        "tokens_per_s": (last - first) * tokens_per_step / (times[last] - times[first]),
+        "mean_step_ms": 1000 * statistics.fmean(step_seconds),
+        "median_step_ms": 1000 * statistics.median(step_seconds),
+        "wall_s": leg.wall_s,
+    }
+
+
+def last_common_loss(ray: LegResult, torchrun: LegResult) -> tuple[int, float, float] | None:
+    common = [step for step in ray.rows if "train_loss" in ray.rows[step]
+              and "train_loss" in torchrun.rows.get(step, {})]
+    if not common:
+        return None
+    step = max(common)
+    return step, ray.rows[step]["train_loss"], torchrun.rows[step]["train_loss"]
+
+
+def median_figures(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per leg, the median over rounds of each figure (the figures of the one round when there is one)."""
+    return {leg: {key: statistics.median(figures[leg][key] for figures in rounds) for key in rounds[0][leg]}
+            for leg in rounds[0]}
+
+
+def print_report(figures: dict[str, dict], *, losses, first: int, last: int, tokens_per_step: int,
+                 round_ratios: list[float]) -> float:
+    ray, torchrun = figures["ray"], figures["torchrun"]
+    rounds = f", median of {len(round_ratios)} rounds" if len(round_ratios) > 1 else ""
+    print(f"\nsteady state: steps {first + 1}..{last}, {tokens_per_step} tokens per step{rounds}")
+    print(f"{'':28}{'ray train':>14}{'torchrun':>14}")
+    table = [("seconds to first step", "seconds_to_first_step", "{:14.1f}"),
+             ("steady-state tokens/s", "tokens_per_s", "{:14,.0f}"),
+             ("mean step (ms)", "mean_step_ms", "{:14.1f}"),
+             ("median step (ms)", "median_step_ms", "{:14.1f}"),
+             ("wall, spawn to exit (s)", "wall_s", "{:14.1f}")]
+    for label, key, fmt in table:
+        print(f"{label:28}{fmt.format(ray[key])}{fmt.format(torchrun[key])}")
+    if losses:
+        step, ray_loss, torchrun_loss = losses
+        relative = abs(ray_loss - torchrun_loss) / max(abs(torchrun_loss), 1e-12)
+        print(f"{f'train_loss at step {step}':28}{ray_loss:14.6f}{torchrun_loss:14.6f}"
+              f"   (relative difference {relative:.2e})")
+    else:
+        print("train_loss: no step logged by both legs")
+    if len(round_ratios) > 1:
+        print("ratio per round: " + ", ".join(f"{ratio:.2f}" for ratio in round_ratios))
+    ratio = ray["tokens_per_s"] / torchrun["tokens_per_s"]
+    print(f"ratio ray/torchrun steady-state tokens/s: {ratio:.2f} (target >= 0.98)")
+    return ratio
+
+
+def run_round(index: int, args: argparse.Namespace, *, bench_dir: Path, config_path: Path,
+              data_dir: Path) -> tuple[LegResult, LegResult]:
+    round_dir = bench_dir / f"round-{index}"
+    round_dir.mkdir()
+    if args.repeats > 1:
+        logger.info("round %d of %d", index, args.repeats)
+    ray = run_ray_leg(build_overrides(args, run_root=round_dir), round_dir=round_dir, timeout=args.timeout)
+    torchrun = run_torchrun_leg(config_path, data_dir=data_dir, workers=args.workers, round_dir=round_dir,
+                                timeout=args.timeout)
+    return ray, torchrun
+
+
+def main(argv: list[str] | None = None) -> None:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # scripts/ is not a package: conf/ and datasets/ live at the root
+    from omegaconf import OmegaConf
+
+    from datasets.text import prepare_text
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    bench_dir = (args.out / time.strftime("bench-%Y%m%d-%H%M%S")).resolve()
+    bench_dir.mkdir(parents=True)
+    # Composed once for the torchrun leg and the data; each round's Ray leg composes the same overrides itself.
+    dict_cfg = compose_config(build_overrides(args, run_root=bench_dir))
+    config_path = bench_dir / "torchrun_config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
+    cfg = OmegaConf.to_object(dict_cfg)
+    # Prepared here, once, so that neither leg's start-up includes tokenizing the corpus.
+    prepared = prepare_text(cfg.data, cache_root=Path(cfg.paths.data_cache).resolve(),
+                            max_seq_len=cfg.model.max_seq_len)
+    first, last = args.warmup_steps, args.steps - 1
+    tokens_per_step = cfg.trainer.global_batch_size * prepared.seq_len
+    rounds, losses = [], None
+    for index in range(1, args.repeats + 1):
+        legs = run_round(index, args, bench_dir=bench_dir, config_path=config_path, data_dir=Path(prepared.root))
+        rounds.append({leg.name: summarize(leg, first=first, last=last, tokens_per_step=tokens_per_step)
+                       for leg in legs})
+        losses = last_common_loss(*legs)
+    round_ratios = [figures["ray"]["tokens_per_s"] / figures["torchrun"]["tokens_per_s"] for figures in rounds]
+    figures = median_figures(rounds)
+    ratio = print_report(figures, losses=losses, first=first, last=last, tokens_per_step=tokens_per_step,
+                         round_ratios=round_ratios)
+    results = {"overrides": build_overrides(args, run_root=bench_dir), "window": [first, last],
+               "tokens_per_step": tokens_per_step, "legs": figures, "ratio": ratio, "rounds": rounds,
+               "last_common_loss": losses}
+    (bench_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {bench_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

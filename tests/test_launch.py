@@ -1,0 +1,86 @@
+"""launch.py as users run it: a subprocess, its exit code, its output and the run directory it leaves."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO_ROOT, TINY_OVERRIDES
+
+
+def launch(*args: str, timeout: int = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_cfg_job_prints_the_resolved_config():
+    result = launch("--cfg", "job", "+exp=llm_tiny", "strategy=zero3")
+    assert result.returncode == 0, result.stderr
+    assert "preset: tiny" in result.stdout and "name: zero3" in result.stdout
+
+
+@pytest.mark.parametrize("override, named", [
+    ("trainer.lrr=1", "trainer.lrr"),
+    ("trainer.max_steps=abc", "trainer.max_steps"),
+    ("strategy=zero4", "zero4"),
+])
+def test_bad_config_fails_at_composition_naming_the_key(override, named):
+    result = launch("+exp=llm_tiny", override)
+    assert result.returncode != 0
+    assert named in result.stdout + result.stderr
+    assert "Started a local Ray" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["data=text_dir", "data.path=/nonexistent/corpus"], "data.path"),
+    (["data.seq_len=512"], "model.max_seq_len"),
+    (["strategy.name=zero9"], "strategy.name"),
+    (["trainer.global_batch_size=10"], "trainer.global_batch_size"),
+    (["cluster.num_workers=64"], "cluster.num_workers=64"),
+])
+def test_bad_input_exits_2_with_a_message_naming_the_key(overrides, named, tmp_path):
+    result = launch("+exp=llm_tiny", f"paths.root={tmp_path}", *overrides)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert named in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_gpu_request_on_a_cpu_cluster_names_both_numbers(tmp_path):
+    result = launch(*TINY_OVERRIDES, f"paths.root={tmp_path}", "cluster.use_gpu=true", "trainer.precision=fp32",
+                    timeout=180)
+    assert result.returncode == 2
+    assert "needs 2 GPU, but the Ray cluster has 0 GPU" in result.stdout + result.stderr
+
+
+def test_full_run_writes_the_output_contract(tmp_path):
+    result = launch(*TINY_OVERRIDES, f"paths.root={tmp_path}", "logger=wandb",
+                    timeout=600, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("run_dir: ")
+    run_dir = tmp_path.joinpath(last_line.removeprefix("run_dir: ")).resolve()
+    assert run_dir.parent == (tmp_path / "runs").resolve() and run_dir.name.startswith("llm_tiny-")
+
+    assert "step 6/6 | loss" in result.stdout + result.stderr  # rank-0 progress line
+    assert "max_steps: 6" in (run_dir / "config.yaml").read_text()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config_hash"].startswith(run_dir.name.split("-")[-1])
+    assert set(manifest["git"]) == {"commit", "dirty"} and manifest["world_size"] == 2
+    assert all(manifest["versions"][name] for name in ("torch", "ray", "deepspeed"))
+    assert len(manifest["data_fingerprint"]) == 64 and manifest["strategy"] == "ddp"
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "train_loss" in row]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4, 5, 6]
+    for key in ("train_loss", "grad_norm", "lr", "tokens_per_s", "step_time_s"):
+        assert all(row[key] > 0 for row in logged), key
+    assert [row["step"] for row in rows if "val_loss" in row] == [3, 6]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert os.path.isdir(summary["best_checkpoint"])
+    assert (tmp_path.joinpath(summary["best_checkpoint"]) / "model_config.json").exists()
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / "wandb").glob("offline-run-*")), "logger=wandb left no offline run"
