@@ -26,7 +26,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # "auto" builds on the meta device when the model is too big to build whole on one host, else on the CPU.
+    # auto | device | meta. "auto" builds on the meta device when the model is too big to build whole and the
+    # strategy can materialize shards (fsdp); otherwise on the worker's device.
     init_device: str = "auto"
 
 
@@ -78,6 +79,7 @@ class StrategyConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false only for throughput checks: nothing is saved, so nothing can resume
     every_n_steps: int = 50
     keep_top_k: int = 2  # ranked by val_loss; the latest checkpoint is always kept for resuming
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails

@@ -98,10 +98,10 @@ def build_training(cfg, *, vocab_size: int, device: torch.device):
 
     if cfg.model.family != "llm":
         raise ValueError(f"model.family={cfg.model.family!r}: this script trains only the llm family")
-    if init_device_for(cfg.model, vocab_size=vocab_size, device=device).type == "meta":
-        raise ValueError(f"model.preset={cfg.model.preset!r} is too large to build whole; DDP cannot train it")
+    # DDP cannot materialize a model built on the meta device: this raises for model.init_device=meta.
+    init_device = init_device_for(cfg.model, vocab_size=vocab_size, device=device, meta_supported=False)
     torch.manual_seed(cfg.trainer.seed)  # the same seed on every rank, as in trainers/loop.py
-    model = build_llm(cfg.model, vocab_size=vocab_size, device=device)
+    model = build_llm(cfg.model, vocab_size=vocab_size, device=init_device)
     model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(parameter_groups(model, weight_decay=cfg.trainer.weight_decay), cfg.trainer)
     return model, optimizer, build_scheduler(optimizer, cfg.trainer)

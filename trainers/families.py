@@ -29,13 +29,15 @@ class Family:
     metric_mode: str  # "min" or "max"
 
 
-def init_device_for(cfg: ModelConfig, *, vocab_size: int, device: torch.device) -> torch.device:
-    """Where to build the model: `model.init_device`, or meta for models too large to build whole."""
-    if cfg.init_device not in ("auto", "cpu", "meta"):
-        raise ValueError(f"model.init_device={cfg.init_device!r} is not one of auto, cpu, meta")
-    if cfg.init_device == "meta":
-        return torch.device("meta")
-    if cfg.init_device == "auto" and llm.count_parameters(cfg, vocab_size=vocab_size)["total"] > META_INIT_THRESHOLD:
+def init_device_for(cfg: ModelConfig, *, vocab_size: int, device: torch.device, meta_supported: bool) -> torch.device:
+    """Where to build the model: `model.init_device`, where "auto" picks meta for models too large to build
+    whole when the strategy can materialize shards (FSDP2), and the worker's device otherwise."""
+    if cfg.init_device not in ("auto", "device", "meta"):
+        raise ValueError(f"model.init_device={cfg.init_device!r} is not one of auto, device, meta")
+    if cfg.init_device == "meta" and not meta_supported:
+        raise ValueError("model.init_device=meta needs strategy=fsdp (the only strategy that materializes shards)")
+    large = llm.count_parameters(cfg, vocab_size=vocab_size)["total"] > META_INIT_THRESHOLD
+    if cfg.init_device == "meta" or (cfg.init_device == "auto" and large and meta_supported):
         return torch.device("meta")
     return device
 

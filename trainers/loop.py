@@ -78,11 +78,12 @@ def _setup_worker(cfg: RootConfig) -> WorkerContext:
 
 
 def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerContext):
-    device = init_device_for(cfg.model, vocab_size=data["vocab_size"], device=ctx.device)
-    model = family.build_model(cfg.model, data=data, device=device)
     strategy = build_strategy(cfg.strategy, device=ctx.device, precision=ctx.precision,
                               accum_steps=ctx.accum_steps, grad_clip=cfg.trainer.grad_clip,
                               micro_batch_size=cfg.trainer.micro_batch_size)
+    device = init_device_for(cfg.model, vocab_size=data["vocab_size"], device=ctx.device,
+                             meta_supported=strategy.supports_meta_init)
+    model = family.build_model(cfg.model, data=data, device=device)
     strategy.setup(
         model, blocks=family.blocks(model),
         build_optimizer=partial(optim.build_optimizer, cfg=cfg.trainer),
@@ -93,14 +94,17 @@ def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerCont
     return strategy
 
 
-def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce_mean(values: list[torch.Tensor], device: torch.device) -> list[float]:
+    """Mean over ranks of scalar tensors, with one collective and one device-to-host copy."""
+    tensor = torch.stack([value.to(device=device, dtype=torch.float64) for value in values])
     dist.all_reduce(tensor)
     return (tensor / dist.get_world_size()).tolist()
 
 
-def train_step(strategy, family: Family, rows: torch.Tensor, ctx: WorkerContext, micro: int) -> tuple[float, float]:
-    """One optimizer step over this rank's rows; returns (this rank's mean loss, grad norm before clipping)."""
+def train_step(strategy, family: Family, rows: torch.Tensor, ctx: WorkerContext,
+               micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's rows; returns (this rank's mean loss, grad norm before clipping),
+    both as device tensors so the step never waits on the GPU just to log."""
     losses = []
     for index in range(ctx.accum_steps):
         batch = rows[index * micro:(index + 1) * micro].to(ctx.device, non_blocking=True)
@@ -110,7 +114,7 @@ def train_step(strategy, family: Family, rows: torch.Tensor, ctx: WorkerContext,
             strategy.backward(loss)
         losses.append(loss.detach())
     grad_norm = strategy.step()
-    return float(torch.stack(losses).mean()), grad_norm
+    return torch.stack(losses).mean(), grad_norm
 
 
 @torch.no_grad()
@@ -244,18 +248,19 @@ def _train(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx:
             state.batches_in_epoch = 0
 
 
-def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext, loss: float,
-                grad_norm: float, val_shard, progress: Progress, tracker: Tracker | None, flops_per_item: float,
-                payload: dict) -> None:
+def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext,
+                loss: torch.Tensor, grad_norm: torch.Tensor, val_shard, progress: Progress,
+                tracker: Tracker | None, flops_per_item: float, payload: dict) -> None:
     """Log, evaluate, checkpoint and report as scheduled after an optimizer step."""
     trainer, step = cfg.trainer, state.step
     is_last = step >= trainer.max_steps
     do_log = step % trainer.log_every_n_steps == 0 or is_last or step == 1
-    do_checkpoint = step % cfg.checkpoint.every_n_steps == 0 or is_last
-    do_eval = step % trainer.eval_every_n_steps == 0 or do_checkpoint
+    do_checkpoint = cfg.checkpoint.enabled and (step % cfg.checkpoint.every_n_steps == 0 or is_last)
+    do_eval = step % trainer.eval_every_n_steps == 0 or do_checkpoint or is_last
     metrics: dict = {"step": step, "time": time.time()}
     if do_log:
-        [mean_loss] = _all_reduce_mean([loss], ctx.device)
+        # The norm is already global; averaging it with the loss costs nothing and saves a second sync.
+        mean_loss, grad_norm = _all_reduce_mean([loss, grad_norm], ctx.device)
         metrics.update(train_loss=mean_loss, grad_norm=grad_norm, lr=strategy.current_lr(), epoch=state.epoch,
                        **progress.window(step))
         if ctx.device.type == "cuda":

@@ -8,7 +8,7 @@ Every model family goes through the same calls, so a family never imports strate
         with strategy.micro_step(is_last=...):
             loss = family.loss(strategy.model, batch)
             strategy.backward(loss)      # the micro-batch's mean loss; scaling for accumulation happens here
-    grad_norm = strategy.step()          # clip, optimizer and schedule step; norm measured before clipping
+    grad_norm = strategy.step()          # clip, optimizer and schedule step; norm (a tensor) before clipping
 
 Saving and loading their state is trainers/checkpointing.py's job (DESIGN.md 2.6).
 """
@@ -69,14 +69,14 @@ class TorchStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(grad_norm)
+        return grad_norm.detach()  # stays on the device: reading it would stall the GPU every step
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -88,6 +88,7 @@ class TorchStrategy:
 
 class DDPStrategy(TorchStrategy):
     name = "ddp"
+    supports_meta_init = False
 
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer: OptimizerFactory,
               build_scheduler: SchedulerFactory, weight_decay: float, activation_checkpointing: bool) -> None:
@@ -116,6 +117,7 @@ class DDPStrategy(TorchStrategy):
 
 class FSDPStrategy(TorchStrategy):
     name = "fsdp"
+    supports_meta_init = True  # fully_shard first, then materialize and initialize only this rank's shards
 
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer: OptimizerFactory,
               build_scheduler: SchedulerFactory, weight_decay: float, activation_checkpointing: bool) -> None:
@@ -152,6 +154,9 @@ class DeepSpeedStrategy:
     """ZeRO stages 1-3 through `deepspeed.initialize`, with a DeepSpeed config generated from ours."""
 
     kind = "deepspeed"
+    # Built whole on each worker's device, then partitioned by deepspeed.initialize: fine while the full
+    # fp32 model fits one device (an 8B model is 32 GB). Larger ZeRO-3 models need deepspeed.zero.Init.
+    supports_meta_init = False
 
     def __init__(self, cfg: StrategyConfig, *, device: torch.device, precision: str, accum_steps: int,
                  grad_clip: float, micro_batch_size: int):
@@ -161,7 +166,7 @@ class DeepSpeedStrategy:
         self.accum_steps, self.grad_clip, self.micro_batch_size = accum_steps, grad_clip, micro_batch_size
         self.model = None  # the DeepSpeed engine
         self.scheduler = None
-        self._last_grad_norm = 0.0
+        self._last_grad_norm = torch.tensor(float("nan"))
 
     def deepspeed_config(self) -> dict:
         zero: dict = {"stage": self.stage}
@@ -186,11 +191,6 @@ class DeepSpeedStrategy:
 
         if activation_checkpointing:
             apply_activation_checkpointing(blocks)
-        if _is_on_meta(model):
-            raise ValueError(
-                f"strategy={self.name} got a model on the meta device; set model.init_device=cpu or use "
-                "strategy=fsdp for models too large to build on one host"
-            )
         model.to(self.device)
         optimizer = build_optimizer(parameter_groups(model, weight_decay=weight_decay))
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -213,9 +213,9 @@ class DeepSpeedStrategy:
         self.model.step()
         if at_boundary:
             norm = self.model.get_global_grad_norm()
-            self._last_grad_norm = float(norm) if norm is not None else float("nan")
+            self._last_grad_norm = torch.as_tensor(norm if norm is not None else float("nan"))
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         return self._last_grad_norm
 
     def current_lr(self) -> float:

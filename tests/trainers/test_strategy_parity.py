@@ -22,9 +22,13 @@ def single_process_losses(ray_session, data_cache, tmp_path_factory):
     return losses
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
-def test_two_workers_match_single_process(strategy, single_process_losses, ray_session, data_cache, tmp_path):
-    run_dir = run_training(tmp_path, data_cache, [f"strategy={strategy}", "cluster.num_workers=2"])
+@pytest.mark.parametrize("strategy, extra", [
+    ("ddp", []), ("fsdp", []), ("zero1", []), ("zero2", []), ("zero3", []),
+    ("fsdp", ["trainer.activation_checkpointing=true"]),  # recomputation must not change the numbers
+], ids=["ddp", "fsdp", "zero1", "zero2", "zero3", "fsdp-activation-checkpointing"])
+def test_two_workers_match_single_process(strategy, extra, single_process_losses, ray_session, data_cache,
+                                          tmp_path):
+    run_dir = run_training(tmp_path, data_cache, [f"strategy={strategy}", "cluster.num_workers=2", *extra])
     losses = train_losses(run_dir)
     assert sorted(losses) == sorted(single_process_losses)
     for step, expected in single_process_losses.items():
