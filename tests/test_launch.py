@@ -81,6 +81,63 @@ def test_full_run_writes_the_output_contract(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 6
     assert os.path.isdir(summary["best_checkpoint"])
-    assert (tmp_path.joinpath(summary["best_checkpoint"]) / "model_config.json").exists()
+    best = tmp_path.joinpath(summary["best_checkpoint"])
+    assert json.loads((best / "model_config.json").read_text())["model"]["preset"] == "tiny"
+    assert (best / "tokenizer.json").exists() and (best / "train_state.json").exists()
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "wandb").glob("offline-run-*")), "logger=wandb left no offline run"
+
+
+def _live_session_processes(session_id: int, *, grace_s: float = 15.0) -> list:
+    """Processes still running in the session, after giving Ray's daemons `grace_s` to exit (zombies excluded)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(process.pid) == session_id and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group; emulate exactly that."""
+    import signal
+    import time
+
+    args = [sys.executable, "launch.py", *TINY_OVERRIDES, f"paths.root={tmp_path}", "trainer.max_steps=40",
+            "checkpoint.every_n_steps=5", "trainer.eval_every_n_steps=10"]
+    process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(row.get("step", 0) >= 12 for path in tmp_path.glob("runs/*/metrics.jsonl")
+                      for row in map(json.loads, path.read_text().splitlines())):
+            assert time.monotonic() < deadline and process.poll() is None, "run never reached step 12"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        leftovers = _live_session_processes(process.pid)
+        for leftover in leftovers:  # only processes of the session this test created
+            leftover.kill()
+
+    assert process.returncode != 0
+    assert "rerun the same command to resume" in output
+    assert not leftovers, f"processes left running after Ctrl-C: {[p.pid for p in leftovers]}"
+
+    rerun = launch(*args[2:], timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "restored checkpoint checkpoint_step_000000" in rerun.stdout + rerun.stderr
+    run_dir = tmp_path.joinpath(rerun.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    steps = [row["step"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "train_loss" in row]
+    assert steps == list(range(1, 41)), "each step must be logged exactly once across the interrupted run and rerun"

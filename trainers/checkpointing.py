@@ -3,6 +3,7 @@
 A checkpoint directory holds, whatever the strategy:
   train_state.json       step, epoch, data position (rank 0)
   model_config.json      the model config and data facts needed to rebuild the model (rank 0)
+  tokenizer.json         (LLM) the tokenizer the run trained with, so a checkpoint stands on its own (rank 0)
   rng/rank_<r>.pt        each rank's torch RNG state
 plus the strategy's own files:
   ddp:    model.pt, optimizer.pt, scheduler.pt (rank 0; replicas are identical)
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,14 +181,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_checkpoint_dir(strategy, state: TrainState, directory: Path, *, rank: int, model_config: dict) -> None:
-    """Write this rank's part of a checkpoint into `directory`."""
+def write_checkpoint_dir(strategy, state: TrainState, directory: Path, *, rank: int, model_config: dict,
+                         files: dict[str, str]) -> None:
+    """Write this rank's part of a checkpoint into `directory`; rank 0 also copies `files` (name -> source)."""
     (directory / "rng").mkdir(parents=True, exist_ok=True)
     _SAVERS[_strategy_key(strategy)](strategy, directory, rank=rank)
     torch.save(_rng_state(), directory / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         (directory / "train_state.json").write_text(json.dumps(asdict(state)))
         (directory / "model_config.json").write_text(json.dumps(model_config, indent=2))
+        for name, source in files.items():
+            shutil.copyfile(source, directory / name)
 
 
 def read_checkpoint_dir(strategy, directory: Path, *, rank: int) -> TrainState:
@@ -200,12 +205,13 @@ def read_checkpoint_dir(strategy, directory: Path, *, rank: int) -> TrainState:
 
 # ------------------------------------------------------------------------------------ Ray Train reporting
 
-def save_and_report(strategy, state: TrainState, metrics: dict, *, rank: int, model_config: dict) -> None:
+def save_and_report(strategy, state: TrainState, metrics: dict, *, rank: int, model_config: dict,
+                    files: dict[str, str]) -> None:
     """Every rank writes its part and reports; Ray uploads the parts into storage as one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="slipway-ckpt-") as tmp:
-        write_checkpoint_dir(strategy, state, Path(tmp), rank=rank, model_config=model_config)
+        write_checkpoint_dir(strategy, state, Path(tmp), rank=rank, model_config=model_config, files=files)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),

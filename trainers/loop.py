@@ -183,8 +183,10 @@ def _format_progress(metrics: dict, max_steps: int) -> str:
 
 
 def _checkpoint_payload(cfg: RootConfig, data: dict) -> dict:
-    return {"family": cfg.model.family, "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-            "vocab_size": data["vocab_size"], "seq_len": data["seq_len"], "tokenizer_path": data["tokenizer_path"]}
+    """model_config.json and the files that make a checkpoint loadable without the run's data cache."""
+    model_config = {"family": cfg.model.family, "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+                    "vocab_size": data["vocab_size"], "seq_len": data["seq_len"], "tokenizer": "tokenizer.json"}
+    return {"model_config": model_config, "files": {"tokenizer.json": data["tokenizer_path"]}}
 
 
 def train_loop(config: dict) -> None:
@@ -276,7 +278,7 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState,
             logger.info("step %d | val_loss %.4f", step, metrics["val_loss"])
         tracker.log(metrics)
     if do_checkpoint:
-        checkpointing.save_and_report(strategy, state, metrics, rank=ctx.rank, model_config=payload)
+        checkpointing.save_and_report(strategy, state, metrics, rank=ctx.rank, **payload)
     elif do_eval:
         checkpointing.report_metrics(metrics)
     if do_eval or do_checkpoint:

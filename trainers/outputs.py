@@ -83,10 +83,22 @@ def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_finger
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl, skipping a torn last line left by a process killed mid-write."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def last_logged_step(run_dir: Path) -> int:
+    rows = read_metrics(run_dir)
+    return max((row.get("step", 0) for row in rows), default=0)
 
 
 def write_summary(run_dir: Path, *, status: str, best_checkpoint: str | None, latest_checkpoint: str | None,

@@ -2,6 +2,7 @@
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -100,23 +101,33 @@ def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path
 
 
 def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: dict) -> dict:
-    """Train to completion (resuming from the run's latest checkpoint) and write summary.json and loss.png."""
+    """Train to completion (resuming from the run's latest checkpoint) and write summary.json and loss.png.
+
+    Raises KeyboardInterrupt when the user pressed Ctrl-C: Ray Train's own SIGINT handler aborts the run
+    and either returns early or exits the process, and both must not read as a finished run.
+    """
     from ray.train import TrainingFailedError
 
     family = get_family(cfg.model.family)
     config = OmegaConf.to_container(OmegaConf.structured(cfg))
     trainer = build_trainer(cfg, config=config, run_name=run_name, run_dir=run_dir, data=data, datasets=datasets)
+    record = partial(outputs.write_summary, run_dir, metric=family.metric)
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        outputs.write_summary(run_dir, status="failed", best_checkpoint=None, latest_checkpoint=None,
-                              metric=family.metric, error=str(err).splitlines()[0] if str(err) else repr(err))
+        record(status="failed", best_checkpoint=None, latest_checkpoint=None,
+               error=str(err).splitlines()[0] if str(err) else repr(err))
         outputs.plot_losses(run_dir)
         raise
+    except SystemExit as exit_request:  # Ray Train's SIGINT handler, when the controller is already gone
+        record(status="interrupted", best_checkpoint=None, latest_checkpoint=None)
+        raise KeyboardInterrupt from exit_request
     best = _best_checkpoint_path(result, metric=family.metric, mode=family.metric_mode)
     latest = result.checkpoint.path if result.checkpoint else None
-    summary = outputs.write_summary(run_dir, status="finished", best_checkpoint=best, latest_checkpoint=latest,
-                                    metric=family.metric)
+    if outputs.last_logged_step(run_dir) < cfg.trainer.max_steps:  # aborted by Ctrl-C before the end
+        record(status="interrupted", best_checkpoint=best, latest_checkpoint=latest)
+        raise KeyboardInterrupt
+    summary = record(status="finished", best_checkpoint=best, latest_checkpoint=latest)
     outputs.plot_losses(run_dir)
     return summary
 
