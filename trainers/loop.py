@@ -47,6 +47,11 @@ def configure_worker_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for noisy in ("ray.data", "ray.train", "deepspeed", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Ray Train names its per-report logger after its file path, outside the "ray.train" hierarchy; its
+    # INFO line repeats every checkpoint's metrics, which our progress lines already show.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def rebuild_config(config_dict: dict) -> RootConfig:
@@ -68,6 +73,8 @@ def _setup_worker(cfg: RootConfig) -> WorkerContext:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and DeepSpeed use the current device, not the tensor's
     per_rank = cfg.trainer.global_batch_size // world
     threads = cfg.trainer.torch_threads or max(1, int(cfg.cluster.cpus_per_worker))
     torch.set_num_threads(threads)
