@@ -68,7 +68,17 @@ def connect(cfg: ClusterConfig, *, env_vars: dict[str, str] | None = None) -> No
         try:
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError) as err:
-            raise ValueError(f"cannot reach the Ray cluster at cluster.address={address!r}: {err}") from err
+            message = f"cannot reach the Ray cluster at cluster.address={address!r}: {err}{_auth_hint()}"
+            raise ValueError(message) from err
+
+
+def _auth_hint() -> str:
+    # Clusters started with `ray start` in Ray 2.60 require a token by default, and a client whose
+    # RAY_AUTH_MODE is unset does not send one: the refusal then looks like an unreachable address.
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return ""
+    return (". If the cluster uses token authentication, set RAY_AUTH_MODE=token and provide its token "
+            "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
 
 
 def check_capacity(cfg: ClusterConfig) -> None:
