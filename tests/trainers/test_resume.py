@@ -22,8 +22,14 @@ RESUME_OVERRIDES = ["strategy=ddp", "trainer.max_steps=40", "checkpoint.every_n_
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_losses(ray_session, data_cache, tmp_path_factory):
-    losses = train_losses(run_training(tmp_path_factory.mktemp("uninterrupted"), data_cache, RESUME_OVERRIDES))
+def uninterrupted_run(ray_session, data_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return root, run_training(root, data_cache, RESUME_OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(uninterrupted_run):
+    losses = train_losses(uninterrupted_run[1])
     assert sorted(losses) == list(range(1, 41))
     return losses
 
@@ -105,13 +111,13 @@ def test_failed_run_resumes_when_the_same_command_is_rerun(uninterrupted_losses,
     assert train_losses(run_dir) == uninterrupted_losses
 
 
-def test_rerunning_a_finished_run_does_not_train_again(ray_session, data_cache, tmp_path):
-    run_dir = run_training(tmp_path, data_cache, ["strategy=ddp"])
+def test_rerunning_a_finished_run_does_not_train_again(uninterrupted_run, data_cache):
+    root, run_dir = uninterrupted_run
     metrics_before, checkpoints_before = (run_dir / "metrics.jsonl").read_text(), checkpoint_dirs(run_dir)
 
-    assert run_training(tmp_path, data_cache, ["strategy=ddp"]) == run_dir  # short-circuits on summary.json
+    assert run_training(root, data_cache, RESUME_OVERRIDES) == run_dir  # short-circuits on summary.json
     (run_dir / "summary.json").unlink()
-    assert run_training(tmp_path, data_cache, ["strategy=ddp"]) == run_dir  # restores step 6 = max_steps
+    assert run_training(root, data_cache, RESUME_OVERRIDES) == run_dir  # restores step 40 = max_steps
 
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before
     assert checkpoint_dirs(run_dir) == checkpoints_before
