@@ -75,6 +75,7 @@ def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path
     from ray.train.torch import TorchConfig, TorchTrainer
 
     family = get_family(cfg.model.family)
+    worker_env = _worker_env()
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
@@ -91,7 +92,7 @@ def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path
                 num_to_keep=cfg.checkpoint.keep_top_k, checkpoint_score_attribute=family.metric,
                 checkpoint_score_order=family.metric_mode,
             ),
-            worker_runtime_env={"env_vars": _worker_env()} if _worker_env() else None,
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
         # Every worker reads the whole ordered stream and takes its rows (see trainers/loop.py).
         datasets=datasets,
