@@ -23,7 +23,7 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> Path:
     """Run every stage for a composed config and return the run directory."""
     from cluster.connection import check_capacity, connect
     from datasets.pipeline import build_ray_datasets
-    from datasets.text import prepare_text
+    from datasets.prepare import prepare_data
     from trainers import outputs
     from trainers.run import check_data_fits, fit, validate_config
 
@@ -36,8 +36,7 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> Path:
     if previous and previous.get("status") == "finished":
         logger.info("%s already finished (%d steps); not training again", run_dir.name, previous["steps"])
         return run_dir
-    prepared = prepare_text(cfg.data, cache_root=Path(cfg.paths.data_cache).resolve(),
-                            max_seq_len=cfg.model.max_seq_len)
+    prepared = prepare_data(cfg)
     check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
     outputs.write_run_files(run_dir, config=config, experiment=experiment, data_fingerprint=prepared.fingerprint,
                             repo=REPO_ROOT)
@@ -45,9 +44,7 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> Path:
     check_capacity(cfg.cluster)
     datasets = build_ray_datasets(prepared, in_memory_limit_mb=cfg.data.in_memory_limit_mb)
     summary = fit(cfg, run_name=run_dir.name, run_dir=run_dir, data=prepared.to_dict(), datasets=datasets)
-    final = summary["final_metrics"]
-    logger.info("finished %s: %d steps, train_loss %.4f, best val_loss %s", run_dir.name, summary["steps"],
-                final.get("train_loss", float("nan")), summary.get("best_val_loss"))
+    logger.info("finished %s: %s", run_dir.name, outputs.headline(summary))
     return run_dir
 
 

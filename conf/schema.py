@@ -6,13 +6,15 @@ config into these dataclasses (`OmegaConf.to_object`) and no DictConfig travels 
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
-class ModelConfig:
-    """A decoder-only transformer (family `llm`). Presets live in conf/model/."""
+class LLMConfig:
+    """A decoder-only transformer (family `llm`). Presets live in conf/model/llm_*.yaml."""
 
     family: str = "llm"
     preset: str = "tiny"
@@ -32,9 +34,30 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the text comes from and how it becomes packed token sequences."""
+class RankerConfig:
+    """A click-through model (family `ranker`): DLRM or DCN-v2. Presets live in conf/model/ranker_*.yaml.
 
+    The embedding tables' sizes are not set here: they come from the data (one table per categorical
+    feature, as many rows as its hash buckets).
+    """
+
+    family: str = "ranker"
+    preset: str = "small"
+    arch: str = "dlrm"  # dlrm | dcn
+    embedding_dim: int = 16
+    bottom_mlp: list[int] = field(default_factory=lambda: [64, 16])  # dlrm: dense features -> embedding_dim
+    top_mlp: list[int] = field(default_factory=lambda: [128, 64])  # dlrm: interactions -> hidden layers -> 1
+    cross_layers: int = 3  # dcn: cross layers x_{l+1} = x_0 * (W x_l + b) + x_l
+    cross_rank: int = 0  # dcn: 0 = full-rank W; r > 0 factorizes W = U V^T with rank r (DCN-v2's low-rank cross)
+    deep_mlp: list[int] = field(default_factory=lambda: [256, 128])  # dcn: the deep network after the cross network
+    init_device: str = "auto"  # auto | device | meta, as for the LLM
+
+
+@dataclass
+class TextDataConfig:
+    """Where the text comes from and how it becomes packed token sequences (family `llm`)."""
+
+    kind: str = "text"
     source: str = "stdlib"  # stdlib | text_dir | parquet
     path: str | None = None  # required for text_dir and parquet
     column: str = "text"  # the text column of a parquet source or the field of jsonl records
@@ -50,6 +73,27 @@ class DataConfig:
 
 
 @dataclass
+class ClickLogDataConfig:
+    """Click logs in Criteo's shape: a 0/1 label, 13 dense and 26 categorical features (family `ranker`)."""
+
+    kind: str = "clicklog"
+    source: str = "synthetic"  # synthetic | criteo_tsv
+    path: str | None = None  # criteo_tsv: one TSV file (plain or .gz) or a directory of them
+    # synthetic: rows to generate; criteo_tsv: the first rows to read (null = every row of every file)
+    rows: int | None = 4_000_000
+    val_fraction: float = 0.1
+    # Buckets each categorical column is hashed into (bucket 0 holds missing values): one number for every
+    # table, or a list of 26. Required for criteo_tsv; for synthetic, null keeps one row per category.
+    hash_buckets: Any = None
+    # synthetic: categories per feature (26 numbers) and the Zipf exponent of their frequencies
+    cardinalities: list[int] = field(default_factory=lambda: [100] * 26)
+    zipf_exponent: float = 1.1
+    rows_per_shard: int = 65536  # rows per parquet shard; training rows are shuffled within a shard
+    in_memory_limit_mb: int = 512  # as for text: splits up to this size go straight into Ray's object store
+    seed: int = 0  # the synthetic ground truth and sample, the split and the shuffle
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100
     global_batch_size: int = 16  # sequences per optimizer step, summed over workers and accumulation
@@ -60,13 +104,13 @@ class TrainerConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
     log_every_n_steps: int = 10
     eval_every_n_steps: int = 50
-    eval_batches: int = 4  # global batches of validation data per evaluation
+    eval_batches: int = 4  # eval batches (micro_batch_size x workers rows) per evaluation; 0 = all
     torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU share
 
 
@@ -115,10 +159,17 @@ class PathsConfig:
     data_cache: str = "${paths.root}/data"  # prepared corpora, keyed by content fingerprint
 
 
+# The model and data groups hold one schema per family and per kind of data: each YAML file in conf/model/ and
+# conf/data/ names its schema first in its defaults list, so `model.cross_layers` is a known key for a ranker
+# and an error for an LLM.
+MODEL_SCHEMAS = {"llm": LLMConfig, "ranker": RankerConfig}
+DATA_SCHEMAS = {"text": TextDataConfig, "clicklog": ClickLogDataConfig}
+
+
 @dataclass
 class RootConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING  # one of MODEL_SCHEMAS
+    data: Any = MISSING  # one of DATA_SCHEMAS
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -128,5 +179,25 @@ class RootConfig:
 
 
 def register_configs() -> None:
-    """Register the root schema so conf/config.yaml can name it first in its defaults list."""
-    ConfigStore.instance().store(name="slipway_schema", node=RootConfig)
+    """Register the schemas that conf/config.yaml and the group files name first in their defaults lists."""
+    store = ConfigStore.instance()
+    store.store(name="slipway_schema", node=RootConfig)
+    for family, schema in MODEL_SCHEMAS.items():
+        store.store(group="model", name=f"{family}_schema", node=schema)
+    for kind, schema in DATA_SCHEMAS.items():
+        store.store(group="data", name=f"{kind}_schema", node=schema)
+
+
+def config_from_dict(config: dict) -> RootConfig:
+    """The typed config from a resolved plain dict (config.yaml, or what travels to the Ray workers)."""
+    root = OmegaConf.structured(RootConfig)
+    root.model = OmegaConf.structured(_pick_schema(MODEL_SCHEMAS, config, "model", "family"))
+    root.data = OmegaConf.structured(_pick_schema(DATA_SCHEMAS, config, "data", "kind"))
+    return OmegaConf.to_object(OmegaConf.merge(root, config))
+
+
+def _pick_schema(schemas: dict, config: dict, group: str, key: str) -> type:
+    name = (config.get(group) or {}).get(key)
+    if name not in schemas:
+        raise ValueError(f"{group}.{key}={name!r} is not one of {', '.join(schemas)}")
+    return schemas[name]

@@ -1,19 +1,23 @@
-"""Ray Data datasets over prepared token shards."""
+"""Ray Data datasets over prepared parquet shards (token rows or click-log rows)."""
 
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from datasets.text import SPLITS, PreparedText
-
 if TYPE_CHECKING:
     import ray.data
+
+    from datasets.clicklog import PreparedClickLog
+    from datasets.text import PreparedText
+
+SPLITS = ("train", "val")
 
 logger = logging.getLogger(__name__)
 
 
-def build_ray_datasets(prepared: PreparedText, *, in_memory_limit_mb: int = 512) -> dict[str, "ray.data.Dataset"]:
-    """{"train": ..., "val": ...}, each in shard order; column `tokens` is (rows, seq_len + 1).
+def build_ray_datasets(prepared: "PreparedText | PreparedClickLog", *,
+                       in_memory_limit_mb: int = 512) -> dict[str, "ray.data.Dataset"]:
+    """{"train": ..., "val": ...}, each in shard order, with the columns `prepared.columns(split)` names.
 
     Sets `preserve_order` on the current DataContext: Ray Data otherwise yields blocks in completion order, and
     Ray Train copies this setting into its ingest options, so it must be set in the driver before the trainer
@@ -29,7 +33,8 @@ def build_ray_datasets(prepared: PreparedText, *, in_memory_limit_mb: int = 512)
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # one bar per worker and epoch would bury the training log
     directories = {"train": prepared.train_dir, "val": prepared.val_dir}
-    return {name: _load_split(Path(directories[name]), split=name, in_memory_limit_mb=in_memory_limit_mb)
+    return {name: _load_split(Path(directories[name]), split=name, columns=prepared.columns(name),
+                              in_memory_limit_mb=in_memory_limit_mb)
             for name in SPLITS}
 
 
@@ -40,7 +45,7 @@ def _shard_files(directory: Path, *, split: str) -> list[str]:
     return files
 
 
-def _load_split(directory: Path, *, split: str, in_memory_limit_mb: int) -> "ray.data.Dataset":
+def _load_split(directory: Path, *, split: str, columns: list[str], in_memory_limit_mb: int) -> "ray.data.Dataset":
     import pyarrow.parquet as pq
     import ray.data
 
@@ -49,6 +54,6 @@ def _load_split(directory: Path, *, split: str, in_memory_limit_mb: int) -> "ray
     if size_mb <= in_memory_limit_mb:
         logger.info("loading %d %s shards (%.1f MB) from %s into the object store", len(files), split, size_mb,
                     directory)
-        return ray.data.from_arrow([pq.read_table(file, columns=["tokens"]) for file in files])
+        return ray.data.from_arrow([pq.read_table(file, columns=columns) for file in files])
     logger.info("streaming %d %s shards (%.1f MB) from %s", len(files), split, size_mb, directory)
-    return ray.data.read_parquet(files, columns=["tokens"])
+    return ray.data.read_parquet(files, columns=columns)

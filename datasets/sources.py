@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conf.schema import DataConfig
+from conf.schema import TextDataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Document:
     text: str
 
 
-def iter_documents(cfg: DataConfig) -> Iterator[Document]:
+def iter_documents(cfg: TextDataConfig) -> Iterator[Document]:
     """Yield the documents of `cfg.source` in sorted order, stopping once `cfg.max_chars` have been yielded.
 
     The configuration is checked here, before the first document is read, so a wrong key fails at once rather
@@ -57,7 +57,7 @@ def _cap_chars(documents: Iterator[Document], *, max_chars: int | None) -> Itera
             return
 
 
-def _iter_stdlib(cfg: DataConfig) -> Iterator[Document]:
+def _iter_stdlib(cfg: TextDataConfig) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skipped = 0
     for relative in _sorted_files(root, suffixes=(".py",), skip_dirs={"site-packages", "__pycache__"}):
@@ -71,7 +71,7 @@ def _iter_stdlib(cfg: DataConfig) -> Iterator[Document]:
     logger.debug("stdlib source: skipped %d files that are not UTF-8", skipped)
 
 
-def _iter_text_dir(cfg: DataConfig) -> Iterator[Document]:
+def _iter_text_dir(cfg: TextDataConfig) -> Iterator[Document]:
     root = Path(cfg.path).expanduser()
     for relative in _sorted_files(root, suffixes=(*TEXT_SUFFIXES, JSONL_SUFFIX), skip_dirs=set()):
         path = root / relative
@@ -103,7 +103,7 @@ def _iter_jsonl(path: Path, *, relative: str, field: str) -> Iterator[Document]:
             yield Document(doc_id=f"{relative}:{line_number}", text=text)
 
 
-def _iter_parquet(cfg: DataConfig) -> Iterator[Document]:
+def _iter_parquet(cfg: TextDataConfig) -> Iterator[Document]:
     path = Path(cfg.path).expanduser()
     if path.is_file():
         files = [(path.name, path)]
@@ -132,7 +132,7 @@ def _check_text_column(schema: pa.Schema, *, path: Path, column: str) -> None:
         raise ValueError(f"{path}: column {column!r} (data.column) has type {column_type}; expected a string column")
 
 
-def _check_path(cfg: DataConfig) -> None:
+def _check_path(cfg: TextDataConfig) -> None:
     expected = PATH_SOURCES[cfg.source]
     if cfg.path is None:
         raise ValueError(f"data.path is required for data.source={cfg.source!r} (a {expected}); got null")
@@ -167,7 +167,7 @@ def _decode_utf8(raw: bytes, *, path: Path, where: str) -> str:
 
 # Sources that read `data.path`, and what it must be.
 PATH_SOURCES = {"text_dir": "directory", "parquet": "parquet file or directory"}
-SOURCES: dict[str, Callable[[DataConfig], Iterator[Document]]] = {
+SOURCES: dict[str, Callable[[TextDataConfig], Iterator[Document]]] = {
     "stdlib": _iter_stdlib,
     "text_dir": _iter_text_dir,
     "parquet": _iter_parquet,

@@ -7,19 +7,16 @@ Layout of a prepared directory `<cache_root>/text-<fingerprint[:16]>/`:
     val/part-00000.parquet    same column, rows in document order
     meta.json                 written last: its presence marks the directory complete
 
-The directory is built under a temporary sibling name and renamed into place, so a crash never leaves a
-directory that looks complete, and two processes preparing the same data both end up using one copy.
+The directory is built and renamed into place as datasets/cache.py describes.
 """
 
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -28,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from conf.schema import DataConfig
+from conf.schema import TextDataConfig
+from datasets.cache import META_FILE, build_into_place, read_meta, write_meta
 from datasets.sources import Document, iter_documents
 from datasets.tokenizer import EOS_TOKEN, check_vocab_size, train_tokenizer
 
@@ -36,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 # Bump when the prepared layout or the packing changes, so old caches are not reused by new code.
 FORMAT_VERSION = 1
-META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 # Documents per encode_batch call: enough to keep the tokenizer's threads busy, small enough to stream.
@@ -60,6 +57,9 @@ class PreparedText:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def columns(self, split: str) -> list[str]:
+        return ["tokens"]
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreparedText":
@@ -94,7 +94,7 @@ class _CorpusScan:
     chars: int
 
 
-def prepare_text(cfg: DataConfig, *, cache_root: str | Path, max_seq_len: int) -> PreparedText:
+def prepare_text(cfg: TextDataConfig, *, cache_root: str | Path, max_seq_len: int) -> PreparedText:
     """Return the prepared rows for `cfg`, building them unless a complete copy with the same fingerprint exists."""
     _validate(cfg, max_seq_len=max_seq_len)
     scan = _scan_corpus(cfg)
@@ -103,7 +103,7 @@ def prepare_text(cfg: DataConfig, *, cache_root: str | Path, max_seq_len: int) -
         logger.info("reusing prepared data at %s", target)
         return load_prepared_text(target)
     started = time.perf_counter()
-    _build_into_place(cfg, scan=scan, target=target)
+    build_into_place(target, partial(_build, cfg, scan=scan), is_complete=lambda root: _read_meta(root) is not None)
     logger.info("prepared data at %s in %.1f s", target, time.perf_counter() - started)
     return load_prepared_text(target)
 
@@ -124,7 +124,7 @@ def split_score(doc_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _validate(cfg: DataConfig, *, max_seq_len: int) -> None:
+def _validate(cfg: TextDataConfig, *, max_seq_len: int) -> None:
     if cfg.seq_len > max_seq_len:
         raise ValueError(
             f"data.seq_len={cfg.seq_len} exceeds model.max_seq_len={max_seq_len}; "
@@ -139,7 +139,7 @@ def _validate(cfg: DataConfig, *, max_seq_len: int) -> None:
     check_vocab_size(cfg.vocab_size)
 
 
-def _settings(cfg: DataConfig) -> dict:
+def _settings(cfg: TextDataConfig) -> dict:
     # Only what changes the prepared rows; data.path is left out so a moved corpus keeps its cache.
     return {
         "format_version": FORMAT_VERSION,
@@ -154,12 +154,12 @@ def _settings(cfg: DataConfig) -> dict:
     }
 
 
-def _documents(cfg: DataConfig) -> Iterator[Document]:
+def _documents(cfg: TextDataConfig) -> Iterator[Document]:
     # An empty document adds nothing but an end-of-text token; the stdlib alone has hundreds of empty __init__.py.
     return (document for document in iter_documents(cfg) if document.text)
 
 
-def _scan_corpus(cfg: DataConfig) -> _CorpusScan:
+def _scan_corpus(cfg: TextDataConfig) -> _CorpusScan:
     """Read the corpus once: fingerprint its settings and content, and fix the train/val split."""
     digest = hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True).encode())
     documents = chars = val_documents = 0
@@ -191,29 +191,7 @@ def _scan_corpus(cfg: DataConfig) -> _CorpusScan:
     return _CorpusScan(fingerprint=digest.hexdigest(), split=split, documents=documents, chars=chars)
 
 
-def _build_into_place(cfg: DataConfig, *, scan: _CorpusScan, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the prepared data is meant to be read by other processes
-    try:
-        _build(cfg, scan=scan, directory=staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists() and _read_meta(target) is None:
-        # Renames are atomic, so only a hand-edited or damaged copy can lack its meta.json: replace it.
-        logger.warning("replacing incomplete prepared data at %s", target)
-        shutil.rmtree(target)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if _read_meta(target) is None:
-            raise
-        logger.info("another process prepared %s first; using its copy", target)
-
-
-def _build(cfg: DataConfig, *, scan: _CorpusScan, directory: Path) -> None:
+def _build(cfg: TextDataConfig, directory: Path, *, scan: _CorpusScan) -> None:
     started = time.perf_counter()
     train_texts = (doc.text for doc in _documents(cfg) if not scan.split.is_val(doc.doc_id))
     tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
@@ -239,11 +217,11 @@ def _build(cfg: DataConfig, *, scan: _CorpusScan, directory: Path) -> None:
         "tokens": {name: len(tokens[name]) for name in SPLITS},
         "settings": _settings(cfg),
     }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_meta(directory, meta)
 
 
 def _tokenize_splits(
-    cfg: DataConfig, *, tokenizer: Tokenizer, split: SplitRule
+    cfg: TextDataConfig, *, tokenizer: Tokenizer, split: SplitRule
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Each split as one stream of token ids, every document followed by the end-of-text token."""
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
@@ -302,12 +280,4 @@ def _write_shards(rows: np.ndarray, *, directory: Path, rows_per_shard: int) -> 
 
 
 def _read_meta(root: Path) -> dict | None:
-    """The meta.json of a complete prepared directory, or None when it is absent, unreadable or incomplete."""
-    try:
-        meta = json.loads((root / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    required = {field.name for field in fields(PreparedText)} - {"root"}
-    if not isinstance(meta, dict) or not required <= meta.keys():
-        return None
-    return meta
+    return read_meta(root, required={field.name for field in fields(PreparedText)} - {"root"})

@@ -24,17 +24,38 @@ TINY_OVERRIDES = [
 ]
 
 
+# A DLRM on a small synthetic click log: 8 steps of 512 rows, 2 micro-batches of 128 per worker and step.
+RANKER_OVERRIDES = [
+    "+exp=ranker_dlrm",
+    "data.rows=24000",
+    "data.cardinalities=[40,20,200,100,10,5,100,30,3,200,40,200,60,5,60,120,4,40,30,4,200,5,5,120,10,120]",
+    "data.rows_per_shard=4096",
+    "trainer.max_steps=8",
+    "trainer.global_batch_size=512",
+    "trainer.micro_batch_size=128",
+    "trainer.warmup_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.eval_every_n_steps=4",
+    "checkpoint.every_n_steps=4",
+]
+
+
 def compose_config(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_training(root: Path, data_cache: Path, overrides: list[str] = (), *, experiment: str = "llm_tiny") -> Path:
+def run_training(root: Path, data_cache: Path, overrides: list[str] = (), *, experiment: str = "llm_tiny",
+                 base: list[str] = TINY_OVERRIDES) -> Path:
     """launch.run for the tiny config plus `overrides`, outputs under `root`; returns the run directory."""
     import launch
 
-    cfg = compose_config([*TINY_OVERRIDES, f"paths.root={root}", f"paths.data_cache={data_cache}", *overrides])
+    cfg = compose_config([*base, f"paths.root={root}", f"paths.data_cache={data_cache}", *overrides])
     return launch.run(cfg, experiment=experiment)
+
+
+def run_ranker(root: Path, data_cache: Path, overrides: list[str] = ()) -> Path:
+    return run_training(root, data_cache, overrides, experiment="ranker_dlrm", base=RANKER_OVERRIDES)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

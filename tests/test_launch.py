@@ -21,13 +21,16 @@ def test_cfg_job_prints_the_resolved_config():
     assert "preset: tiny" in result.stdout and "name: zero3" in result.stdout
 
 
-@pytest.mark.parametrize("override, named", [
-    ("trainer.lrr=1", "trainer.lrr"),
-    ("trainer.max_steps=abc", "trainer.max_steps"),
-    ("strategy=zero4", "zero4"),
+@pytest.mark.parametrize("exp, override, named", [
+    ("llm_tiny", "trainer.lrr=1", "trainer.lrr"),
+    ("llm_tiny", "trainer.max_steps=abc", "trainer.max_steps"),
+    ("llm_tiny", "strategy=zero4", "zero4"),
+    ("llm_tiny", "model.cross_layers=2", "model.cross_layers"),  # a ranker key on an LLM
+    ("ranker_dlrm", "model.n_heads=4", "model.n_heads"),  # and the other way round
+    ("ranker_dlrm", "data.rows=many", "data.rows"),
 ])
-def test_bad_config_fails_at_composition_naming_the_key(override, named):
-    result = launch("+exp=llm_tiny", override)
+def test_bad_config_fails_at_composition_naming_the_key(exp, override, named):
+    result = launch(f"+exp={exp}", override)
     assert result.returncode != 0
     assert named in result.stdout + result.stderr
     assert "Started a local Ray" not in result.stdout + result.stderr
@@ -39,9 +42,15 @@ def test_bad_config_fails_at_composition_naming_the_key(override, named):
     (["strategy.name=zero9"], "strategy.name"),
     (["trainer.global_batch_size=10"], "trainer.global_batch_size"),
     (["cluster.num_workers=64"], "cluster.num_workers=64"),
+    (["+exp=ranker_dlrm", "model=llm_tiny"], "model.family=llm trains on text data"),
+    (["+exp=ranker_dlrm", "data=stdlib"], "model.family=ranker trains on clicklog data"),
+    (["+exp=ranker_dlrm", "data=criteo_tsv", "data.path=/nonexistent/day_0"], "data.path='/nonexistent/day_0'"),
+    (["+exp=ranker_dlrm", "data.hash_buckets=[5,5]"], "data.hash_buckets must be"),
+    (["+exp=ranker_dlrm", "trainer.activation_checkpointing=true"], "trainer.activation_checkpointing"),
 ])
 def test_bad_input_exits_2_with_a_message_naming_the_key(overrides, named, tmp_path):
-    result = launch("+exp=llm_tiny", f"paths.root={tmp_path}", *overrides)
+    exp = [] if any(item.startswith("+exp=") for item in overrides) else ["+exp=llm_tiny"]
+    result = launch(*exp, f"paths.root={tmp_path}", *overrides)
     assert result.returncode == 2, result.stdout + result.stderr
     assert named in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conf.schema import ModelConfig
+from conf.schema import LLMConfig
 
 
 class RMSNorm(nn.Module):
@@ -45,7 +45,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: LLMConfig):
         super().__init__()
         if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
             raise ValueError(
@@ -81,7 +81,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
@@ -94,7 +94,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int):
+    def __init__(self, cfg: LLMConfig, *, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
@@ -140,7 +140,7 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
 
-def build_llm(cfg: ModelConfig, *, vocab_size: int, device: str | torch.device = "cpu") -> Transformer:
+def build_llm(cfg: LLMConfig, *, vocab_size: int, device: str | torch.device = "cpu") -> Transformer:
     """A new decoder on `device`; on "meta" no memory is allocated and `init_weights` runs after sharding."""
     with torch.device(device):
         model = Transformer(cfg, vocab_size=vocab_size)
@@ -149,7 +149,7 @@ def build_llm(cfg: ModelConfig, *, vocab_size: int, device: str | torch.device =
     return model
 
 
-def count_parameters(cfg: ModelConfig, *, vocab_size: int) -> dict[str, int]:
+def count_parameters(cfg: LLMConfig, *, vocab_size: int) -> dict[str, int]:
     """Parameter counts computed from the config (no model needed): total and without the embedding table."""
     head_dim = cfg.dim // cfg.n_heads
     attention = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
@@ -159,7 +159,7 @@ def count_parameters(cfg: ModelConfig, *, vocab_size: int) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embedding}
 
 
-def training_flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
+def training_flops_per_token(cfg: LLMConfig, *, vocab_size: int, seq_len: int) -> float:
     """Model FLOPs for one trained token (forward + backward), the usual MFU convention.
 
     6N + 12 * n_layers * dim * seq_len, from the PaLM paper (Chowdhery et al. 2022, appendix B): N counts the

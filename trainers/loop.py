@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from conf.schema import RootConfig
+from conf.schema import RootConfig, config_from_dict
 from trainers import checkpointing, optim
 from trainers.checkpointing import TrainState
-from trainers.families import Family, get_family, init_device_for
+from trainers.families import Batch, Family, get_family, init_device_for
 from trainers.strategies import build_strategy
 from trainers.tracking import Tracker
 
@@ -55,7 +55,7 @@ def configure_worker_logging() -> None:
 
 
 def rebuild_config(config_dict: dict) -> RootConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), config_dict))
+    return config_from_dict(config_dict)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -88,7 +88,7 @@ def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerCont
     strategy = build_strategy(cfg.strategy, device=ctx.device, precision=ctx.precision,
                               accum_steps=ctx.accum_steps, grad_clip=cfg.trainer.grad_clip,
                               micro_batch_size=cfg.trainer.micro_batch_size)
-    device = init_device_for(cfg.model, vocab_size=data["vocab_size"], device=ctx.device,
+    device = init_device_for(family, cfg.model, data=data, device=ctx.device,
                              meta_supported=strategy.supports_meta_init)
     model = family.build_model(cfg.model, data=data, device=device)
     strategy.setup(
@@ -108,13 +108,21 @@ def _all_reduce_mean(values: list[torch.Tensor], device: torch.device) -> list[f
     return (tensor / dist.get_world_size()).tolist()
 
 
-def train_step(strategy, family: Family, rows: torch.Tensor, ctx: WorkerContext,
+def slice_rows(batch: Batch, start: int, stop: int) -> Batch:
+    return {key: column[start:stop] for key, column in batch.items()}
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: column.to(device, non_blocking=True) for key, column in batch.items()}
+
+
+def train_step(strategy, family: Family, rows: Batch, ctx: WorkerContext,
                micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's rows; returns (this rank's mean loss, grad norm before clipping),
     both as device tensors so the step never waits on the GPU just to log."""
     losses = []
     for index in range(ctx.accum_steps):
-        batch = rows[index * micro:(index + 1) * micro].to(ctx.device, non_blocking=True)
+        batch = to_device(slice_rows(rows, index * micro, (index + 1) * micro), ctx.device)
         with strategy.micro_step(is_last=index == ctx.accum_steps - 1):
             with strategy.autocast():
                 loss = family.loss(strategy.model, batch)
@@ -125,21 +133,54 @@ def train_step(strategy, family: Family, rows: torch.Tensor, ctx: WorkerContext,
 
 
 @torch.no_grad()
-def evaluate(strategy, family: Family, val_shard, ctx: WorkerContext, *, micro: int, max_batches: int) -> float:
-    """Mean validation loss over the first `max_batches` eval batches, averaged over all ranks' rows."""
+def evaluate(strategy, family: Family, val_shard, ctx: WorkerContext, *, micro: int,
+             max_batches: int) -> dict[str, float]:
+    """The family's metrics over the first `max_batches` eval batches (0: the whole validation split).
+
+    Each eval batch of micro x world rows is split evenly over the ranks; a short last batch is padded with
+    repeated rows that are masked out, because every rank must run the forward pass (FSDP gathers
+    parameters collectively). The per-row outputs of all ranks are gathered before the metrics are
+    computed, so a metric like AUC sees the whole set at once.
+    """
     strategy.model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    outputs: dict[str, list[torch.Tensor]] = {}
     batch_rows = micro * ctx.world_size
-    for index, batch in enumerate(val_shard.iter_torch_batches(batch_size=batch_rows, drop_last=True)):
-        if index >= max_batches:
+    for index, batch in enumerate(val_shard.iter_torch_batches(batch_size=batch_rows, drop_last=False)):
+        if max_batches and index >= max_batches:
             break
-        rows = batch["tokens"][ctx.rank * micro:(ctx.rank + 1) * micro].to(ctx.device, dtype=torch.long)
+        rows, valid = _padded_rank_slice(batch, ctx)
         with strategy.autocast():
-            total[0] += float(family.loss(strategy.model, rows)) * len(rows)
-        total[1] += len(rows)
+            predicted = family.predict(strategy.model, to_device(rows, ctx.device))
+        for key, value in {**predicted, VALID_KEY: valid.to(ctx.device)}.items():
+            outputs.setdefault(key, []).append(value.detach().float())
     strategy.model.train()
-    dist.all_reduce(total)
-    return float(total[0] / total[1])
+    gathered = _gather_from_ranks({key: torch.cat(values) for key, values in outputs.items()})
+    keep = gathered.pop(VALID_KEY) > 0.5
+    return family.eval_metrics({key: values[keep] for key, values in gathered.items()})
+
+
+VALID_KEY = "_valid"
+
+
+def _padded_rank_slice(batch: Batch, ctx: WorkerContext) -> tuple[Batch, torch.Tensor]:
+    """This rank's ceil(rows / world) rows of an eval batch, padded by repeating the batch's first row."""
+    total = len(next(iter(batch.values())))
+    per_rank = -(-total // ctx.world_size)
+    start = min(ctx.rank * per_rank, total)
+    stop = min(start + per_rank, total)
+    index = torch.cat([torch.arange(start, stop), torch.zeros(per_rank - (stop - start), dtype=torch.long)])
+    valid = torch.arange(per_rank) < stop - start
+    return {key: column[index] for key, column in batch.items()}, valid
+
+
+def _gather_from_ranks(local: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every rank's rows, concatenated; every rank holds the same number of rows (see _padded_rank_slice)."""
+    gathered = {}
+    for key, values in local.items():
+        parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, values.contiguous())
+        gathered[key] = torch.cat(parts).cpu().numpy()
+    return gathered
 
 
 def _maybe_inject_crash(step: int, run_dir: Path, rank: int) -> None:
@@ -155,12 +196,16 @@ def _maybe_inject_crash(step: int, run_dir: Path, rank: int) -> None:
 
 
 class Progress:
-    """Throughput and ETA over the steps since the last log line, counting data wait but not eval/checkpoint."""
+    """Throughput and ETA over the steps since the last log line, counting data wait but not eval/checkpoint,
+    and how much of the step time went to waiting for the next batch."""
 
-    def __init__(self, *, max_steps: int, items_per_step: int):
-        self.max_steps, self.items_per_step = max_steps, items_per_step
-        self.busy_seconds, self.steps = 0.0, 0
+    def __init__(self, *, max_steps: int, items_per_step: int, throughput_key: str):
+        self.max_steps, self.items_per_step, self.throughput_key = max_steps, items_per_step, throughput_key
+        self.busy_seconds, self.wait_seconds, self.steps = 0.0, 0.0, 0
         self.mark = time.perf_counter()
+
+    def waited(self, seconds: float) -> None:
+        self.wait_seconds += seconds
 
     def step_done(self) -> None:
         now = time.perf_counter()
@@ -174,26 +219,35 @@ class Progress:
 
     def window(self, step: int) -> dict:
         step_time = self.busy_seconds / max(1, self.steps)
-        figures = {"step_time_s": step_time, "tokens_per_s": self.items_per_step / step_time if step_time else 0.0,
+        figures = {"step_time_s": step_time,
+                   self.throughput_key: self.items_per_step / step_time if step_time else 0.0,
+                   "data_wait_s": self.wait_seconds / max(1, self.steps),
+                   "data_wait_frac": self.wait_seconds / self.busy_seconds if self.busy_seconds else 0.0,
                    "eta_s": step_time * (self.max_steps - step)}
-        self.busy_seconds, self.steps = 0.0, 0
+        self.busy_seconds, self.wait_seconds, self.steps = 0.0, 0.0, 0
         return figures
 
 
-def _format_progress(metrics: dict, max_steps: int) -> str:
+THROUGHPUT_UNITS = {"tokens_per_s": "tok/s", "samples_per_s": "samples/s"}
+
+
+def _format_progress(metrics: dict, max_steps: int, throughput_key: str) -> str:
     eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
     line = (f"step {metrics['step']}/{max_steps} | loss {metrics['train_loss']:.4f} | "
-            f"{metrics['tokens_per_s']:,.0f} tok/s | {metrics['step_time_s']:.3f} s/step | eta {eta}")
+            f"{metrics[throughput_key]:,.0f} {THROUGHPUT_UNITS[throughput_key]} | "
+            f"{metrics['step_time_s']:.3f} s/step | data wait {metrics['data_wait_frac']:.0%} | eta {eta}")
     if "mfu" in metrics:
         line += f" | mfu {metrics['mfu']:.1%}"
     return line
 
 
-def _checkpoint_payload(cfg: RootConfig, data: dict) -> dict:
-    """model_config.json and the files that make a checkpoint loadable without the run's data cache."""
-    model_config = {"family": cfg.model.family, "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-                    "vocab_size": data["vocab_size"], "seq_len": data["seq_len"], "tokenizer": "tokenizer.json"}
-    return {"model_config": model_config, "files": {"tokenizer.json": data["tokenizer_path"]}}
+def _format_eval(metrics: dict) -> str:
+    line = f"step {metrics['step']} | val_loss {metrics['val_loss']:.4f}"
+    if "auc" in metrics:
+        line += f" | auc {metrics['auc']:.4f} | calibration {metrics['calibration']:.3f}"
+    if "bayes_auc" in metrics:
+        line += f" | bayes-optimal auc {metrics['bayes_auc']:.4f} (gap {metrics['auc_gap']:.4f})"
+    return line
 
 
 def train_loop(config: dict) -> None:
@@ -228,22 +282,25 @@ def _train(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     items_per_step = trainer.global_batch_size * family.items_per_row(data)
     flops_per_item = family.flops_per_item(cfg.model, data=data)
-    progress = Progress(max_steps=trainer.max_steps, items_per_step=items_per_step)
-    payload = _checkpoint_payload(cfg, data)
+    progress = Progress(max_steps=trainer.max_steps, items_per_step=items_per_step,
+                        throughput_key=family.throughput_key)
+    payload = family.checkpoint_payload(cfg.model, data)
     if ctx.rank == 0:
         logger.info("training %s with %s on %d worker(s) from step %d to %d, %d micro-batch(es) of %d per step",
                     cfg.model.preset, cfg.strategy.name, ctx.world_size, state.step, trainer.max_steps,
                     ctx.accum_steps, trainer.micro_batch_size)
     while state.step < trainer.max_steps:
-        batches = train_shard.iter_torch_batches(batch_size=trainer.global_batch_size, drop_last=True)
-        for index, batch in enumerate(batches):
+        batches = _timed(train_shard.iter_torch_batches(batch_size=trainer.global_batch_size, drop_last=True))
+        for index, (batch, wait_seconds) in enumerate(batches):
             if index < state.batches_in_epoch:
                 continue  # trained on before the checkpoint we resumed from
             if index == state.batches_in_epoch and index > 0 and progress.steps == 0:
                 progress.pause_ended()  # do not charge the skipped batches to the first step
-            rows = batch["tokens"][ctx.rank * ctx.rows_per_rank:(ctx.rank + 1) * ctx.rows_per_rank]
+            else:
+                progress.waited(wait_seconds)
+            rows = slice_rows(batch, ctx.rank * ctx.rows_per_rank, (ctx.rank + 1) * ctx.rows_per_rank)
             _maybe_inject_crash(state.step + 1, run_dir, ctx.rank)
-            loss, grad_norm = train_step(strategy, family, rows.long(), ctx, trainer.micro_batch_size)
+            loss, grad_norm = train_step(strategy, family, rows, ctx, trainer.micro_batch_size)
             state.step += 1
             state.batches_in_epoch += 1
             progress.step_done()
@@ -255,6 +312,18 @@ def _train(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx:
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
+
+
+def _timed(iterable):
+    """Yield (item, seconds spent waiting for it): the data-wait part of a step."""
+    iterator = iter(iterable)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item, time.perf_counter() - started
 
 
 def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext,
@@ -274,15 +343,15 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState,
                        **progress.window(step))
         if ctx.device.type == "cuda":
             peak = cfg.cluster.peak_tflops_per_gpu * 1e12 * ctx.world_size
-            metrics["mfu"] = metrics["tokens_per_s"] * flops_per_item / peak
+            metrics["mfu"] = metrics[family.throughput_key] * flops_per_item / peak
     if do_eval:
-        metrics["val_loss"] = evaluate(strategy, family, val_shard, ctx, micro=trainer.micro_batch_size,
-                                       max_batches=trainer.eval_batches)
+        metrics.update(evaluate(strategy, family, val_shard, ctx, micro=trainer.micro_batch_size,
+                                max_batches=trainer.eval_batches))
     if ctx.rank == 0 and (do_log or do_eval):
         if do_log:
-            logger.info(_format_progress(metrics, trainer.max_steps))
-        if "val_loss" in metrics:
-            logger.info("step %d | val_loss %.4f", step, metrics["val_loss"])
+            logger.info(_format_progress(metrics, trainer.max_steps, family.throughput_key))
+        if do_eval:
+            logger.info(_format_eval(metrics))
         tracker.log(metrics)
     if do_checkpoint:
         checkpointing.save_and_report(strategy, state, metrics, rank=ctx.rank, **payload)

@@ -102,16 +102,20 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 def write_summary(run_dir: Path, *, status: str, best_checkpoint: str | None, latest_checkpoint: str | None,
-                  metric: str, error: str | None = None) -> dict:
+                  metric: str, mode: str = "min", summary_keys: tuple[str, ...] = (), error: str | None = None) -> dict:
+    """summary.json: status, the latest value of every metric, the best value of the ranking metric, and
+    the family's headline metrics (a ranker's auc, logloss, bayes_auc...) from the last evaluation."""
     rows = read_metrics(run_dir)
     final = {}
     for row in rows:  # the latest value of each metric
         final.update({k: v for k, v in row.items() if isinstance(v, (int, float))})
     evaluated = [row[metric] for row in rows if metric in row]
+    best = min if mode == "min" else max
     summary = {
         "status": status,
+        **{key: final[key] for key in summary_keys if key in final},
         "final_metrics": final,
-        f"best_{metric}": min(evaluated) if evaluated else None,
+        f"best_{metric}": best(evaluated) if evaluated else None,
         "best_checkpoint": best_checkpoint,
         "latest_checkpoint": latest_checkpoint,
         "steps": final.get("step", 0),
@@ -121,13 +125,26 @@ def write_summary(run_dir: Path, *, status: str, best_checkpoint: str | None, la
     return summary
 
 
+def headline(summary: dict) -> str:
+    """One line for the end of a run: steps, final train loss, and the family's headline metrics."""
+    final = summary["final_metrics"]
+    parts = [f"{summary['steps']} steps", f"train_loss {final.get('train_loss', float('nan')):.4f}"]
+    parts += [f"{key} {value:.4f}" for key, value in summary.items()
+              if key.startswith("best_") and isinstance(value, float)]
+    for key in ("auc", "logloss", "calibration", "bayes_auc", "auc_gap"):
+        if key in summary:
+            parts.append(f"{key} {summary[key]:.4f}")
+    return ", ".join(parts)
+
+
 def read_summary(run_dir: Path) -> dict | None:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: training and validation loss against step."""
+    """loss.png: training and validation loss against step; for rankers a second panel shows validation AUC
+    against the Bayes-optimal AUC where the data knows it."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
@@ -136,18 +153,26 @@ def plot_losses(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-        points = [(row["step"], row[key]) for row in rows if key in row]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=key, markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    has_auc = any("auc" in row for row in rows)
+    fig, axes = plt.subplots(1, 2 if has_auc else 1, figsize=(12 if has_auc else 7, 4), squeeze=False)
+    _plot_series(axes[0][0], rows, (("train_loss", "-"), ("val_loss", "o-")), ylabel="loss")
+    if has_auc:
+        _plot_series(axes[0][1], rows, (("auc", "o-"), ("bayes_auc", "--")), ylabel="validation AUC")
+    fig.suptitle(run_dir.name)
     fig.tight_layout()
     path = run_dir / "loss.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_series(ax, rows: list[dict], series: tuple[tuple[str, str], ...], *, ylabel: str) -> None:
+    for key, style in series:
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        if points:
+            label = "Bayes-optimal" if key == "bayes_auc" else key
+            ax.plot(*zip(*points, strict=True), style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 def validate_config(cfg: RootConfig) -> None:
     """Checks that need more than one key, done on the driver before Ray starts."""
     trainer, workers = cfg.trainer, cfg.cluster.num_workers
-    get_family(cfg.model.family)
+    family = get_family(cfg.model.family)
+    _check_family_fits(cfg, family)
     resolve_precision(cfg.trainer.precision, _driver_device(cfg))
     if cfg.strategy.name not in STRATEGY_NAMES:
         raise ValueError(f"strategy.name={cfg.strategy.name!r} is not one of {', '.join(STRATEGY_NAMES)}")
@@ -33,12 +34,28 @@ def validate_config(cfg: RootConfig) -> None:
             f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of cluster.num_workers="
             f"{workers} x trainer.micro_batch_size={trainer.micro_batch_size}"
         )
-    for key in ("max_steps", "log_every_n_steps", "eval_every_n_steps", "eval_batches"):
+    for key in ("max_steps", "log_every_n_steps", "eval_every_n_steps"):
         if getattr(trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {getattr(trainer, key)}")
+    if trainer.eval_batches < 0:
+        raise ValueError(
+            f"trainer.eval_batches must be 0 (the whole validation split) or more, got {trainer.eval_batches}"
+        )
     if cfg.checkpoint.every_n_steps < 1:
         raise ValueError(f"checkpoint.every_n_steps must be at least 1, got {cfg.checkpoint.every_n_steps}")
-    if cfg.data.seq_len > cfg.model.max_seq_len:
+
+
+def _check_family_fits(cfg: RootConfig, family) -> None:
+    """The data kind, and options that only one family has, must match model.family."""
+    if cfg.data.kind != family.data_kind:
+        options = {"text": "data=stdlib, text_dir or parquet", "clicklog": "data=synthetic_clicks or criteo_tsv"}
+        raise ValueError(
+            f"model.family={cfg.model.family} trains on {family.data_kind} data ({options[family.data_kind]}), "
+            f"but the data config is data.kind={cfg.data.kind}"
+        )
+    if cfg.trainer.activation_checkpointing and not family.supports_activation_checkpointing:
+        raise ValueError(f"trainer.activation_checkpointing applies to LLMs only, not model.family={cfg.model.family}")
+    if cfg.model.family == "llm" and cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} is beyond the model's limit model.max_seq_len={cfg.model.max_seq_len}"
         )
@@ -54,13 +71,13 @@ def check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
     """An epoch must hold one global batch and validation one eval batch, or training would never step."""
     if train_rows < cfg.trainer.global_batch_size:
         raise ValueError(
-            f"the prepared training split has {train_rows} sequences, fewer than trainer.global_batch_size="
+            f"the prepared training split has {train_rows} rows, fewer than trainer.global_batch_size="
             f"{cfg.trainer.global_batch_size}; add data (data.max_chars) or lower the batch size"
         )
     eval_rows = cfg.trainer.micro_batch_size * cfg.cluster.num_workers
     if val_rows < eval_rows:
         raise ValueError(
-            f"the prepared validation split has {val_rows} sequences, fewer than one eval batch "
+            f"the prepared validation split has {val_rows} rows, fewer than one eval batch "
             f"(trainer.micro_batch_size x cluster.num_workers = {eval_rows}); raise data.val_fraction"
         )
 
@@ -112,7 +129,8 @@ def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: 
     family = get_family(cfg.model.family)
     config = OmegaConf.to_container(OmegaConf.structured(cfg))
     trainer = build_trainer(cfg, config=config, run_name=run_name, run_dir=run_dir, data=data, datasets=datasets)
-    record = partial(outputs.write_summary, run_dir, metric=family.metric)
+    record = partial(outputs.write_summary, run_dir, metric=family.metric, mode=family.metric_mode,
+                     summary_keys=family.summary_keys)
     try:
         result = trainer.fit()
     except TrainingFailedError as err:

@@ -70,7 +70,8 @@ class TorchStrategy:
         (loss / self.accum_steps).backward()
 
     def step(self) -> torch.Tensor:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")  # 0 turns clipping off, as in DeepSpeed
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()

@@ -4,14 +4,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conf.schema import DataConfig
+from conf.schema import TextDataConfig
 from datasets.pipeline import build_ray_datasets
 from datasets.text import prepare_text
 
 ray = pytest.importorskip("ray")
 
 # About 6,000 train rows, so several train shards whose order must survive the read.
-CFG = DataConfig(source="stdlib", max_chars=200_000, vocab_size=300, seq_len=32, rows_per_shard=1000)
+CFG = TextDataConfig(source="stdlib", max_chars=200_000, vocab_size=300, seq_len=32, rows_per_shard=1000)
 
 
 def parquet_order(directory):

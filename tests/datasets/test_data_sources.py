@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conf.schema import DataConfig
+from conf.schema import TextDataConfig
 from datasets.sources import Document, iter_documents
 
 
@@ -20,7 +20,7 @@ def test_text_dir_reads_txt_md_jsonl_recursively_in_sorted_order(tmp_path):
     write(tmp_path / "sub" / "c.jsonl", '{"body": "first"}\n\n{"body": "second", "other": 1}\n')
     write(tmp_path / "notes.csv", "ignored")
 
-    documents = list(iter_documents(DataConfig(source="text_dir", path=str(tmp_path), column="body")))
+    documents = list(iter_documents(TextDataConfig(source="text_dir", path=str(tmp_path), column="body")))
 
     assert documents == [
         Document(doc_id="a.txt", text="ay"),
@@ -38,7 +38,7 @@ def test_jsonl_bad_line_names_file_line_and_field(tmp_path, line, expected):
     write(tmp_path / "docs.jsonl", '{"text": "fine"}\n' + line + "\n")
 
     with pytest.raises(ValueError, match=expected) as error:
-        list(iter_documents(DataConfig(source="text_dir", path=str(tmp_path))))
+        list(iter_documents(TextDataConfig(source="text_dir", path=str(tmp_path))))
 
     assert "docs.jsonl" in str(error.value)
     assert "line 2" in str(error.value)
@@ -49,7 +49,7 @@ def test_parquet_file_streams_rows_across_row_groups_and_skips_nulls(tmp_path):
     table = pa.table({"id": [1, 2, 3, 4], "text": ["one", None, "three", "four"]})
     pq.write_table(table, tmp_path / "corpus.parquet", row_group_size=2)
 
-    documents = list(iter_documents(DataConfig(source="parquet", path=str(tmp_path / "corpus.parquet"))))
+    documents = list(iter_documents(TextDataConfig(source="parquet", path=str(tmp_path / "corpus.parquet"))))
 
     assert documents == [
         Document(doc_id="corpus.parquet:0", text="one"),
@@ -62,7 +62,7 @@ def test_parquet_directory_reads_files_in_sorted_order(tmp_path):
     pq.write_table(pa.table({"text": ["second"]}), tmp_path / "part-1.parquet")
     pq.write_table(pa.table({"text": ["first"]}), tmp_path / "part-0.parquet")
 
-    documents = list(iter_documents(DataConfig(source="parquet", path=str(tmp_path))))
+    documents = list(iter_documents(TextDataConfig(source="parquet", path=str(tmp_path))))
 
     assert [document.text for document in documents] == ["first", "second"]
 
@@ -71,7 +71,7 @@ def test_parquet_missing_column_names_file_column_and_columns_present(tmp_path):
     pq.write_table(pa.table({"body": ["x"], "id": [1]}), tmp_path / "corpus.parquet")
 
     with pytest.raises(ValueError, match="no column 'text'") as error:
-        list(iter_documents(DataConfig(source="parquet", path=str(tmp_path))))
+        list(iter_documents(TextDataConfig(source="parquet", path=str(tmp_path))))
 
     assert "corpus.parquet" in str(error.value)
     assert "['body', 'id']" in str(error.value)
@@ -81,14 +81,14 @@ def test_max_chars_stops_after_the_document_that_crosses_the_cap(tmp_path):
     for index in range(5):
         write(tmp_path / f"{index}.txt", "x" * 10)
 
-    documents = list(iter_documents(DataConfig(source="text_dir", path=str(tmp_path), max_chars=25)))
+    documents = list(iter_documents(TextDataConfig(source="text_dir", path=str(tmp_path), max_chars=25)))
 
     assert [document.doc_id for document in documents] == ["0.txt", "1.txt", "2.txt"]
     assert all(len(document.text) == 10 for document in documents)
 
 
 def test_stdlib_yields_sorted_python_files_outside_site_packages():
-    doc_ids = [document.doc_id for document in iter_documents(DataConfig(source="stdlib"))]
+    doc_ids = [document.doc_id for document in iter_documents(TextDataConfig(source="stdlib"))]
 
     assert len(doc_ids) > 500
     assert doc_ids == sorted(doc_ids)
@@ -101,7 +101,7 @@ def test_missing_path_names_data_path_and_the_path(tmp_path):
     missing = tmp_path / "nowhere"
 
     with pytest.raises(ValueError, match="data.path") as error:
-        iter_documents(DataConfig(source="text_dir", path=str(missing)))
+        iter_documents(TextDataConfig(source="text_dir", path=str(missing)))
 
     assert str(missing) in str(error.value)
 
@@ -109,38 +109,38 @@ def test_missing_path_names_data_path_and_the_path(tmp_path):
 @pytest.mark.parametrize("source", ["text_dir", "parquet"])
 def test_path_required_for_sources_that_read_files(source):
     with pytest.raises(ValueError, match="data.path is required"):
-        iter_documents(DataConfig(source=source, path=None))
+        iter_documents(TextDataConfig(source=source, path=None))
 
 
 def test_text_dir_path_must_be_a_directory(tmp_path):
     file = write(tmp_path / "a.txt", "text")
 
     with pytest.raises(ValueError, match="not a directory"):
-        iter_documents(DataConfig(source="text_dir", path=str(file)))
+        iter_documents(TextDataConfig(source="text_dir", path=str(file)))
 
 
 def test_unknown_source_names_key_and_allowed_values():
     with pytest.raises(ValueError, match="data.source='web'") as error:
-        iter_documents(DataConfig(source="web"))
+        iter_documents(TextDataConfig(source="web"))
 
     assert "['parquet', 'stdlib', 'text_dir']" in str(error.value)
 
 
 def test_non_positive_max_chars_is_rejected():
     with pytest.raises(ValueError, match="data.max_chars"):
-        iter_documents(DataConfig(source="stdlib", max_chars=0))
+        iter_documents(TextDataConfig(source="stdlib", max_chars=0))
 
 
 def test_text_dir_rejects_non_utf8_file_by_name(tmp_path):
     (tmp_path / "latin.txt").write_bytes("café".encode("latin-1"))
 
     with pytest.raises(ValueError, match="latin.txt.*UTF-8"):
-        list(iter_documents(DataConfig(source="text_dir", path=str(tmp_path))))
+        list(iter_documents(TextDataConfig(source="text_dir", path=str(tmp_path))))
 
 
 def test_jsonl_text_may_hold_any_json_string(tmp_path):
     write(tmp_path / "d.jsonl", json.dumps({"text": "line\nbreak ✓"}) + "\n")
 
-    (document,) = iter_documents(DataConfig(source="text_dir", path=str(tmp_path)))
+    (document,) = iter_documents(TextDataConfig(source="text_dir", path=str(tmp_path)))
 
     assert document.text == "line\nbreak ✓"

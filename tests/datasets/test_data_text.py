@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import datasets.text
-from conf.schema import DataConfig
+from conf.schema import TextDataConfig
 from datasets.text import PreparedText, load_prepared_text, prepare_text
 from datasets.tokenizer import EOS_TOKEN, load_tokenizer
 
-STDLIB = DataConfig(source="stdlib", max_chars=200_000, vocab_size=320, seq_len=32, rows_per_shard=64)
+STDLIB = TextDataConfig(source="stdlib", max_chars=200_000, vocab_size=320, seq_len=32, rows_per_shard=64)
 MARKER = re.compile(r"<d(\d{3})>")
 
 
@@ -86,7 +86,7 @@ def test_meta_records_documents_and_tokens_per_split(stdlib_prepared):
 def test_second_call_reuses_cache_without_training(stdlib_prepared, monkeypatch, caplog):
     tokenizer_mtime = os.stat(stdlib_prepared.tokenizer_path).st_mtime_ns
     monkeypatch.setattr(datasets.text, "train_tokenizer", lambda *args, **kwargs: pytest.fail("retrained"))
-    caplog.set_level(logging.INFO, logger="datasets.text")
+    caplog.set_level(logging.INFO, logger="datasets.cache")
 
     again = prepare_text(STDLIB, cache_root=Path(stdlib_prepared.root).parent, max_seq_len=64)
 
@@ -97,7 +97,7 @@ def test_second_call_reuses_cache_without_training(stdlib_prepared, monkeypatch,
 
 def test_changed_setting_changes_fingerprint(tmp_path):
     corpus = marker_corpus(tmp_path / "corpus", documents=10)
-    cfg = DataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.3)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.3)
 
     first = prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=16)
     reseeded = prepare_text(replace(cfg, seed=1), cache_root=tmp_path / "cache", max_seq_len=16)
@@ -111,7 +111,7 @@ def test_changed_setting_changes_fingerprint(tmp_path):
 def test_moved_corpus_keeps_its_fingerprint(tmp_path):
     corpus = marker_corpus(tmp_path / "corpus", documents=10)
     moved = shutil.copytree(corpus, tmp_path / "moved")
-    cfg = DataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.3)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.3)
 
     first = prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=16)
     second = prepare_text(replace(cfg, path=str(moved)), cache_root=tmp_path / "cache", max_seq_len=16)
@@ -121,7 +121,7 @@ def test_moved_corpus_keeps_its_fingerprint(tmp_path):
 
 def test_train_and_val_hold_disjoint_documents_and_val_keeps_document_order(tmp_path):
     corpus = marker_corpus(tmp_path / "corpus")
-    cfg = DataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.25)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.25)
 
     prepared = prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=16)
 
@@ -142,7 +142,7 @@ def test_two_documents_always_give_one_per_split(tmp_path):
     corpus.mkdir()
     for name in ("a.txt", "b.txt"):
         (corpus / name).write_text(f"{name} holds enough words to fill a few rows of tokens. " * 20)
-    cfg = DataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=8, val_fraction=0.01)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=8, val_fraction=0.01)
 
     prepared = prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=8)
 
@@ -155,7 +155,7 @@ def test_literal_eos_text_in_a_document_stays_text(tmp_path):
     corpus.mkdir()
     for index in range(6):
         (corpus / f"{index}.txt").write_text(f"document {index} mentions {EOS_TOKEN} in its text. " * 10)
-    cfg = DataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=4, val_fraction=0.3)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=4, val_fraction=0.3)
 
     prepared = prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=4)
 
@@ -182,7 +182,7 @@ def test_unknown_source_is_rejected(tmp_path):
 
 def test_missing_path_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="data.path=.*does not exist"):
-        prepare_text(DataConfig(source="text_dir", path=str(tmp_path / "no")), cache_root=tmp_path, max_seq_len=256)
+        prepare_text(TextDataConfig(source="text_dir", path=str(tmp_path / "no")), cache_root=tmp_path, max_seq_len=256)
 
 
 @pytest.mark.parametrize("files", [{}, {"empty.txt": "", "blank.md": ""}])
@@ -193,14 +193,15 @@ def test_empty_corpus_names_source_and_path(tmp_path, files):
         (corpus / name).write_text(text)
 
     with pytest.raises(ValueError, match="empty corpus") as error:
-        prepare_text(DataConfig(source="text_dir", path=str(corpus)), cache_root=tmp_path / "cache", max_seq_len=256)
+        prepare_text(TextDataConfig(source="text_dir", path=str(corpus)), cache_root=tmp_path / "cache",
+                     max_seq_len=256)
 
     assert "text_dir" in str(error.value) and str(corpus) in str(error.value)
 
 
 def test_too_little_data_for_a_row_fails_and_leaves_no_cache(tmp_path):
     corpus = marker_corpus(tmp_path / "corpus", documents=4)
-    cfg = DataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=4096, val_fraction=0.5)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=4096, val_fraction=0.5)
 
     with pytest.raises(ValueError, match=r"data.seq_len=4096 .* split has only \d+ tokens"):
         prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=4096)
@@ -210,7 +211,7 @@ def test_too_little_data_for_a_row_fails_and_leaves_no_cache(tmp_path):
 
 def test_losing_a_race_uses_the_winners_copy(tmp_path, monkeypatch, caplog):
     corpus = marker_corpus(tmp_path / "corpus", documents=10)
-    cfg = DataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.3)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), vocab_size=300, seq_len=16, val_fraction=0.3)
     winner = prepare_text(cfg, cache_root=tmp_path / "winner", max_seq_len=16)
     real_rename = os.rename
 
@@ -219,7 +220,7 @@ def test_losing_a_race_uses_the_winners_copy(tmp_path, monkeypatch, caplog):
         real_rename(source, target)
 
     monkeypatch.setattr(os, "rename", rename_after_the_other_process)
-    caplog.set_level(logging.INFO, logger="datasets.text")
+    caplog.set_level(logging.INFO, logger="datasets.cache")
 
     loser = prepare_text(cfg, cache_root=tmp_path / "loser", max_seq_len=16)
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from conf.schema import ModelConfig
+from conf.schema import LLMConfig
 from trainers.llm import build_llm, count_parameters, training_flops_per_token
 
-CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=32)
+CFG = LLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=32)
 
 
 def test_logits_have_vocab_width_and_parameter_count_matches_formula():
@@ -42,11 +42,11 @@ def test_sequence_longer_than_the_model_limit_is_refused():
 
 def test_heads_must_divide_dim():
     with pytest.raises(ValueError, match="model.n_heads"):
-        build_llm(ModelConfig(dim=64, n_heads=5, n_kv_heads=5), vocab_size=10)
+        build_llm(LLMConfig(dim=64, n_heads=5, n_kv_heads=5), vocab_size=10)
 
 
 def test_flops_per_token_for_llama_8b_shape_is_near_six_times_parameters():
-    cfg = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, max_seq_len=8192)
+    cfg = LLMConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, max_seq_len=8192)
     params = count_parameters(cfg, vocab_size=128256)
     # Llama 3 8B has 8.03e9 parameters (Meta's model card); our shape with its vocabulary must agree.
     assert params["total"] == pytest.approx(8.03e9, rel=0.01)
