@@ -121,3 +121,29 @@ def test_bad_settings_name_the_key(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         prepare_clicklog(cfg, cache_root=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-built left behind
+
+
+def test_prepare_script_prints_the_launch_command_that_reuses_its_data(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    def run(*args):
+        return subprocess.run([sys.executable, "scripts/prepare_clicklog.py", *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    done = run("rows=4_000", "zipf_exponent=1.2", f"cache={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert "Bayes-optimal validation AUC" in done.stdout
+    assert f"+exp=ranker_dlrm data.rows=4000 data.zipf_exponent=1.2 paths.data_cache={tmp_path}" in done.stdout
+    (prepared_dir,) = tmp_path.glob("clicklog-*")
+    # The printed overrides compose to the same data settings, so the launch finds the prepared copy.
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose_config
+
+    launched = OmegaConf.to_object(compose_config(["+exp=ranker_dlrm", "data.rows=4000", "data.zipf_exponent=1.2"]))
+    assert prepare_clicklog(launched.data, cache_root=tmp_path).root == str(prepared_dir)
+    wrong = run("rowz=3", f"cache={tmp_path}")
+    assert wrong.returncode == 2 and "rowz" in wrong.stderr

@@ -86,7 +86,7 @@ def test_meta_records_documents_and_tokens_per_split(stdlib_prepared):
 def test_second_call_reuses_cache_without_training(stdlib_prepared, monkeypatch, caplog):
     tokenizer_mtime = os.stat(stdlib_prepared.tokenizer_path).st_mtime_ns
     monkeypatch.setattr(datasets.text, "train_tokenizer", lambda *args, **kwargs: pytest.fail("retrained"))
-    caplog.set_level(logging.INFO, logger="datasets.cache")
+    caplog.set_level(logging.INFO, logger="datasets.text")
 
     again = prepare_text(STDLIB, cache_root=Path(stdlib_prepared.root).parent, max_seq_len=64)
 

@@ -22,10 +22,12 @@ def single_process_losses(ray_session, data_cache, tmp_path_factory):
     return losses
 
 
+# ZeRO-1 is left out to keep the suite's time: DeepSpeed runs stages 1 and 2 through the same optimizer class
+# (stage 2 adds gradient partitioning), and our code treats every stage alike but for the stage number.
 @pytest.mark.parametrize("strategy, extra", [
-    ("ddp", []), ("fsdp", []), ("zero1", []), ("zero2", []), ("zero3", []),
+    ("ddp", []), ("fsdp", []), ("zero2", []), ("zero3", []),
     ("fsdp", ["trainer.activation_checkpointing=true"]),  # recomputation must not change the numbers
-], ids=["ddp", "fsdp", "zero1", "zero2", "zero3", "fsdp-activation-checkpointing"])
+], ids=["ddp", "fsdp", "zero2", "zero3", "fsdp-activation-checkpointing"])
 def test_two_workers_match_single_process(strategy, extra, single_process_losses, ray_session, data_cache,
                                           tmp_path):
     run_dir = run_training(tmp_path, data_cache, [f"strategy={strategy}", "cluster.num_workers=2", *extra])
