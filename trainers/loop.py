@@ -132,6 +132,9 @@ def train_step(strategy, family: Family, rows: Batch, ctx: WorkerContext,
     return torch.stack(losses).mean(), grad_norm
 
 
+VALID_KEY = "_valid"  # evaluation's mask of real (not padding) rows, gathered with the family's outputs
+
+
 @torch.no_grad()
 def evaluate(strategy, family: Family, val_shard, ctx: WorkerContext, *, micro: int,
              max_batches: int) -> dict[str, float]:
@@ -157,9 +160,6 @@ def evaluate(strategy, family: Family, val_shard, ctx: WorkerContext, *, micro: 
     gathered = _gather_from_ranks({key: torch.cat(values) for key, values in outputs.items()})
     keep = gathered.pop(VALID_KEY) > 0.5
     return family.eval_metrics({key: values[keep] for key, values in gathered.items()})
-
-
-VALID_KEY = "_valid"
 
 
 def _padded_rank_slice(batch: Batch, ctx: WorkerContext) -> tuple[Batch, torch.Tensor]:

@@ -99,7 +99,9 @@ class DDPStrategy(TorchStrategy):
             apply_activation_checkpointing(blocks)
         model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.model = DistributedDataParallel(model, device_ids=device_ids)
+        # Gradients live in DDP's communication buckets instead of being copied there after backward: on a small
+        # ranker on 2 CPU workers that copy was a fifth of the step (scripts/bench_ranker.py).
+        self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
         self._finish_setup(build_optimizer=build_optimizer, build_scheduler=build_scheduler,
                            weight_decay=weight_decay)
 
