@@ -25,7 +25,7 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> Path:
     from datasets.pipeline import build_ray_datasets
     from datasets.prepare import prepare_data
     from trainers import outputs
-    from trainers.run import check_data_fits, fit, validate_config
+    from trainers.run import check_data_fits, check_memory_fits, fit, validate_config
 
     cfg: RootConfig = OmegaConf.to_object(dict_cfg)
     validate_config(cfg)
@@ -38,6 +38,7 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> Path:
         return run_dir
     prepared = prepare_data(cfg)
     check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
+    check_memory_fits(cfg, data=prepared.to_dict())
     outputs.write_run_files(run_dir, config=config, experiment=experiment, data_fingerprint=prepared.fingerprint,
                             repo=REPO_ROOT)
     connect(cfg.cluster)

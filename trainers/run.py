@@ -72,13 +72,42 @@ def check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
     if train_rows < cfg.trainer.global_batch_size:
         raise ValueError(
             f"the prepared training split has {train_rows} rows, fewer than trainer.global_batch_size="
-            f"{cfg.trainer.global_batch_size}; add data (data.max_chars) or lower the batch size"
+            f"{cfg.trainer.global_batch_size}; add data (data.max_chars for text, data.rows for click logs) or "
+            f"lower the batch size"
         )
     eval_rows = cfg.trainer.micro_batch_size * cfg.cluster.num_workers
     if val_rows < eval_rows:
         raise ValueError(
             f"the prepared validation split has {val_rows} rows, fewer than one eval batch "
             f"(trainer.micro_batch_size x cluster.num_workers = {eval_rows}); raise data.val_fraction"
+        )
+
+
+# fp32 bytes per parameter that each worker holds for weights, gradients and Adam's two moments: DDP keeps all
+# of it, ZeRO-1 shards the moments, ZeRO-2 also the gradients, ZeRO-3 and FSDP2 everything.
+def _training_bytes_per_parameter(strategy: str, workers: int) -> float:
+    return {"ddp": 16.0, "zero1": 8 + 8 / workers, "zero2": 4 + 12 / workers}.get(strategy, 16 / workers)
+
+
+def check_memory_fits(cfg: RootConfig, *, data: dict) -> None:
+    """A CPU run on this machine must hold its workers' training state in memory: a clear error up front
+    instead of the kernel's OOM killer minutes later. GPU and remote clusters are not checked from here."""
+    import psutil
+
+    from cluster.connection import resolve_address
+
+    if cfg.cluster.use_gpu or resolve_address(cfg.cluster):
+        return
+    workers = cfg.cluster.num_workers
+    params = get_family(cfg.model.family).count_parameters(cfg.model, data=data)
+    needed = params * _training_bytes_per_parameter(cfg.strategy.name, workers) * workers
+    available = psutil.virtual_memory().total
+    if needed > available:
+        raise ValueError(
+            f"model.preset={cfg.model.preset} has {params / 1e9:.2f}B parameters: weights, gradients and Adam "
+            f"state on {workers} CPU worker(s) with strategy={cfg.strategy.name} need about {needed / 2**30:.0f} "
+            f"GiB, more than this machine's {available / 2**30:.0f} GiB; run it with cluster=gpu_node, or shrink "
+            f"the model (for rankers, data.hash_buckets)"
         )
 
 

@@ -60,3 +60,22 @@ def test_checkpoint_metadata_loader_reads_dcp_metadata():
         size=torch.Size([2, 3]), chunks=[])})
     loaded = _AllowListUnpickler(io.BytesIO(pickle.dumps(metadata))).load()
     assert loaded.state_dict_metadata["w"].size == torch.Size([2, 3])
+
+
+def test_a_cpu_run_too_big_for_memory_is_refused_before_ray(monkeypatch):
+    from collections import namedtuple
+
+    import psutil
+    from omegaconf import OmegaConf
+
+    from trainers.run import check_memory_fits
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    memory = namedtuple("memory", "total")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(total=24 * 2**30))
+    cfg = OmegaConf.to_object(compose_config(["+exp=ranker_dlrm_large"]))
+    data = {"num_dense": 13, "table_sizes": list(cfg.data.hash_buckets)}
+    with pytest.raises(ValueError, match=r"11.39B parameters.* need about 170 GiB, more than this machine's 24 GiB"):
+        check_memory_fits(cfg, data=data)
+    small = OmegaConf.to_object(compose_config(["+exp=ranker_dlrm"]))
+    check_memory_fits(small, data={"num_dense": 13, "table_sizes": [101] * 26})  # fits: no error
