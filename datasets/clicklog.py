@@ -204,10 +204,12 @@ class PreparedClickLog:
 
 
 class ShardWriter:
-    """Accumulates rows of one split and writes part-%05d.parquet files of `rows_per_shard` rows."""
+    """Accumulates rows of one split and writes part-%05d.parquet files of `rows_per_shard` rows.
 
-    def __init__(self, directory: Path, *, rows_per_shard: int, shuffle_seed: int | None = None):
-        self.directory, self.rows_per_shard, self.shuffle_seed = directory, rows_per_shard, shuffle_seed
+    Synthetic rows are drawn independently, so they need no shuffling (the Criteo reader shuffles its own)."""
+
+    def __init__(self, directory: Path, *, rows_per_shard: int):
+        self.directory, self.rows_per_shard = directory, rows_per_shard
         self.pending: list[dict[str, np.ndarray]] = []
         self.pending_rows = self.rows = self.positives = self.shards = 0
         directory.mkdir(parents=True)
@@ -227,9 +229,6 @@ class ShardWriter:
         shard = {key: values[:count] for key, values in merged.items()}
         rest = {key: values[count:] for key, values in merged.items()}
         self.pending, self.pending_rows = ([rest], len(rest["label"])) if len(rest["label"]) else ([], 0)
-        if self.shuffle_seed is not None:  # within-shard shuffle: the only one a streaming read allows
-            order = np.random.default_rng([self.shuffle_seed, self.shards]).permutation(count)
-            shard = {key: values[order] for key, values in shard.items()}
         write_shard(self.directory / f"part-{self.shards:05d}.parquet", **shard)
         self.rows += count
         self.positives += int(shard["label"].sum())
