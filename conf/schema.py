@@ -159,6 +159,29 @@ class PathsConfig:
     data_cache: str = "${paths.root}/data"  # prepared corpora, keyed by content fingerprint
 
 
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep (conf/sweep/). `name: none` trains once; anything else runs a sweep of trials.
+
+    The search space maps config keys to one dimension each, a list with its kind first: [loguniform, low,
+    high], [uniform, low, high], [quniform, low, high, q], [randint, low, high], [choice, a, b, ...] or
+    [grid, a, b, ...]. Keys may be nested (`trainer: {lr: [...]}`) or dotted (`trainer.lr: [...]`).
+    """
+
+    name: str = "none"  # none | the sweep file's name (asha, optuna, ...)
+    scheduler: str = "fifo"  # fifo (every trial runs to trainer.max_steps) | asha (stops bad trials early)
+    searcher: str = "random"  # random (and grid) | optuna (TPE)
+    num_samples: int = 8  # trials drawn; with grid dimensions, draws per grid point
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources fit at once
+    metric: str | None = None  # None = the model family's (val_loss for llm, auc for ranker)
+    mode: str | None = None  # min | max; None = the metric's natural direction
+    grace_period: int | None = None  # asha: steps before a trial can be stopped; None = trainer.eval_every_n_steps
+    reduction_factor: float = 2.0  # asha: keep the best 1/reduction_factor of trials at each rung
+    seed: int = 0  # the searcher's random state: the same sweep draws the same trials
+    space: dict[str, Any] = field(default_factory=dict)  # for every family; wins over family_space
+    family_space: dict[str, Any] = field(default_factory=dict)  # model.family -> its own dimensions
+
+
 # The model and data groups hold one schema per family and per kind of data: each YAML file in conf/model/ and
 # conf/data/ names its schema first in its defaults list, so `model.cross_layers` is a known key for a ranker
 # and an error for an LLM.
@@ -176,6 +199,7 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:

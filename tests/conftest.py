@@ -14,10 +14,15 @@ register_configs()  # as launch.py does before composing
 @pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray for the whole test session, sized for 2 training workers plus Ray Data tasks."""
+    import os
+
     import ray
 
+    from cluster.connection import RAY_TRAIN_ENV_DEFAULTS
+
+    os.environ.update(RAY_TRAIN_ENV_DEFAULTS)  # as launch.py's connect() does
     ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **RAY_TRAIN_ENV_DEFAULTS}})
     yield ray
     ray.shutdown()
 

@@ -51,7 +51,8 @@ def run_training(root: Path, data_cache: Path, overrides: list[str] = (), *, exp
     import launch
 
     cfg = compose_config([*base, f"paths.root={root}", f"paths.data_cache={data_cache}", *overrides])
-    return launch.run(cfg, experiment=experiment)
+    _, directory = launch.run(cfg, experiment=experiment)
+    return directory
 
 
 def run_ranker(root: Path, data_cache: Path, overrides: list[str] = ()) -> Path:

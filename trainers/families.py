@@ -39,6 +39,7 @@ class Family:
     metric: str  # the validation metric that ranks checkpoints
     metric_mode: str  # "min" or "max"
     checkpoint_payload: Callable[..., dict]  # (model config, data) -> {"model_config": ..., "files": ...}
+    sweep_metrics: dict[str, str]  # validation metrics a sweep can rank trials by -> their natural mode
     summary_keys: tuple[str, ...] = ()  # final metrics repeated at the top level of summary.json
     supports_activation_checkpointing: bool = True
 
@@ -98,6 +99,7 @@ LLM = Family(
     metric="val_loss",
     metric_mode="min",
     checkpoint_payload=_llm_payload,
+    sweep_metrics={"val_loss": "min"},
 )
 
 
@@ -156,6 +158,7 @@ RANKER = Family(
     metric="auc",
     metric_mode="max",
     checkpoint_payload=_ranker_payload,
+    sweep_metrics={"auc": "max", "logloss": "min"},
     summary_keys=("auc", "logloss", "calibration", "bayes_auc", "bayes_logloss", "auc_gap"),
     supports_activation_checkpointing=False,  # nothing worth recomputing: the tables hold the memory
 )

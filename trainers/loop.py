@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from conf.schema import RootConfig, config_from_dict
-from trainers import checkpointing, optim
+from trainers import checkpointing, optim, outputs
 from trainers.checkpointing import TrainState
 from trainers.families import Batch, Family, get_family, init_device_for
 from trainers.strategies import build_strategy
@@ -261,6 +261,7 @@ def train_loop(config: dict) -> None:
     state = checkpointing.restore_latest(strategy, rank=ctx.rank) or TrainState()
     tracker = None
     if ctx.rank == 0:
+        outputs.record_placement_group(run_dir)
         tracker = Tracker(cfg.logger, run_dir=run_dir, run_name=config["run_name"], config=config["cfg"],
                           resume_step=state.step)
     try:
@@ -304,11 +305,13 @@ def _train(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx:
             state.step += 1
             state.batches_in_epoch += 1
             progress.step_done()
-            _after_step(cfg, family=family, strategy=strategy, state=state, ctx=ctx, loss=loss,
-                        grad_norm=grad_norm, val_shard=val_shard, progress=progress, tracker=tracker,
-                        flops_per_item=flops_per_item, payload=payload)
-            if state.step >= trainer.max_steps:
-                break
+            stop = _after_step(cfg, family=family, strategy=strategy, state=state, ctx=ctx, loss=loss,
+                               grad_norm=grad_norm, val_shard=val_shard, progress=progress, tracker=tracker,
+                               flops_per_item=flops_per_item, payload=payload, run_dir=run_dir)
+            if stop and ctx.rank == 0:
+                logger.info("step %d: the sweep's scheduler stopped this trial; ending the run here", state.step)
+            if stop or state.step >= trainer.max_steps:
+                return
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
@@ -328,17 +331,22 @@ def _timed(iterable):
 
 def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext,
                 loss: torch.Tensor, grad_norm: torch.Tensor, val_shard, progress: Progress,
-                tracker: Tracker | None, flops_per_item: float, payload: dict) -> None:
-    """Log, evaluate, checkpoint and report as scheduled after an optimizer step."""
+                tracker: Tracker | None, flops_per_item: float, payload: dict, run_dir: Path) -> bool:
+    """Log, evaluate, checkpoint and report as scheduled after an optimizer step. Returns whether a sweep
+    asked this run to stop: rank 0's answer, shared through the log step's all-reduce so that every rank
+    stops at the same step."""
     trainer, step = cfg.trainer, state.step
     is_last = step >= trainer.max_steps
     do_log = step % trainer.log_every_n_steps == 0 or is_last or step == 1
     do_checkpoint = cfg.checkpoint.enabled and (step % cfg.checkpoint.every_n_steps == 0 or is_last)
     do_eval = step % trainer.eval_every_n_steps == 0 or do_checkpoint or is_last
     metrics: dict = {"step": step, "time": time.time()}
+    stop = False
     if do_log:
-        # The norm is already global; averaging it with the loss costs nothing and saves a second sync.
-        mean_loss, grad_norm = _all_reduce_mean([loss, grad_norm], ctx.device)
+        # The norm is already global; averaging it (and the stop flag) with the loss saves extra syncs.
+        asked = torch.tensor(float(ctx.rank == 0 and outputs.stop_requested(run_dir)))
+        mean_loss, grad_norm, stop_votes = _all_reduce_mean([loss, grad_norm, asked], ctx.device)
+        stop = stop_votes > 0
         metrics.update(train_loss=mean_loss, grad_norm=grad_norm, lr=strategy.current_lr(), epoch=state.epoch,
                        **progress.window(step))
         if ctx.device.type == "cuda":
@@ -359,3 +367,4 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState,
         checkpointing.report_metrics(metrics)
     if do_eval or do_checkpoint:
         progress.pause_ended()
+    return stop

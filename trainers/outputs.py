@@ -18,13 +18,14 @@ HASH_EXCLUDED_KEYS = (
     "cluster.runtime_env_excludes", "cluster.name", "cluster.peak_tflops_per_gpu", "data.in_memory_limit_mb",
     "trainer.log_every_n_steps",
     "checkpoint.keep_top_k", "checkpoint.max_failures",
+    "sweep",  # a run is one training run; the sweep that drew it has its own name (trainers/sweep.py)
 )
 
 
-def config_hash(config: dict) -> str:
-    """sha256 of the resolved config minus HASH_EXCLUDED_KEYS, as hex."""
+def config_hash(config: dict, *, excluded: tuple[str, ...] = HASH_EXCLUDED_KEYS) -> str:
+    """sha256 of the resolved config minus the `excluded` dotted keys, as hex."""
     trimmed = json.loads(json.dumps(config))
-    for dotted in HASH_EXCLUDED_KEYS:
+    for dotted in excluded:
         *parents, leaf = dotted.split(".")
         node = trimmed
         for key in parents:
@@ -37,7 +38,7 @@ def run_name(config: dict, *, experiment: str) -> str:
     return f"{experiment}-{config_hash(config)[:8]}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -67,7 +68,7 @@ def _package_versions() -> dict:
 def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_fingerprint: str, repo: Path) -> None:
     """config.yaml and manifest.json, written before training starts."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     manifest = {
         "run_name": run_dir.name,
         "experiment": experiment,
@@ -79,7 +80,44 @@ def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_finger
         "strategy": config["strategy"]["name"],
         "model_family": config["model"]["family"],
     }
-    _atomic_write(run_dir / "manifest.json", json.dumps(manifest, indent=2))
+    atomic_write(run_dir / "manifest.json", json.dumps(manifest, indent=2))
+
+
+# A sweep asks a trial's workers to end early by writing this file into the trial's run directory; rank 0
+# looks for it at log steps and the workers stop together (trainers/loop.py). Ending the run from inside lets
+# Ray Train release its placement group, which killing the trial's driver would leave behind.
+STOP_FILE = "stop_requested"
+# Ray placement groups the run's workers ran in, one id per worker-group start: what a sweep releases if a
+# trial's Train run was killed before it could.
+PLACEMENT_GROUPS_FILE = "placement_groups.txt"
+
+
+def request_stop(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).write_text("stop requested by the sweep's scheduler\n")
+
+
+def clear_stop_request(run_dir: Path) -> None:
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+
+
+def stop_requested(run_dir: Path) -> bool:
+    return (run_dir / STOP_FILE).exists()
+
+
+def record_placement_group(run_dir: Path) -> None:
+    """Append the calling worker's placement group id to the run's PLACEMENT_GROUPS_FILE."""
+    from ray.util.placement_group import get_current_placement_group
+
+    group = get_current_placement_group()
+    if group is not None:
+        with (run_dir / PLACEMENT_GROUPS_FILE).open("a") as handle:
+            handle.write(group.id.hex() + "\n")
+
+
+def recorded_placement_groups(run_dir: Path) -> list[str]:
+    path = run_dir / PLACEMENT_GROUPS_FILE
+    return path.read_text().split() if path.exists() else []
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -121,7 +159,7 @@ def write_summary(run_dir: Path, *, status: str, best_checkpoint: str | None, la
         "steps": final.get("step", 0),
         "error": error,
     }
-    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

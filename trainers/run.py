@@ -116,7 +116,8 @@ def _worker_env() -> dict[str, str]:
     return {key: os.environ[key] for key in (CRASH_AT_STEP_ENV,) if key in os.environ}
 
 
-def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path, data: dict, datasets: dict):
+def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path, data: dict, datasets: dict,
+                  callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -139,6 +140,7 @@ def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path
                 checkpoint_score_order=family.metric_mode,
             ),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            callbacks=callbacks,  # a sweep trial passes its evaluations on to Tune (trainers/sweep.py)
         ),
         # Every worker reads the whole ordered stream and takes its rows (see trainers/loop.py).
         datasets=datasets,
@@ -147,7 +149,8 @@ def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path
     )
 
 
-def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: dict) -> dict:
+def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: dict,
+        callbacks: list | None = None) -> dict:
     """Train to completion (resuming from the run's latest checkpoint) and write summary.json and loss.png.
 
     Raises KeyboardInterrupt when the user pressed Ctrl-C: Ray Train's own SIGINT handler aborts the run
@@ -157,7 +160,8 @@ def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: 
 
     family = get_family(cfg.model.family)
     config = OmegaConf.to_container(OmegaConf.structured(cfg))
-    trainer = build_trainer(cfg, config=config, run_name=run_name, run_dir=run_dir, data=data, datasets=datasets)
+    trainer = build_trainer(cfg, config=config, run_name=run_name, run_dir=run_dir, data=data, datasets=datasets,
+                            callbacks=callbacks)
     record = partial(outputs.write_summary, run_dir, metric=family.metric, mode=family.metric_mode,
                      summary_keys=family.summary_keys)
     try:
@@ -172,8 +176,12 @@ def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: 
         raise KeyboardInterrupt from exit_request
     best = _best_checkpoint_path(result, metric=family.metric, mode=family.metric_mode)
     latest = result.checkpoint.path if result.checkpoint else None
-    if outputs.last_logged_step(run_dir) < cfg.trainer.max_steps:  # aborted by Ctrl-C before the end
-        record(status="interrupted", best_checkpoint=best, latest_checkpoint=latest)
+    if outputs.last_logged_step(run_dir) < cfg.trainer.max_steps:
+        if outputs.stop_requested(run_dir):  # a sweep's scheduler ended this trial early (trainers/sweep.py)
+            summary = record(status="stopped", best_checkpoint=best, latest_checkpoint=latest)
+            outputs.plot_losses(run_dir)
+            return summary
+        record(status="interrupted", best_checkpoint=best, latest_checkpoint=latest)  # Ctrl-C before the end
         raise KeyboardInterrupt
     summary = record(status="finished", best_checkpoint=best, latest_checkpoint=latest)
     outputs.plot_losses(run_dir)
