@@ -181,6 +181,8 @@ def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: 
     config = with_values(base_config, params)
     cfg = config_from_dict(config)
     run_dir = Path(sweep_dir) / tune.get_context().get_trial_id()
+    if _report_ended_run(run_dir, metric=get_family(cfg.model.family).metric):
+        return
     outputs.clear_stop_request(run_dir)  # a trial that runs has not been stopped (a resumed sweep reruns it)
     prepared = prepare_data(cfg)  # the driver prepared the base data; only swept data keys build anything here
     check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
@@ -189,6 +191,19 @@ def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: 
     datasets = build_ray_datasets(prepared, in_memory_limit_mb=cfg.data.in_memory_limit_mb)
     fit(cfg, run_name=run_dir.name, run_dir=run_dir, data=prepared.to_dict(), datasets=datasets,
         callbacks=[TuneReportCallback()])
+
+
+def _report_ended_run(run_dir: Path, *, metric: str) -> bool:
+    """A sweep restored after a crash can restart a trial whose Train run had already ended: hand Tune that
+    run's last evaluation instead of starting it again."""
+    from ray import tune
+
+    if (outputs.read_summary(run_dir) or {}).get("status") not in ("finished", "stopped"):
+        return False
+    evaluations = [row for row in outputs.read_metrics(run_dir) if metric in row]
+    if evaluations:
+        tune.report(evaluations[-1])
+    return True
 
 
 def trial_dirname(trial) -> str:

@@ -25,7 +25,7 @@ def write_report(sweep_dir: Path, *, metric: str, mode: str, max_steps: int, key
     summary["wall_s"] = wall_s
     _write_csv(sweep_dir / "trials.csv", trials, keys=keys, metric=metric)
     outputs.atomic_write(sweep_dir / "summary.json", json.dumps(summary, indent=2))
-    plot_trials(sweep_dir, trials, metric=metric, best=summary["best_trial"])
+    plot_trials(sweep_dir, trials, metric=metric, keys=keys, best=summary["best_trial"])
     logger.info("%s", format_table(trials, keys=keys, metric=metric, mode=mode))
     return summary
 
@@ -171,7 +171,8 @@ def _short(value) -> str:
     return str(value)
 
 
-def plot_trials(sweep_dir: Path, trials: list[dict], *, metric: str, best: str | None) -> Path | None:
+def plot_trials(sweep_dir: Path, trials: list[dict], *, metric: str, keys: list[str],
+                best: str | None) -> Path | None:
     """trials.png: each trial's metric against step; trials the scheduler stopped are dashed, the best is bold."""
     if not any(trial["curve"] for trial in trials):
         return None
@@ -187,8 +188,9 @@ def plot_trials(sweep_dir: Path, trials: list[dict], *, metric: str, best: str |
         steps, values = zip(*trial["curve"], strict=True)
         is_best = trial["trial_id"] == best
         style = "--" if trial["status"] == "stopped" else "-"
+        drawn = ", ".join(f"{key.rsplit('.', 1)[-1]}={_short(trial[key])}" for key in keys)
         ax.plot(steps, values, style, marker="o", markersize=3, linewidth=2.5 if is_best else 1,
-                alpha=1.0 if is_best else 0.6, label=f"{trial['trial_id']} ({trial['status']})")
+                alpha=1.0 if is_best else 0.6, label=f"{trial['trial_id']} {trial['status']}: {drawn}")
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{sweep_dir.name}: {metric} per trial (best: {best})")
