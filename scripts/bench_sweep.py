@@ -2,6 +2,7 @@
 
     python scripts/bench_sweep.py                      # 8 trials of 20 steps, one at a time
     python scripts/bench_sweep.py --trials 8 --concurrent 2 --cpus-per-worker 0.5
+    python scripts/bench_sweep.py --bare-fits 3       # also: TorchTrainer.fit() of a no-op, the floor of a trial
 
 Ray is started first and warmed up (one throwaway task), so the figures leave out starting Ray itself, which
 a sweep pays once. The sweep is launch.py's own (`sweep=asha sweep.scheduler=fifo`: random search, every trial
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrent", type=int, default=1, help="trials at once (sweep.max_concurrent_trials)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers per trial")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="cluster.cpus_per_worker")
+    parser.add_argument("--bare-fits", type=int, default=0,
+                        help="before the sweep, time this many TorchTrainer.fit() calls of a no-op train function")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "slipway-bench-sweep",
                         help="output folder; each invocation writes a new bench-<time>/ inside it")
@@ -88,6 +91,25 @@ def start_warm_ray(dict_cfg) -> None:
     ray.get(ray.remote(lambda: None).remote())
 
 
+def time_bare_fits(count: int, *, workers: int, cpus_per_worker: float, storage: Path) -> list[float]:
+    """Seconds for TorchTrainer.fit() of a train function that only reports once: Ray Train's own cost."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def report_once(_config):
+        ray.train.report({"done": 1})
+
+    seconds = []
+    for index in range(count):
+        started = time.time()
+        TorchTrainer(report_once, scaling_config=ray.train.ScalingConfig(
+                         num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
+                     run_config=ray.train.RunConfig(name=f"bare-{index}", storage_path=str(storage))).fit()
+        seconds.append(time.time() - started)
+    print(f"bare TorchTrainer.fit(): {', '.join(f'{s:.1f}' for s in seconds)} s")
+    return seconds
+
+
 def trial_phases(run_dir: Path, *, previous_end: float) -> dict:
     from trainers import outputs
 
@@ -123,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     bench_dir = (args.out / time.strftime("bench-%Y%m%d-%H%M%S")).resolve()
     dict_cfg = compose(build_overrides(args, root=bench_dir))
     start_warm_ray(dict_cfg)
+    bare = time_bare_fits(args.bare_fits, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                          storage=bench_dir / "bare") if args.bare_fits else []
     started = time.time()
     _, sweep_dir = launch.run(dict_cfg, experiment="bench_sweep")
     wall = time.time() - started
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         previous_end = phases[-1]["ended"]
     overhead = print_report(phases, wall=wall, concurrent=args.concurrent)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall, "overhead_per_trial_s": overhead,
-               "trials": phases, "best_trial": summary["best_trial"]}
+               "trials": phases, "best_trial": summary["best_trial"], "bare_fit_s": bare}
     (bench_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {bench_dir / 'results.json'}")
 
