@@ -43,17 +43,16 @@ class Dimension:
     def to_tune(self):
         from ray import tune
 
-        low, high = (self.args + (None, None))[:2]
         if self.kind == "choice":
             return tune.choice(list(self.args))
         if self.kind == "grid":
             return tune.grid_search(list(self.args))
         if self.kind == "randint":
-            return tune.randint(int(low), int(high))
-        if self.kind == "quniform":
-            q = self.args[2]
-            return tune.qrandint(int(low), int(high), int(q)) if self.integer else tune.quniform(low, high, q)
-        return tune.loguniform(low, high) if self.kind == "loguniform" else tune.uniform(low, high)
+            return tune.randint(int(self.args[0]), int(self.args[1]))
+        if self.kind == "quniform" and self.integer:  # whole numbers for an int key (high included)
+            return tune.qrandint(*(int(arg) for arg in self.args))
+        draw = {"quniform": tune.quniform, "loguniform": tune.loguniform, "uniform": tune.uniform}[self.kind]
+        return draw(*self.args)
 
 
 def parse_space(sweep, *, family: str, config: dict) -> list[Dimension]:
