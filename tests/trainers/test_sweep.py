@@ -119,3 +119,20 @@ def _wait_for_a_finished_trial(root, process, timeout_s: float = 240):
                 return summary.parent
         assert time.monotonic() < deadline and process.poll() is None, "no trial finished"
         time.sleep(0.1)
+
+
+def test_placement_groups_a_killed_trial_left_are_released(ray_session, tmp_path):
+    """The safety net for a Train run whose driver was killed: its recorded placement group is removed."""
+    from ray.util.placement_group import placement_group
+
+    from trainers.outputs import PLACEMENT_GROUPS_FILE
+    from trainers.sweep import release_leftover_placement_groups
+
+    orphan = placement_group([{"CPU": 1}])
+    ray_session.get(orphan.ready(), timeout=30)
+    run_dir = tmp_path / "trial_00000"
+    run_dir.mkdir()
+    (run_dir / PLACEMENT_GROUPS_FILE).write_text(orphan.id.hex() + "\n")
+    assert release_leftover_placement_groups([run_dir, tmp_path / "never_started"]) == 1
+    assert ray_session.util.placement_group_table(orphan)["state"] == "REMOVED"
+    assert release_leftover_placement_groups([run_dir]) == 0  # already gone: nothing to do
