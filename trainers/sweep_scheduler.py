@@ -20,9 +20,10 @@ from trainers import outputs
 
 
 class SelfStoppingASHA(ASHAScheduler):
-    def __init__(self, *, sweep_dir: Path, **asha_options):
-        super().__init__(**asha_options)
+    def __init__(self, *, sweep_dir: Path, time_attr: str, max_t: int, **asha_options):
+        super().__init__(time_attr=time_attr, max_t=max_t, **asha_options)
         self._sweep_dir = Path(sweep_dir)
+        self._step_key, self._last_step = time_attr, max_t  # kept here rather than read from ASHA's privates
         self._stopping: set[str] = set()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -32,7 +33,7 @@ class SelfStoppingASHA(ASHAScheduler):
         if decision != TrialScheduler.STOP:
             return decision
         self._stopping.add(trial.trial_id)
-        if result.get(self._time_attr, 0) < self._max_t:  # at max_t the run is ending by itself
+        if result.get(self._step_key, 0) < self._last_step:  # at max_t the run is ending by itself
             outputs.request_stop(self._sweep_dir / trial.trial_id)
         return TrialScheduler.CONTINUE
 
