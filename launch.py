@@ -1,7 +1,10 @@
-"""The one entry point: compose -> validate -> prepare data -> connect -> train (or sweep).
+"""The one entry point: compose -> validate -> prepare data -> connect -> stages (train or sweep, promote, serve).
 
     python launch.py +exp=llm_tiny [overrides]
     python launch.py +exp=llm_tiny sweep=asha          # a Ray Tune sweep of training runs
+    python launch.py +exp=quickstart                  # train, promote and serve the tiny LLM
+    python launch.py +exp=llm_tiny sweep=asha stages=[sweep,promote,serve]
+    python launch.py stage=rollback serve.model=llm_tiny
     python launch.py --cfg job +exp=llm_tiny        # print the resolved config and exit (Hydra's flag)
 """
 
@@ -21,17 +24,87 @@ logger = logging.getLogger("slipway")
 REPO_ROOT = Path(__file__).resolve().parent
 
 
-def run(dict_cfg: DictConfig, *, experiment: str) -> tuple[str, Path]:
-    """Run every stage for a composed config; returns ("run_dir", path) or, for a sweep, ("sweep_dir", path)."""
-    from trainers.run import validate_config
+STAGES = ("train", "sweep", "promote", "canary", "rollback", "registry", "serve")
+# Stages that use what an earlier stage of the same command produced, and the stages that can produce it.
+_NEEDS_EARLIER = {"promote": ("train", "sweep")}
+
+
+def stages_of(cfg: RootConfig) -> list[str]:
+    """The stages to run, in order: `stage=X` alone, else `stages`; `train` means the sweep when one is set."""
     from trainers.sweep import is_sweep
 
+    key = "stage" if cfg.stage else "stages"
+    stages = [cfg.stage] if cfg.stage else list(cfg.stages)
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"{key}={stages} must name stages from {', '.join(STAGES)}")
+    if "sweep" in stages and not is_sweep(cfg):
+        raise ValueError(f"{key} has a sweep stage but sweep=none: add sweep=asha or sweep=optuna")
+    stages = ["sweep" if stage == "train" and is_sweep(cfg) else stage for stage in stages]
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"{key}={stages} names a stage twice (with a sweep set, train is the sweep)")
+    return stages
+
+
+def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]]:
+    """Run the config's stages; returns what each produced, e.g. [("run_dir", path), ("endpoint", url)]."""
+    from trainers.run import validate_config
+
     cfg: RootConfig = OmegaConf.to_object(dict_cfg)
-    validate_config(cfg)
+    stages = stages_of(cfg)
+    if {"train", "sweep"} & set(stages):
+        validate_config(cfg)
     config = OmegaConf.to_container(dict_cfg, resolve=True)
-    if is_sweep(cfg):
+    results: list[tuple[str, str | Path]] = []
+    for stage in stages:
+        results.append(_run_stage(stage, cfg, config=config, experiment=experiment, produced=results))
+    return results
+
+
+def _run_stage(stage: str, cfg: RootConfig, *, config: dict, experiment: str, produced: list) -> tuple:
+    if stage == "train":
+        return "run_dir", train(cfg, config=config, experiment=experiment)
+    if stage == "sweep":
         return "sweep_dir", sweep(cfg, config=config, experiment=experiment)
-    return "run_dir", train(cfg, config=config, experiment=experiment)
+    from serve import promote
+
+    model = registry_model_name(cfg, experiment=experiment)
+    if stage == "promote":
+        source = cfg.serve.source or next((str(path) for kind, path in produced if kind.endswith("_dir")), None)
+        if source is None:
+            raise ValueError("stage=promote needs serve.source=<run_dir or sweep_dir> (or a train stage before it)")
+        event = promote.promote(cfg.serve, model=model, source=Path(source), experiment=experiment,
+                                cache_dir=Path(cfg.paths.root).resolve() / "registry_cache")
+        return "promotion", f"{model} v{event['challenger']} {event['decision']}"
+    if stage == "canary":
+        promote.set_canary(cfg.serve, model=model)
+        return "canary", f"{model} {describe_aliases(cfg, model)}"
+    if stage == "rollback":
+        event = promote.rollback(cfg.serve, model=model)
+        return "production", f"{model} v{event['to']}"
+    if stage == "registry":
+        from serve.registry import Registry
+
+        print(promote.format_registry(Registry(cfg.serve.registry), model), flush=True)
+        return "registry", f"{model} {describe_aliases(cfg, model)}"
+    from serve.deploy import serve_endpoint
+
+    return "endpoint", serve_endpoint(cfg, model=model)
+
+
+def registry_model_name(cfg: RootConfig, *, experiment: str) -> str:
+    if cfg.serve.model:
+        return cfg.serve.model
+    if experiment == "default":
+        raise ValueError("name the registry model: serve.model=NAME (or run an experiment, +exp=NAME)")
+    return experiment
+
+
+def describe_aliases(cfg: RootConfig, model: str) -> str:
+    from serve.registry import Registry
+
+    aliases = Registry(cfg.serve.registry).aliases(model)
+    return ", ".join(f"{alias} v{record['version']}" for alias, record in sorted(aliases.items())) or "no aliases"
 
 
 def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
@@ -99,7 +172,7 @@ def main(dict_cfg: DictConfig) -> None:
     from trainers.sweep import SweepFailedError
 
     try:
-        kind, directory = run(dict_cfg, experiment=experiment_name())
+        results = run(dict_cfg, experiment=experiment_name())
     except (ValueError, FileNotFoundError) as err:
         logger.error("error: %s", err)
         sys.exit(2)
@@ -112,7 +185,8 @@ def main(dict_cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         logger.error("interrupted: rerun the same command to resume from the latest checkpoint")
         sys.exit(130)
-    print(f"{kind}: {directory}", flush=True)
+    for kind, value in results:  # the last line names what the last stage produced (DESIGN.md section 3)
+        print(f"{kind}: {value}", flush=True)
 
 
 if __name__ == "__main__":

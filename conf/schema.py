@@ -182,6 +182,49 @@ class SweepConfig:
     family_space: dict[str, Any] = field(default_factory=dict)  # model.family -> its own dimensions
 
 
+@dataclass
+class ServeConfig:
+    """Promotion and serving (conf/serve/): export the best checkpoint, gate it against production, register it,
+    and serve the registry's aliases with Ray Serve."""
+
+    model: str | None = None  # the registry's model name; None = the experiment's name (+exp=NAME)
+    source: str | None = None  # stage=promote: a run_dir or sweep_dir; None = what this command trained
+    registry: str = "${paths.root}/registry"  # a pyarrow filesystem URI: a local path, file://, s3://, gs://
+    # The eval gate: both models are scored on the challenger's held-out split.
+    min_improvement: float = 0.0  # the challenger must beat production by more than this, in metric units
+    force: bool = False  # promote even if the gate says no (the decision is still recorded)
+    eval_rows: int | None = None  # held-out rows scored; None = the rows training evaluated on; 0 = all
+    reason: str | None = None  # recorded with the alias move; None = a generated one
+    # stage=rollback: production goes back to this version; None = the version production held before
+    to_version: int | None = None
+    canary_version: int | None = None  # a registered version that gets canary_percent of the traffic
+    canary_percent: float = 0.0
+    # The endpoint
+    host: str = "127.0.0.1"  # localhost only unless you say otherwise
+    port: int = 8000
+    api_key: str | None = None  # set: every request needs `Authorization: Bearer <api_key>`
+    block: bool = True  # stage=serve keeps serving until Ctrl-C; false returns once the endpoint answers
+    refresh_s: float = 2.0  # how often the router re-reads the registry's aliases (rollback from anywhere)
+    # Replicas of each model deployment, autoscaled by Ray Serve
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 30.0
+    max_ongoing_requests: int = 16
+    num_cpus: float = 1.0  # per replica
+    num_gpus: float = 0.0  # per replica; a fraction shares a GPU between replicas
+    health_check_period_s: float = 5.0
+    graceful_shutdown_timeout_s: float = 20.0  # in-flight requests get this long to finish on a swap or stop
+    # LLM requests
+    max_tokens_limit: int = 256  # the largest max_tokens a request may ask for
+    sample_prompt: str = "def "  # printed with its completion once the endpoint is up
+    # Ranker requests
+    max_candidates: int = 256
+    max_batch_size: int = 64  # candidates of many requests are scored together by @serve.batch
+    batch_wait_timeout_s: float = 0.005
+
+
 # The model and data groups hold one schema per family and per kind of data: each YAML file in conf/model/ and
 # conf/data/ names its schema first in its defaults list, so `model.cross_layers` is a known key for a ranker
 # and an error for an LLM.
@@ -200,6 +243,10 @@ class RootConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # What this command does, in order: train | sweep | promote | serve | rollback | registry
+    stages: list[str] = field(default_factory=lambda: ["train"])
+    stage: str | None = None  # one stage: `stage=promote` is `stages=[promote]`
 
 
 def register_configs() -> None:

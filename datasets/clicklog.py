@@ -40,6 +40,10 @@ NUM_DENSE = 13
 NUM_CATEGORICAL = 26
 MISSING_BUCKET = 0
 SPLITS = ("train", "val")
+# Encodings named in feature_spec.json; serve/features.py implements each. Renaming one breaks exported specs.
+DENSE_ENCODING = "log1p_clamped"
+CATEGORY_ID_PLUS_ONE = "id_plus_one"
+CATEGORY_HASH = "hash"
 
 
 def write_shard(path: Path, *, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
@@ -308,12 +312,21 @@ def _build(cfg: ClickLogDataConfig, directory: Path, *, fingerprint: str, settin
         facts = _build_synthetic(cfg, directory)
     else:
         facts = _build_criteo(cfg, directory)
-    spec = {"num_dense": NUM_DENSE, "num_categorical": NUM_CATEGORICAL, "missing_bucket": MISSING_BUCKET,
-            "dense_transform": "log1p(max(value, 0)); missing -> 0", **facts.pop("spec")}
+    spec = {**_shared_spec(), **facts.pop("spec")}
     (directory / FEATURE_SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     write_meta(directory, {**facts, "fingerprint": fingerprint, "source": cfg.source, "settings": settings,
                            "train_dir": "train", "val_dir": "val", "num_dense": NUM_DENSE,
                            "feature_spec_path": FEATURE_SPEC_FILE})
+
+
+def _shared_spec() -> dict:
+    """The keys of feature_spec.json that do not depend on the source. The prose keys are for people; the
+    names and encodings are what serve/features.py reads to encode raw requests as training saw them."""
+    from datasets.criteo import CATEGORICAL_NAMES, DENSE_NAMES
+
+    return {"num_dense": NUM_DENSE, "num_categorical": NUM_CATEGORICAL, "missing_bucket": MISSING_BUCKET,
+            "dense_transform": "log1p(max(value, 0)); missing -> 0", "dense_features": DENSE_NAMES,
+            "categorical_features": CATEGORICAL_NAMES, "dense_encoding": DENSE_ENCODING}
 
 
 def _build_synthetic(cfg: ClickLogDataConfig, directory: Path) -> dict:
@@ -346,10 +359,13 @@ def _build_synthetic(cfg: ClickLogDataConfig, directory: Path) -> dict:
         from datasets.criteo import HASH_FUNCTION
 
         table_sizes, rule = buckets, f"category id + 1 -> {HASH_FUNCTION}"
+        encoding = {"kind": CATEGORY_HASH, "input": "int", "buckets": buckets, "function": HASH_FUNCTION}
     else:
         table_sizes, rule = [card + 1 for card in model.cardinalities], "bucket = category id + 1 (no hashing)"
+        # The largest valid id of table t is table_sizes[t] - 2: one row per category plus the missing bucket.
+        encoding = {"kind": CATEGORY_ID_PLUS_ONE}
     return {**_split_facts(writers), "table_sizes": table_sizes, "has_ctr": True, "bayes": bayes,
-            "spec": {"categories": rule, "table_sizes": table_sizes}}
+            "spec": {"categories": rule, "table_sizes": table_sizes, "category_encoding": encoding}}
 
 
 def _hash_synthetic(sparse: np.ndarray, buckets: list[int]) -> np.ndarray:
@@ -371,7 +387,9 @@ def _build_criteo(cfg: ClickLogDataConfig, directory: Path) -> dict:
     return {"train_rows": counts["train_rows"], "val_rows": counts["val_rows"], "positives": counts["positives"],
             "table_sizes": buckets, "has_ctr": False, "bayes": None,
             "spec": {"categories": f"hex value -> {HASH_FUNCTION} hash per table -> bucket 1..buckets-1",
-                     "table_sizes": buckets, "hash_function": HASH_FUNCTION}}
+                     "table_sizes": buckets, "hash_function": HASH_FUNCTION,
+                     "category_encoding": {"kind": CATEGORY_HASH, "input": "hex", "buckets": buckets,
+                                           "function": HASH_FUNCTION}}}
 
 
 def _split_facts(writers: dict[str, ShardWriter]) -> dict:

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     bare = time_bare_fits(args.bare_fits, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                           storage=bench_dir / "bare") if args.bare_fits else []
     started = time.time()
-    _, sweep_dir = launch.run(dict_cfg, experiment="bench_sweep")
+    _, sweep_dir = launch.run(dict_cfg, experiment="bench_sweep")[0]
     wall = time.time() - started
     summary = json.loads((sweep_dir / "summary.json").read_text())
     run_dirs = sorted(_trial_dirs(sweep_dir), key=lambda path: (path / "config.yaml").stat().st_mtime)

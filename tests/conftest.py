@@ -31,3 +31,20 @@ def ray_session():
 def data_cache(tmp_path_factory) -> Path:
     """Prepared corpora shared by every training test (the first run prepares, later runs reuse)."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def trained_runs(ray_session, data_cache, tmp_path_factory):
+    """Finished training runs shared by test modules that only read them (strategy parity, export, serving),
+    keyed by name: the first test that asks trains it, the others reuse it."""
+    from tests.helpers import run_ranker, run_training
+
+    runs: dict[str, Path] = {}
+
+    def get(name: str, overrides: list[str], *, ranker: bool = False) -> Path:
+        if name not in runs:
+            train = run_ranker if ranker else run_training
+            runs[name] = train(tmp_path_factory.mktemp(name), data_cache, overrides)
+        return runs[name]
+
+    return get

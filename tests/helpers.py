@@ -51,7 +51,7 @@ def run_training(root: Path, data_cache: Path, overrides: list[str] = (), *, exp
     import launch
 
     cfg = compose_config([*base, f"paths.root={root}", f"paths.data_cache={data_cache}", *overrides])
-    _, directory = launch.run(cfg, experiment=experiment)
+    _, directory = launch.run(cfg, experiment=experiment)[0]
     return directory
 
 
@@ -65,3 +65,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["train_loss"] for row in read_metrics(run_dir) if "train_loss" in row}
+
+
+# Runs that several modules read: the strategy parity tests check their losses, the serve tests export them.
+LLM_STRATEGY_RUNS = {
+    "reference": ["strategy=ddp", "cluster.num_workers=1"],
+    "ddp": ["strategy=ddp", "cluster.num_workers=2"],
+    "fsdp": ["strategy=fsdp", "cluster.num_workers=2"],
+    "zero2": ["strategy=zero2", "cluster.num_workers=2"],
+    "zero3": ["strategy=zero3", "cluster.num_workers=2"],
+}
+RANKER_REFERENCE_RUN = ["strategy=ddp", "cluster.num_workers=1"]

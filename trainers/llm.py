@@ -5,6 +5,7 @@ The model knows nothing about parallelism (torchtitan's split): strategies shard
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +36,59 @@ def rope_tables(head_dim: int, max_seq_len: int, *, theta: float, device=None) -
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :half], x[..., half:]) of x (batch, heads, seq, head_dim) by position."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, start: int = 0) -> torch.Tensor:
+    """Rotate pairs (x[..., :half], x[..., half:]) of x (batch, heads, seq, head_dim) by position.
+
+    `start` is the position of x's first row: 0 in training, the cache length when decoding with a KV cache.
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    cos, sin = cos[start : start + x.shape[-2]], sin[start : start + x.shape[-2]]
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions already processed, per layer, for decoding one token at a time.
+
+    Buffers are preallocated to (batch, n_kv_heads, max_len, head_dim) so a decoding step writes in place
+    instead of concatenating (which would copy the whole cache every step). Meant for inference only.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0  # positions filled; the next token's position
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def update(self, layer_index: int, *, keys: torch.Tensor,
+               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `keys`/`values` at the positions after `length`; return those of every position up to them.
+
+        `length` itself advances once per forward, after all layers, in `Transformer.forward`.
+        """
+        end = self.length + keys.shape[2]
+        self.keys[layer_index][:, :, self.length : end] = keys
+        self.values[layer_index][:, :, self.length : end] = values
+        return self.keys[layer_index][:, :, :end], self.values[layer_index][:, :, :end]
+
+
+def causal_mask_after(start: int, *, seq: int, device: torch.device) -> torch.Tensor:
+    """Boolean (seq, start + seq) mask letting query i (at position start + i) see keys at positions <= start + i.
+
+    SDPA's is_causal aligns the mask to the top-left corner, which is only right when queries and keys start
+    at the same position; a chunk appended to a non-empty cache needs the diagonal shifted by `start`.
+    """
+    query_positions = torch.arange(start, start + seq, device=device)
+    key_positions = torch.arange(start + seq, device=device)
+    return key_positions[None, :] <= query_positions[:, None]
 
 
 class Attention(nn.Module):
@@ -59,14 +106,31 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
+                layer_index: int = 0) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        start = 0 if cache is None else cache.length
+        q, k = apply_rope(q, cos, sin, start=start), apply_rope(k, cos, sin, start=start)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            out = self._attend_with_cache(q, k, v, cache=cache, layer_index=layer_index)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _attend_with_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache: KVCache,
+                           layer_index: int) -> torch.Tensor:
+        start, seq = cache.length, q.shape[2]
+        keys, values = cache.update(layer_index, keys=k, values=v)
+        gqa = self.n_heads != self.n_kv_heads
+        if start == 0:  # prefill: queries and keys start together, exactly the training case
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        if seq == 1:  # the newest token may see every cached position, so no mask at all
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        mask = causal_mask_after(start, seq=seq, device=q.device)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -88,8 +152,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
+                layer_index: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, layer_index=layer_index)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -107,13 +172,38 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.shape[1] > self.cfg.max_seq_len:
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for `tokens` (batch, seq).
+
+        With a `cache`, `tokens` continue the sequence the cache holds: their positions start at `cache.length`,
+        they attend to every cached position, and their keys/values are added to the cache.
+        """
+        if cache is None and tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if cache is not None:
+            self._check_cache_room(cache, tokens)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin)
+        if cache is None:
+            # The training path: its calls stay exactly as they were before caching existed.
+            for layer in self.layers:
+                h = layer(h, self.rope_cos, self.rope_sin)
+        else:
+            for index, layer in enumerate(self.layers):
+                h = layer(h, self.rope_cos, self.rope_sin, cache=cache, layer_index=index)
+            cache.length += tokens.shape[1]
         return self.output(self.norm(h))
+
+    def _check_cache_room(self, cache: KVCache, tokens: torch.Tensor) -> None:
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"tokens have batch size {tokens.shape[0]} but the KV cache was built for "
+                             f"{cache.batch_size}")
+        # Rotary tables end at max_seq_len, so that bounds a cache built by hand with longer buffers too.
+        room = min(cache.max_len, self.cfg.max_seq_len)
+        if cache.length + tokens.shape[1] > room:
+            raise ValueError(
+                f"KV cache holds {cache.length} positions; {tokens.shape[1]} more would exceed its {room} "
+                f"(the cache's max_len={cache.max_len}, at most model.max_seq_len={self.cfg.max_seq_len})"
+            )
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -147,6 +237,29 @@ def build_llm(cfg: LLMConfig, *, vocab_size: int, device: str | torch.device = "
     if str(device) != "meta":
         model.init_weights()
     return model
+
+
+def build_kv_cache(model: Transformer, *, batch_size: int, max_len: int | None = None,
+                   dtype: torch.dtype | None = None) -> KVCache:
+    """An empty KV cache for `model` on its device, holding up to `max_len` positions (model.max_seq_len if None).
+
+    `dtype` defaults to the model's weights' dtype.
+    """
+    cfg = model.cfg
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    if not 0 < max_len <= cfg.max_seq_len:
+        # The rotary tables stop at max_seq_len, so positions beyond it have no encoding.
+        raise ValueError(f"KV cache max_len={max_len} must be in 1..model.max_seq_len={cfg.max_seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"KV cache batch_size={batch_size} must be at least 1")
+    weight = model.tok_embeddings.weight
+    shape = (batch_size, cfg.n_kv_heads, max_len, cfg.dim // cfg.n_heads)
+    dtype = weight.dtype if dtype is None else dtype
+
+    def empty_layers() -> list[torch.Tensor]:
+        return [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in range(cfg.n_layers)]
+
+    return KVCache(keys=empty_layers(), values=empty_layers())
 
 
 def count_parameters(cfg: LLMConfig, *, vocab_size: int) -> dict[str, int]:

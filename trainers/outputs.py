@@ -19,6 +19,7 @@ HASH_EXCLUDED_KEYS = (
     "trainer.log_every_n_steps",
     "checkpoint.keep_top_k", "checkpoint.max_failures",
     "sweep",  # a run is one training run; the sweep that drew it has its own name (trainers/sweep.py)
+    "serve", "stages", "stage",  # what happens after training does not change what training computes
 )
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conf.schema import RankerConfig
-from tests.helpers import read_metrics, run_ranker, train_losses
+from tests.helpers import RANKER_REFERENCE_RUN, read_metrics, run_ranker, train_losses
 from trainers.loop import CRASH_AT_STEP_ENV
 from trainers.metrics import logloss, roc_auc
 from trainers.ranker import build_ranker
@@ -27,9 +27,8 @@ QUALITY_GAP_BOUND = 0.04
 
 
 @pytest.fixture(scope="module")
-def reference_losses(ray_session, data_cache, tmp_path_factory):
-    losses = train_losses(run_ranker(tmp_path_factory.mktemp("reference"), data_cache,
-                                     ["strategy=ddp", "cluster.num_workers=1"]))
+def reference_losses(trained_runs):
+    losses = train_losses(trained_runs("ranker-reference", RANKER_REFERENCE_RUN, ranker=True))
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1] - 0.05, "the reference run did not learn"
     return losses

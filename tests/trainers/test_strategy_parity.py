@@ -7,16 +7,14 @@ differences allowed are float reduction order: relative tolerance 1e-4 on every 
 
 import pytest
 
-from tests.helpers import run_training, train_losses
+from tests.helpers import LLM_STRATEGY_RUNS, run_training, train_losses
 
 RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def single_process_losses(ray_session, data_cache, tmp_path_factory):
-    run_dir = run_training(tmp_path_factory.mktemp("reference"), data_cache,
-                           ["strategy=ddp", "cluster.num_workers=1"])
-    losses = train_losses(run_dir)
+def single_process_losses(trained_runs):
+    losses = train_losses(trained_runs("llm-reference", LLM_STRATEGY_RUNS["reference"]))
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1], "the reference run did not learn"
     return losses
@@ -28,9 +26,12 @@ def single_process_losses(ray_session, data_cache, tmp_path_factory):
     ("ddp", []), ("fsdp", []), ("zero2", []), ("zero3", []),
     ("fsdp", ["trainer.activation_checkpointing=true"]),  # recomputation must not change the numbers
 ], ids=["ddp", "fsdp", "zero2", "zero3", "fsdp-activation-checkpointing"])
-def test_two_workers_match_single_process(strategy, extra, single_process_losses, ray_session, data_cache,
-                                          tmp_path):
-    run_dir = run_training(tmp_path, data_cache, [f"strategy={strategy}", "cluster.num_workers=2", *extra])
+def test_two_workers_match_single_process(strategy, extra, single_process_losses, trained_runs, ray_session,
+                                          data_cache, tmp_path):
+    if extra:
+        run_dir = run_training(tmp_path, data_cache, [f"strategy={strategy}", "cluster.num_workers=2", *extra])
+    else:  # shared with the export tests (tests/serve/test_export.py)
+        run_dir = trained_runs(f"llm-{strategy}", LLM_STRATEGY_RUNS[strategy])
     losses = train_losses(run_dir)
     assert sorted(losses) == sorted(single_process_losses)
     for step, expected in single_process_losses.items():

@@ -30,7 +30,7 @@ def asha_sweep(ray_session, data_cache, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("asha")
     cfg = compose_config([*TINY_OVERRIDES, f"paths.root={root}", f"paths.data_cache={data_cache}", *ASHA_OVERRIDES])
-    kind, sweep_dir = launch.run(cfg, experiment="llm_tiny")
+    kind, sweep_dir = launch.run(cfg, experiment="llm_tiny")[0]
     assert kind == "sweep_dir"
     with (sweep_dir / "trials.csv").open() as handle:
         trials = list(csv.DictReader(handle))

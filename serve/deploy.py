@@ -1,0 +1,163 @@
+"""Deploy a registry model as a Ray Serve application: one router (the HTTP ingress) and one autoscaled
+model deployment whose replicas hold the versions the registry's aliases name.
+
+    python launch.py stage=serve serve.model=llm_tiny
+"""
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+
+from conf.schema import RootConfig, ServeConfig
+from serve.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 300.0
+
+
+def serve_settings(serve_cfg: ServeConfig, *, model: str, family: str) -> dict:
+    """What the router and the replicas need, as a plain dict (it travels to Ray actors)."""
+    return {"model": model, "family": family, "registry": str(Registry(serve_cfg.registry).uri),
+            "api_key": serve_cfg.api_key, "refresh_s": serve_cfg.refresh_s,
+            "max_tokens_limit": serve_cfg.max_tokens_limit, "max_candidates": serve_cfg.max_candidates,
+            "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s}
+
+
+def _check_serve_config(serve_cfg: ServeConfig) -> None:
+    if not 0 <= serve_cfg.min_replicas <= serve_cfg.max_replicas or serve_cfg.max_replicas < 1:
+        raise ValueError(f"serve.min_replicas={serve_cfg.min_replicas} and serve.max_replicas="
+                         f"{serve_cfg.max_replicas} must satisfy 0 <= min <= max and max >= 1")
+    if serve_cfg.target_ongoing_requests <= 0:
+        raise ValueError(f"serve.target_ongoing_requests must be positive, got {serve_cfg.target_ongoing_requests}")
+    if serve_cfg.num_cpus < 0 or serve_cfg.num_gpus < 0:
+        raise ValueError("serve.num_cpus and serve.num_gpus must not be negative")
+    if not 1 <= serve_cfg.port <= 65535:
+        raise ValueError(f"serve.port={serve_cfg.port} is not a TCP port")
+
+
+def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
+    """The Serve application graph: Router -> model deployment (LLMReplica or RankerReplica)."""
+    from ray import serve
+
+    from serve.replicas import LLMReplica, RankerReplica
+    from serve.router import Router
+
+    _check_serve_config(serve_cfg)
+    settings = serve_settings(serve_cfg, model=model, family=family)
+    replicas = serve.deployment(LLMReplica if family == "llm" else RankerReplica).options(
+        name=f"{family}_replica",
+        autoscaling_config={"min_replicas": serve_cfg.min_replicas, "max_replicas": serve_cfg.max_replicas,
+                            "initial_replicas": max(serve_cfg.min_replicas, 1),
+                            "target_ongoing_requests": serve_cfg.target_ongoing_requests,
+                            "upscale_delay_s": serve_cfg.upscale_delay_s,
+                            "downscale_delay_s": serve_cfg.downscale_delay_s},
+        ray_actor_options={"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus},
+        max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        health_check_period_s=serve_cfg.health_check_period_s,
+        graceful_shutdown_timeout_s=serve_cfg.graceful_shutdown_timeout_s,
+    )
+    # The router only parses and forwards: a sliver of a CPU, and enough concurrency for streamed answers.
+    router = serve.deployment(Router).options(name="router", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+                                              max_ongoing_requests=max(64, 4 * serve_cfg.max_ongoing_requests))
+    return router.bind(replicas.bind(settings), settings=settings)
+
+
+def deploy(serve_cfg: ServeConfig, *, model: str) -> str:
+    """Start (or update) the model's application on the connected Ray cluster; returns the endpoint URL."""
+    from ray import serve
+
+    registry = Registry(serve_cfg.registry)
+    production = registry.resolve(model, "production")
+    if production is None:
+        raise ValueError(f"serve.model={model} has no production version in {registry.uri}: promote one first "
+                         f"(stage=promote serve.source=<run_dir>)")
+    family = registry.version(model, production)["family"]
+    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    serve.run(build_app(serve_cfg, model=model, family=family), name=model, route_prefix="/")
+    url = f"http://{serve_cfg.host}:{serve_cfg.port}"
+    logger.info("serving %s (production v%d) at %s", model, production, url)
+    return url
+
+
+# ----------------------------------------------------------------------------------- the serve stage
+
+def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: float = 60.0) -> dict:
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def sample_request(serve_cfg: ServeConfig, *, family: str, model: str) -> tuple[str, dict]:
+    if family == "llm":
+        return "/v1/completions", {"model": model, "prompt": serve_cfg.sample_prompt, "max_tokens": 32,
+                                   "temperature": 0}
+    return "/v1/rank", {"model": model, "context": {"I1": 3, "C1": 7},
+                        "candidates": [{"C2": 1, "I2": 0.5}, {"C2": 2, "I2": 4.0}]}
+
+
+def _curl(url: str, body: dict, *, api_key: str | None) -> str:
+    auth = " -H 'Authorization: Bearer $SLIPWAY_API_KEY'" if api_key else ""
+    return f"curl -s {url} -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
+
+
+def _print_sample(serve_cfg: ServeConfig, *, url: str, model: str, family: str) -> None:
+    route, body = sample_request(serve_cfg, family=family, model=model)
+    answer = post_json(url + route, body, api_key=serve_cfg.api_key)
+    if family == "llm":
+        shown = f"{body['prompt']!r} -> {answer['choices'][0]['text']!r}"
+        hint = f"\n  any OpenAI-compatible client works too: base_url={url}/v1, model={model!r}"
+    else:
+        shown, hint = f"scores {answer['scores']}", ""
+    print(f"\nsample {route} answered by {model} v{answer['model_version']}: {shown}\ntry it:\n  "
+          f"{_curl(url + route, body, api_key=serve_cfg.api_key)}{hint}\n", flush=True)
+
+
+def serve_endpoint(cfg: RootConfig, *, model: str) -> str:
+    """The serve stage: apply canary settings, deploy, show a sample answer, then serve until Ctrl-C (or return
+    at once with serve.block=false)."""
+    from cluster.connection import connect
+    from serve.promote import set_canary
+
+    if cfg.serve.canary_version is not None:
+        set_canary(cfg.serve, model=model)
+    connect(cfg.cluster)
+    url = deploy(cfg.serve, model=model)
+    registry = Registry(cfg.serve.registry)
+    family = registry.version(model, registry.resolve(model, "production"))["family"]
+    _print_sample(cfg.serve, url=url, model=model, family=family)
+    if cfg.serve.block:
+        _block_until_interrupted(model, url=url)
+    return url
+
+
+def _block_until_interrupted(model: str, *, url: str) -> None:
+    from ray import serve
+
+    logger.info("serving %s at %s until Ctrl-C (rollback from another shell: python launch.py stage=rollback "
+                "serve.model=%s)", model, url, model)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        logger.info("stopping %s: letting in-flight requests finish", model)
+        serve.delete(model)
+
+
+def wait_until_serving(url: str, *, timeout_s: float = READY_TIMEOUT_S) -> dict:
+    """GET /healthz until the router answers (after a deploy or a restart)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer /healthz within {timeout_s:.0f} s: {err}") from err
+            time.sleep(0.5)
+

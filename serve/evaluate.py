@@ -1,0 +1,77 @@
+"""Score an exported model on a run's held-out split, in one process, with the family's own metrics.
+
+This is what the eval gate compares, and it reproduces what training reported: the same rows in the same
+order (the first `trainer.eval_batches x micro_batch_size x num_workers` validation rows, as the training loop
+reads them), the same per-row outputs (`Family.predict`) and the same metrics (`Family.eval_metrics`).
+"""
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from conf.schema import RootConfig
+from serve.export import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 64  # rows per forward pass; the metrics do not depend on it
+
+
+def training_eval_rows(cfg: RootConfig) -> int:
+    """Rows the training loop scored at each evaluation; 0 means the whole validation split."""
+    return cfg.trainer.eval_batches * cfg.trainer.micro_batch_size * cfg.cluster.num_workers
+
+
+def _column_to_tensor(column: pa.ChunkedArray) -> torch.Tensor:
+    array = column.combine_chunks()
+    if pa.types.is_fixed_size_list(array.type):
+        values = array.flatten().to_numpy(zero_copy_only=False)
+        return torch.from_numpy(values.reshape(len(array), array.type.list_size).copy())
+    return torch.from_numpy(array.to_numpy(zero_copy_only=False).copy())
+
+
+def held_out_batches(val_dir: Path, *, columns: list[str], rows: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The first `rows` validation rows (0: all) in shard order, in batches of BATCH_ROWS."""
+    files = sorted(Path(val_dir).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{val_dir} has no part-*.parquet shards: prepare the run's data again")
+    remaining = rows or None
+    for file in files:
+        table = pq.read_table(file, columns=columns)
+        if remaining is not None:
+            table = table.slice(0, remaining)
+            remaining -= table.num_rows
+        for start in range(0, table.num_rows, BATCH_ROWS):
+            part = table.slice(start, BATCH_ROWS)
+            yield {name: _column_to_tensor(part.column(name)) for name in columns}
+        if remaining == 0:
+            return
+
+
+@torch.no_grad()
+def evaluate_model(loaded: LoadedModel, batches) -> dict[str, float]:
+    """The family's validation metrics of an exported model over `batches`."""
+    from trainers.families import get_family
+
+    family = get_family(loaded.family)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        for key, values in family.predict(loaded.model, batch).items():
+            outputs.setdefault(key, []).append(values.float())
+    if not outputs:
+        raise ValueError("the held-out split has no rows to evaluate")
+    return family.eval_metrics({key: torch.cat(values).numpy() for key, values in outputs.items()})
+
+
+def evaluate_on_run_data(loaded: LoadedModel, run_cfg: RootConfig, *, rows: int | None) -> dict[str, float]:
+    """Metrics on the held-out split the run trained against (prepared again if the cache lost it)."""
+    from datasets.prepare import prepare_data
+
+    prepared = prepare_data(run_cfg)
+    count = training_eval_rows(run_cfg) if rows is None else rows
+    batches = held_out_batches(Path(prepared.val_dir), columns=prepared.columns("val"), rows=count)
+    return evaluate_model(loaded, batches)

@@ -1,0 +1,216 @@
+"""Text generation for one request: a KV-cached decode loop, sampling, and stop handling that is safe to stream.
+
+`generate_stream` is the single implementation; `generate` only concatenates its chunks, so a streamed and a
+non-streamed request with the same parameters and seed produce the same text by construction.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from datasets.tokenizer import EOS_TOKEN
+from trainers.llm import KVCache, Transformer, build_kv_cache
+
+MAX_STOP_STRINGS = 4  # the OpenAI API's limit, which clients already respect
+# What a byte-level decoder shows for bytes that are not (yet) a whole UTF-8 character.
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_p: float = 1.0  # nucleus: sample among the most likely tokens holding this much probability
+    stop: list[str] = field(default_factory=list)  # generation ends before the first occurrence of any
+    seed: int | None = None  # None draws a fresh seed per request
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} must be at most {MAX_STOP_STRINGS} non-empty strings")
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """Newly final text. Only the last chunk has a `finish_reason` ("stop" or "length"); counts are running."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class StreamingText:
+    """Turns completion tokens into text that can be released at once and never needs taking back.
+
+    Each step decodes the whole completion (a byte-level BPE token may end inside a UTF-8 character, which
+    only decoding all bytes together gets right) and releases the new suffix, holding back:
+    - trailing U+FFFD, which the next token may turn into the character it is the start of;
+    - a trailing piece that could be the start of a stop string, since it must vanish if the stop completes.
+    Once a stop string appears, the text ends before it and `stopped` is set.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.token_ids: list[int] = []
+        self.released = 0  # characters of the decoded text already handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that became final with it (often empty)."""
+        assert not self.stopped, "no tokens may follow a stop string"
+        self.token_ids.append(token_id)
+        return self._release(self.tokenizer.decode(self.token_ids).rstrip(REPLACEMENT_CHAR), final=False)
+
+    def finish(self) -> str:
+        """Release everything still held back: no more tokens are coming."""
+        assert not self.stopped, "a stopped text has nothing held back"
+        return self._release(self.tokenizer.decode(self.token_ids), final=True)
+
+    def _release(self, text: str, *, final: bool) -> str:
+        stop_at = first_stop_index(text, self.stop)
+        if stop_at is not None:
+            self.stopped = True
+            end = stop_at
+        else:
+            end = len(text) if final else len(text) - held_back_length(text, self.stop)
+        # Held-back text is always a stop-string prefix, so a later stop never starts inside released text.
+        assert end >= self.released, "released text was revised"
+        delta, self.released = text[self.released : end], end
+        return delta
+
+
+def first_stop_index(text: str, stop: list[str]) -> int | None:
+    """Where the earliest occurrence of any stop string begins, or None."""
+    found = [index for index in (text.find(s) for s in stop) if index >= 0]
+    return min(found, default=None)
+
+
+def held_back_length(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of some stop string."""
+    longest = 0
+    for s in stop:
+        for length in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:length]):
+                longest = length
+                break
+    return longest
+
+
+def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
+                    params: SamplingParams) -> Iterator[StreamChunk]:
+    """Generate a completion of `prompt_ids`, yielding text as soon as it is final; the last chunk says why it ended.
+
+    One forward over the whole prompt fills the KV cache, then each step feeds only the newest token. EOS
+    ends generation with "stop" and is not part of the text; so does a stop string, which is cut off.
+    Completion token counts include the token that ended generation (EOS or the one completing a stop).
+    The request is checked here, before the first chunk is asked for, so a server can still answer 400.
+    """
+    check_request(model, prompt_ids, params)
+    return _decode(model, tokenizer, prompt_ids, params)
+
+
+def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
+            params: SamplingParams) -> Iterator[StreamChunk]:
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    generator = _seeded_generator(params.seed, device=model.tok_embeddings.weight.device)
+    cache = _new_cache(model, max_len=len(prompt_ids) + params.max_tokens)
+    logits = _next_token_logits(model, prompt_ids, cache=cache)
+    text = StreamingText(tokenizer, stop=params.stop)
+    completion_tokens, finish_reason = 0, "length"
+    while completion_tokens < params.max_tokens:
+        token = sample_token(logits, params, generator=generator)
+        completion_tokens += 1
+        if token == eos_id:
+            finish_reason = "stop"
+            break
+        delta = text.push(token)
+        if text.stopped:  # `delta` runs up to the stop string; nothing after it is ever released
+            yield StreamChunk(delta, "stop", len(prompt_ids), completion_tokens)
+            return
+        if delta:
+            yield StreamChunk(delta, None, len(prompt_ids), completion_tokens)
+        if completion_tokens < params.max_tokens:  # the last token's logits would go unused
+            logits = _next_token_logits(model, [token], cache=cache)
+    yield StreamChunk(text.finish(), finish_reason, len(prompt_ids), completion_tokens)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
+    """The whole completion at once: `generate_stream`'s chunks joined."""
+    pieces = []
+    for chunk in generate_stream(model, tokenizer, prompt_ids, params):
+        pieces.append(chunk.text)
+    return Completion("".join(pieces), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+
+
+def check_request(model: Transformer, prompt_ids: list[int], params: SamplingParams) -> None:
+    """The API layer refuses these first (with a 400); checked again so a direct caller gets a clear error."""
+    if not prompt_ids:
+        raise ValueError("prompt is empty; expected at least one token")
+    if not all(0 <= token < model.vocab_size for token in prompt_ids):
+        raise ValueError(f"prompt holds token ids outside the model's vocabulary 0..{model.vocab_size - 1}")
+    limit = model.cfg.max_seq_len
+    if len(prompt_ids) + params.max_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+            f"model.max_seq_len={limit}; expected at most {limit} tokens in all"
+        )
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, *, generator: torch.Generator) -> int:
+    """One token id from `logits` (vocab,): argmax at temperature 0, else a draw from the nucleus."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        probs = nucleus(probs, top_p=params.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def nucleus(probs: torch.Tensor, *, top_p: float) -> torch.Tensor:
+    """`probs` with all but the smallest set of most likely tokens holding `top_p` of the mass zeroed.
+
+    A token stays when the mass of the tokens ranked above it is still below top_p, so the most likely token
+    always stays; a stable sort keeps ties in index order, agreeing with argmax when only one token is left.
+    """
+    ranked, order = probs.sort(descending=True, stable=True)
+    mass_above = ranked.cumsum(dim=-1) - ranked
+    ranked = ranked.masked_fill(mass_above >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, ranked)
+
+
+def _seeded_generator(seed: int | None, *, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+# Torch work runs in these small inference-mode functions rather than under one `with` around the loop: a
+# generator suspended at `yield` inside the block would leave inference mode switched on in its caller's code.
+@torch.inference_mode()
+def _new_cache(model: Transformer, *, max_len: int) -> KVCache:
+    return build_kv_cache(model, batch_size=1, max_len=max_len)
+
+
+@torch.inference_mode()
+def _next_token_logits(model: Transformer, token_ids: list[int], *, cache: KVCache) -> torch.Tensor:
+    tokens = torch.tensor([token_ids], dtype=torch.long, device=model.tok_embeddings.weight.device)
+    return model(tokens, cache=cache)[0, -1]

@@ -1,0 +1,266 @@
+"""Promotion: a finished run or sweep -> its best checkpoint -> export -> eval gate -> registry version ->
+`production` alias; and the alias moves that undo or share it (rollback, canary).
+
+Every candidate that is exported becomes an immutable registry version (the same weights twice are one
+version), so a challenger the gate refused can still be canaried or promoted later with `serve.force=true`.
+The gate's decision, with both numbers, goes into the model's history whatever it was.
+"""
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from conf.schema import RootConfig, config_from_dict
+from serve.evaluate import evaluate_on_run_data
+from serve.export import ASSET_KEYS, WEIGHTS_FILE, export_checkpoint, load_export
+from serve.registry import Registry
+from trainers import outputs
+from trainers.families import get_family
+
+logger = logging.getLogger(__name__)
+
+PRODUCTION, CANARY = "production", "canary"
+
+
+@dataclass
+class Candidate:
+    checkpoint: Path
+    run_dir: Path
+    run_cfg: RootConfig
+    step: int
+    trained_metrics: dict  # what training logged at the checkpoint's evaluation
+
+
+# ------------------------------------------------------------------------------------- finding the best
+
+def best_candidate(source: Path) -> Candidate:
+    """The best checkpoint of a run directory, or of a sweep directory's best trial."""
+    source = Path(source).expanduser().resolve()
+    summary = outputs.read_summary(source)
+    if summary is None:
+        raise FileNotFoundError(f"serve.source={source} has no summary.json: expected a run_dir or sweep_dir "
+                                f"that launch.py printed")
+    run_dir = Path(summary["best_run_dir"]) if "best_run_dir" in summary else source
+    checkpoint = summary.get("best_checkpoint")
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise ValueError(f"serve.source={source} has no best checkpoint (status {summary.get('status')!r}, "
+                         f"best_checkpoint {checkpoint!r}): train it to its first evaluation first")
+    checkpoint = Path(checkpoint)
+    step = json.loads((checkpoint / "train_state.json").read_text())["step"]
+    run_cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    metric = get_family(run_cfg.model.family).metric
+    logged = [row for row in outputs.read_metrics(run_dir) if row.get("step") == step and metric in row]
+    return Candidate(checkpoint=checkpoint, run_dir=run_dir, run_cfg=run_cfg, step=step,
+                     trained_metrics=logged[-1] if logged else {})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _version_metadata(candidate: Candidate, *, experiment: str) -> dict:
+    manifest_path = candidate.run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    return {"experiment": experiment, "source_run": str(candidate.run_dir), "checkpoint": str(candidate.checkpoint),
+            "step": candidate.step, "family": candidate.run_cfg.model.family,
+            "strategy": candidate.run_cfg.strategy.name, "config_hash": manifest.get("config_hash"),
+            "data_fingerprint": manifest.get("data_fingerprint"), "trained_metrics": candidate.trained_metrics}
+
+
+def _existing_version(registry: Registry, model: str, weights_sha: str) -> int | None:
+    for record in registry.versions(model):
+        if record["files"].get(WEIGHTS_FILE, {}).get("sha256") == weights_sha:
+            return record["version"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the gate
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reason: str
+    metric: str
+    challenger_value: float
+    production_value: float | None
+
+    def to_event(self, *, challenger: int, production: int | None, min_improvement: float, forced: bool) -> dict:
+        return {"event": "gate", "challenger": challenger, "production": production, "metric": self.metric,
+                "challenger_value": self.challenger_value, "production_value": self.production_value,
+                "min_improvement": min_improvement, "decision": "promoted" if self.promote or forced else "refused",
+                "forced": forced and not self.promote, "reason": self.reason}
+
+
+def decide(*, metric: str, mode: str, challenger: float, production: float | None,
+           min_improvement: float) -> GateDecision:
+    """Promote when there is no production yet, or when the challenger is better by more than the margin."""
+    if production is None:
+        return GateDecision(True, "no production version yet", metric, challenger, None)
+    gain = (production - challenger) if mode == "min" else (challenger - production)
+    better = gain > min_improvement
+    verdict = "beats" if better else "does not beat"
+    reason = (f"challenger {metric} {challenger:.5f} {verdict} production {production:.5f} by more than "
+              f"{min_improvement:g} ({'lower' if mode == 'min' else 'higher'} is better; gain {gain:+.5f})")
+    return GateDecision(better, reason, metric, challenger, production)
+
+
+def _assets_match(registry: Registry, model: str, a: int, b: int) -> bool:
+    """Scores are comparable only if both models read the held-out rows the same way (tokenizer, features)."""
+    files_a, files_b = registry.version(model, a)["files"], registry.version(model, b)["files"]
+    shared = [name for name in files_a if name in files_b and name.split(".")[0] in ASSET_KEYS]
+    return bool(shared) and all(files_a[n]["sha256"] == files_b[n]["sha256"] for n in shared)
+
+
+def _score(registry: Registry, model: str, version: int, candidate: Candidate, *, rows: int | None,
+           cache_dir: Path) -> float:
+    metric = get_family(candidate.run_cfg.model.family).metric
+    loaded = load_export(registry.fetch(model, version, cache_dir=cache_dir))
+    return evaluate_on_run_data(loaded, candidate.run_cfg, rows=rows)[metric]
+
+
+# ---------------------------------------------------------------------------------------------- promote
+
+def promote(serve_cfg, *, model: str, source: Path, experiment: str, cache_dir: Path) -> dict:
+    """Export `source`'s best checkpoint, register it, gate it against production and move the alias if it
+    passes (or serve.force). Returns the gate's history event."""
+    registry = Registry(serve_cfg.registry)
+    candidate = best_candidate(source)
+    logger.info("promoting %s step %d from %s", candidate.checkpoint.name, candidate.step, candidate.run_dir)
+    version = _register(registry, model, candidate, experiment=experiment)
+    production = registry.resolve(model, PRODUCTION)
+    if production == version:
+        logger.info("%s v%d is already production; nothing to do", model, version)
+        return {"event": "gate", "challenger": version, "production": production, "decision": "unchanged"}
+    decision = _gate(registry, model, version, production, candidate, serve_cfg=serve_cfg, cache_dir=cache_dir)
+    event = registry.record(model, decision.to_event(challenger=version, production=production,
+                                                     min_improvement=serve_cfg.min_improvement,
+                                                     forced=serve_cfg.force))
+    logger.info("eval gate: %s", decision.reason)
+    if decision.promote or serve_cfg.force:
+        reason = serve_cfg.reason or f"promoted from {candidate.run_dir.name} step {candidate.step}: {decision.reason}"
+        registry.move_alias(model, PRODUCTION, version, reason=reason,
+                            details={"forced": serve_cfg.force and not decision.promote})
+        logger.info("%s production -> v%d%s", model, version, " (forced)" if not decision.promote else "")
+    else:
+        logger.warning("%s v%d not promoted; production stays v%d (serve.force=true overrides the gate)", model,
+                       version, production)
+    return event
+
+
+def _register(registry: Registry, model: str, candidate: Candidate, *, experiment: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="slipway-export-") as tmp:
+        export_dir = export_checkpoint(candidate.checkpoint, Path(tmp) / "export",
+                                       info={"step": candidate.step, "source_run": str(candidate.run_dir)})
+        existing = _existing_version(registry, model, _sha256(export_dir / WEIGHTS_FILE))
+        if existing is not None:
+            logger.info("these weights are already registered as %s v%d", model, existing)
+            return existing
+        record = registry.register(model, export_dir, metadata=_version_metadata(candidate, experiment=experiment))
+    return record["version"]
+
+
+def _gate(registry: Registry, model: str, version: int, production: int | None, candidate: Candidate, *,
+          serve_cfg, cache_dir: Path) -> GateDecision:
+    family = get_family(candidate.run_cfg.model.family)
+    rows = serve_cfg.eval_rows
+    challenger_value = _score(registry, model, version, candidate, rows=rows, cache_dir=cache_dir)
+    if production is None:
+        return decide(metric=family.metric, mode=family.metric_mode, challenger=challenger_value, production=None,
+                      min_improvement=serve_cfg.min_improvement)
+    if not _assets_match(registry, model, version, production):
+        return GateDecision(False, f"production v{production} reads data differently (another tokenizer or "
+                                   f"feature spec), so its {family.metric} on this held-out split is not comparable",
+                            family.metric, challenger_value, None)
+    production_value = _score(registry, model, production, candidate, rows=rows, cache_dir=cache_dir)
+    return decide(metric=family.metric, mode=family.metric_mode, challenger=challenger_value,
+                  production=production_value, min_improvement=serve_cfg.min_improvement)
+
+
+# ------------------------------------------------------------------------------------- rollback, canary
+
+def previous_production(registry: Registry, model: str) -> int | None:
+    """The version production held before its current one, from the alias history."""
+    current = registry.resolve(model, PRODUCTION)
+    for event in reversed(registry.history(model)):
+        if event.get("event") == "alias" and event.get("alias") == PRODUCTION and event.get("to") == current:
+            return event.get("from")
+    return None
+
+
+def rollback(serve_cfg, *, model: str) -> dict:
+    """Move production to serve.to_version, or back to the version it held before."""
+    registry = Registry(serve_cfg.registry)
+    current = registry.resolve(model, PRODUCTION)
+    if current is None:
+        raise ValueError(f"{model} has no production version to roll back; promote one first (stage=promote)")
+    target = serve_cfg.to_version if serve_cfg.to_version is not None else previous_production(registry, model)
+    if target is None:
+        raise ValueError(f"{model} production v{current} has no earlier version to return to; name one with "
+                         f"serve.to_version=N (stage=registry lists them)")
+    reason = serve_cfg.reason or f"rollback from v{current}"
+    event = registry.move_alias(model, PRODUCTION, target, reason=reason)
+    logger.info("%s production: v%d -> v%d (%s)", model, current, target, reason)
+    return event
+
+
+def set_canary(serve_cfg, *, model: str) -> dict | None:
+    """serve.canary_version + serve.canary_percent -> the canary alias; percent 0 removes the canary."""
+    percent, version = serve_cfg.canary_percent, serve_cfg.canary_version
+    if not 0 <= percent <= 100:
+        raise ValueError(f"serve.canary_percent must be between 0 and 100, got {percent}")
+    registry = Registry(serve_cfg.registry)
+    if percent == 0:
+        if registry.resolve(model, CANARY) is None:
+            return None
+        return registry.move_alias(model, CANARY, None, reason=serve_cfg.reason or "canary removed")
+    if version is None:
+        raise ValueError("serve.canary_percent needs serve.canary_version=N (a registered version)")
+    reason = serve_cfg.reason or f"canary v{version} at {percent:g}%"
+    return registry.move_alias(model, CANARY, version, reason=reason, alias_fields={"percent": percent})
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+def format_registry(registry: Registry, model: str) -> str:
+    """Versions (with their aliases and metrics), then the alias history, as text for the terminal."""
+    versions = registry.versions(model)
+    if not versions:
+        known = ", ".join(registry.models()) or "none"
+        raise ValueError(f"serve.model={model} has no versions in {registry.uri} (models there: {known})")
+    aliases = registry.aliases(model)
+    held = {}
+    for alias, record in aliases.items():
+        held.setdefault(record["version"], []).append(alias + (f" {record['percent']:g}%" if "percent" in record
+                                                               else ""))
+    lines = [f"{model} in {registry.uri}", "version  created              step  metrics                      "
+             "aliases            source"]
+    for record in versions:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.get("trained_metrics", {}).items()
+                            if k in ("val_loss", "auc", "logloss"))
+        lines.append(f"v{record['version']:<7} {record['created_at'][:19]:<20} {record.get('step', ''):>5}  "
+                     f"{metrics:<28} {', '.join(held.get(record['version'], [])):<18} "
+                     f"{Path(record.get('source_run', '')).name}")
+    lines.append("history:")
+    for event in registry.history(model):
+        lines.append("  " + _format_event(event))
+    return "\n".join(lines)
+
+
+def _format_event(event: dict) -> str:
+    when = event.get("at", "")[:19]
+    if event.get("event") == "alias":
+        before = f"v{event['from']}" if event.get("from") else "-"
+        after = f"v{event['to']}" if event.get("to") else "-"
+        return f"{when} {event['alias']}: {before} -> {after} ({event.get('reason', '')})"
+    if event.get("event") == "gate":
+        return f"{when} gate v{event['challenger']}: {event['decision']}: {event.get('reason', '')}"
+    return f"{when} {event.get('event')} v{event.get('version', '?')}"

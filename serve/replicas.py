@@ -1,0 +1,225 @@
+"""The model deployments: replicas that hold registry versions and answer the router.
+
+Each replica loads versions on demand through Ray Serve's model multiplexing: the router tags every call with
+the version it chose (`multiplexed_model_id`), Serve prefers replicas that already hold it, and a replica keeps
+the few most recently used versions (production, canary and the one being swapped out). A version change is
+therefore never a redeploy: in-flight requests finish on the model object they started with, new ones go to
+the new version, and the router warms a version on a replica before sending traffic to it.
+
+Request errors that only a loaded model can detect (a prompt longer than its context, an unknown feature) come
+back as `{"error": {"message", "param"}}` answers rather than exceptions, so the router can turn them into 4xx.
+"""
+
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve import metrics
+
+from serve.export import LoadedModel, load_export
+from serve.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+VERSIONS_PER_REPLICA = 3  # production, canary, and the version a swap is moving away from
+
+
+def replica_cache_dir() -> Path:
+    """Where a replica keeps downloaded versions of a remote registry: local to its node."""
+    return Path(tempfile.gettempdir()) / "slipway-registry-cache"
+
+
+def _fetch_and_load(registry_uri: str, model: str, version: int) -> LoadedModel:
+    started = time.perf_counter()
+    directory = Registry(registry_uri).fetch(model, version, cache_dir=replica_cache_dir())  # checksums verified
+    loaded = load_export(directory)
+    logger.info("loaded %s v%d in %.2f s", model, version, time.perf_counter() - started)
+    return loaded
+
+
+def _error(message: str, param: str | None) -> dict:
+    return {"error": {"message": message, "param": param}}
+
+
+class _VersionedReplica:
+    """What both families share: settings, loading versions by id, and a health check that runs them."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.loaded: dict[int, object] = {}
+
+    async def _load(self, model_id: str):
+        version = int(model_id)
+        loaded = await asyncio.to_thread(self._build, version)
+        self.loaded[version] = loaded
+        return loaded
+
+    async def current(self):
+        return await self.get_model(serve.get_multiplexed_model_id())
+
+    async def warm(self) -> int:
+        """Load the version this call is tagged with; the router calls it before routing traffic there."""
+        await self.current()
+        return int(serve.get_multiplexed_model_id())
+
+
+# --------------------------------------------------------------------------------------------------- LLM
+
+@dataclass
+class LoadedLLM:
+    export: LoadedModel
+    tokenizer: object
+    version: int
+
+
+class LLMReplica(_VersionedReplica):
+    def _build(self, version: int) -> LoadedLLM:
+        from datasets.tokenizer import load_tokenizer
+
+        export = _fetch_and_load(self.settings["registry"], self.settings["model"], version)
+        return LoadedLLM(export=export, tokenizer=load_tokenizer(export.asset("tokenizer")), version=version)
+
+    @serve.multiplexed(max_num_models_per_replica=VERSIONS_PER_REPLICA)
+    async def get_model(self, model_id: str) -> LoadedLLM:
+        return await self._load(model_id)
+
+    def _prepare(self, llm: LoadedLLM, request: dict):
+        """Token ids and sampling parameters, or an error answer for a prompt the model cannot take."""
+        from serve.generation import SamplingParams
+
+        prompt_ids = llm.tokenizer.encode(request["prompt"]).ids
+        context = llm.export.model.cfg.max_seq_len
+        if len(prompt_ids) >= context:
+            return _error(f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens, "
+                          f"so the prompt must be shorter", "prompt")
+        if len(prompt_ids) + request["max_tokens"] > context:
+            return _error(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request['max_tokens']}) exceeds the "
+                          f"model's context of {context} tokens; lower max_tokens to at most "
+                          f"{context - len(prompt_ids)}", "max_tokens")
+        params = SamplingParams(max_tokens=request["max_tokens"], temperature=request["temperature"],
+                                top_p=request["top_p"], stop=request["stop"], seed=request["seed"])
+        return prompt_ids, params
+
+    async def complete(self, request: dict) -> dict:
+        from serve.generation import generate
+
+        llm = await self.current()
+        prepared = self._prepare(llm, request)
+        if isinstance(prepared, dict):
+            return prepared
+        result = await asyncio.to_thread(generate, llm.export.model, llm.tokenizer, *prepared)
+        return {"text": result.text, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens, "version": llm.version}
+
+    async def complete_stream(self, request: dict):
+        """First an answer saying whether the request was accepted (so the router can still send a 400), then
+        one dict per chunk of text."""
+        from serve.generation import generate_stream
+
+        llm = await self.current()
+        prepared = self._prepare(llm, request)
+        if isinstance(prepared, dict):
+            yield prepared
+            return
+        yield {"accepted": True, "version": llm.version}
+        chunks = generate_stream(llm.export.model, llm.tokenizer, *prepared)
+        done = object()
+        while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+            yield {"text": chunk.text, "finish_reason": chunk.finish_reason, "prompt_tokens": chunk.prompt_tokens,
+                   "completion_tokens": chunk.completion_tokens}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose loaded models stop producing finite logits."""
+        for version, llm in list(self.loaded.items()):
+            with torch.no_grad():
+                logits = llm.export.model(torch.zeros(1, 1, dtype=torch.long))
+            if not torch.isfinite(logits).all():
+                raise RuntimeError(f"version {version} produced non-finite logits")
+
+
+# ------------------------------------------------------------------------------------------------ ranker
+
+@dataclass
+class LoadedRanker:
+    export: LoadedModel
+    encoder: object
+    version: int
+
+
+@dataclass
+class _ScoreItem:
+    ranker: LoadedRanker
+    dense: np.ndarray
+    sparse: np.ndarray
+
+
+class RankerReplica(_VersionedReplica):
+    def __init__(self, settings: dict):
+        super().__init__(settings)
+        self.score.set_max_batch_size(settings["max_batch_size"])
+        self.score.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
+        self.batch_rows = metrics.Histogram(
+            "slipway_ranker_batch_rows", description="Candidates scored by one forward pass (dynamic batching)",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096], tag_keys=("model", "version"))
+        self.batch_requests = metrics.Histogram(
+            "slipway_ranker_batch_requests", description="Requests combined into one batch by @serve.batch",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("model",))
+
+    def _build(self, version: int) -> LoadedRanker:
+        from serve.features import FeatureEncoder
+
+        export = _fetch_and_load(self.settings["registry"], self.settings["model"], version)
+        return LoadedRanker(export=export, encoder=FeatureEncoder.from_file(export.asset("feature_spec")),
+                            version=version)
+
+    @serve.multiplexed(max_num_models_per_replica=VERSIONS_PER_REPLICA)
+    async def get_model(self, model_id: str) -> LoadedRanker:
+        return await self._load(model_id)
+
+    async def rank(self, context: dict, candidates: list[dict]) -> dict:
+        from serve.features import FeatureError
+
+        ranker = await self.current()
+        try:
+            dense, sparse = ranker.encoder.encode([{**context, **c} for c in candidates], field_prefix="candidates")
+        except FeatureError as err:
+            return _error(str(err), err.field)
+        scores = await self.score(_ScoreItem(ranker=ranker, dense=dense, sparse=sparse))
+        return {"scores": scores.tolist(), "version": ranker.version}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def score(self, items: list[_ScoreItem]) -> list[np.ndarray]:
+        """Click probabilities for the candidates of many requests, one forward pass per version."""
+        self.batch_requests.observe(len(items), tags={"model": self.settings["model"]})
+        results: list[np.ndarray | None] = [None] * len(items)
+        for version in {item.ranker.version for item in items}:
+            members = [i for i, item in enumerate(items) if item.ranker.version == version]
+            probs = await asyncio.to_thread(self._forward, [items[i] for i in members])
+            self.batch_rows.observe(len(probs), tags={"model": self.settings["model"], "version": str(version)})
+            bounds = np.cumsum([0] + [len(items[i].dense) for i in members])
+            for slot, (start, stop) in zip(members, zip(bounds[:-1], bounds[1:], strict=True), strict=True):
+                results[slot] = probs[start:stop]
+        return results
+
+    @staticmethod
+    def _forward(items: list[_ScoreItem]) -> np.ndarray:
+        model = items[0].ranker.export.model
+        dense = torch.from_numpy(np.concatenate([item.dense for item in items]))
+        sparse = torch.from_numpy(np.concatenate([item.sparse for item in items]))
+        with torch.no_grad():
+            return torch.sigmoid(model(dense, sparse).float()).numpy()
+
+    def check_health(self) -> None:
+        for version, ranker in list(self.loaded.items()):
+            tables = len(ranker.encoder.categorical_names)
+            dense = torch.zeros(1, len(ranker.encoder.dense_names))
+            with torch.no_grad():
+                logits = ranker.export.model(dense, torch.zeros(1, tables, dtype=torch.long))
+            if not torch.isfinite(logits).all():
+                raise RuntimeError(f"version {version} produced non-finite scores")

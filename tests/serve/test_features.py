@@ -1,0 +1,296 @@
+"""serve/features.py: raw request features encode exactly as data preparation encoded the same raw values."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import datasets.clicklog as clicklog
+from conf.schema import ClickLogDataConfig
+from datasets.clicklog import NUM_CATEGORICAL, NUM_DENSE, prepare_clicklog
+from datasets.criteo import CATEGORICAL_NAMES, DENSE_NAMES, HASH_FUNCTION
+from serve.features import FeatureEncoder, FeatureError, FeatureSpecError
+
+CRITEO_BUCKETS = [1000] * 20 + [2, 3, 50, 10_000, 2**31, 7]
+CRITEO_ROWS = 400
+# Small tables, so the largest ids show up in a few thousand rows; table 8 has 3 categories.
+CARDS = [5, 10, 3, 40, 7, 100, 2, 9, 3, 60] * 2 + [11, 4, 30, 6, 8, 1]
+SYNTHETIC = ClickLogDataConfig(rows=2_000, cardinalities=CARDS, rows_per_shard=500)
+
+
+# --------------------------------------------------------------------------------------------- Criteo TSV
+
+def criteo_fields(line_number: int) -> list[str]:
+    """One line's 40 fields. I1 is the line number, so every prepared row names the line it came from."""
+    i = line_number
+    dense = [str(i)]
+    for j in range(1, NUM_DENSE):
+        choice = (i * 5 + j) % 9
+        value = ["", "-3", "0", str(2**40 + i), str(2**62 + 1), "-1", str(i * j), "16777217", "1"][choice]
+        dense.append(value)
+    categories = []
+    for j in range(NUM_CATEGORICAL):
+        digits = 1 + (i * 3 + j) % 16
+        value = format((i * 2654435761 + j * 40503) % 16**digits, "x")
+        if (i + j) % 6 == 0:
+            value = ""
+        elif (i + j) % 11 == 0:
+            value = value.upper()
+        elif (i + j) % 13 == 0:
+            value = "f" * 16
+        categories.append(value)
+    return [str(int(i % 3 == 0)), *dense, *categories]
+
+
+def raw_request_row(fields: list[str], *, line_number: int) -> dict:
+    """A TSV line as a ranking request would send it: numbers as JSON numbers, categories as strings, and
+    missing values left out, sent as null or (for categories) as the empty string, varying by line."""
+    row = {}
+    for name, text in zip([*DENSE_NAMES, *CATEGORICAL_NAMES], fields[1:], strict=True):
+        if text:
+            row[name] = int(text) if name.startswith("I") else text
+        elif line_number % 3 == 1:
+            row[name] = None
+        elif line_number % 3 == 2 and name.startswith("C"):
+            row[name] = ""
+    return row
+
+
+def read_rows(directory: str) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(directory)
+    dense = np.stack(table["dense"].to_numpy(zero_copy_only=False))
+    sparse = np.stack(table["sparse"].to_numpy(zero_copy_only=False))
+    return dense, sparse
+
+
+@pytest.fixture(scope="module")
+def criteo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("criteo")
+    lines = [criteo_fields(number) for number in range(CRITEO_ROWS)]
+    (root / "day_0.tsv").write_text("".join("\t".join(fields) + "\n" for fields in lines))
+    cfg = ClickLogDataConfig(source="criteo_tsv", path=str(root / "day_0.tsv"), rows=None, val_fraction=0.25,
+                             hash_buckets=CRITEO_BUCKETS, rows_per_shard=64, seed=3)
+    prepared = prepare_clicklog(cfg, cache_root=root / "cache")
+    rows = [raw_request_row(fields, line_number=number) for number, fields in enumerate(lines)]
+    return prepared, rows
+
+
+def test_criteo_spec_is_machine_readable(criteo):
+    prepared, _ = criteo
+    spec = json.loads(open(prepared.feature_spec_path).read())
+    assert spec["dense_features"] == [f"I{i}" for i in range(1, 14)]
+    assert spec["categorical_features"] == [f"C{i}" for i in range(1, 27)]
+    assert spec["dense_encoding"] == "log1p_clamped"
+    assert spec["category_encoding"] == {"kind": "hash", "input": "hex", "buckets": CRITEO_BUCKETS,
+                                         "function": HASH_FUNCTION}
+    assert spec["table_sizes"] == CRITEO_BUCKETS and spec["hash_function"] == HASH_FUNCTION  # old keys stay
+
+
+def test_criteo_requests_encode_as_the_prepared_rows(criteo):
+    prepared, rows = criteo
+    encoder = FeatureEncoder.from_file(prepared.feature_spec_path)
+    dense, sparse = encoder.encode(rows, field_prefix="candidates")
+    assert dense.dtype == np.float32 and dense.shape == (CRITEO_ROWS, NUM_DENSE)
+    assert sparse.dtype == np.int64 and sparse.shape == (CRITEO_ROWS, NUM_CATEGORICAL)
+    seen = []
+    for directory in (prepared.train_dir, prepared.val_dir):
+        prepared_dense, prepared_sparse = read_rows(directory)
+        lines = np.rint(np.expm1(prepared_dense[:, 0].astype(np.float64))).astype(np.int64)
+        np.testing.assert_array_equal(dense[lines], prepared_dense)  # bit for bit, not approximately
+        np.testing.assert_array_equal(sparse[lines], prepared_sparse)
+        seen.extend(lines)
+    assert sorted(seen) == list(range(CRITEO_ROWS))  # every line matched exactly once
+    assert (sparse == 0).any() and (dense == 0).any()  # the missing values were exercised
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+def prepare_recording_raw_ids(cfg: ClickLogDataConfig, cache_root) -> tuple:
+    """Prepare synthetic data, keeping the raw category ids and missing masks the generator drew."""
+    drawn = []
+
+    def recording(*args, **kwargs):
+        features = draw_features(*args, **kwargs)
+        drawn.append(features)
+        return features
+
+    draw_features = clicklog.draw_features
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(clicklog, "draw_features", recording)
+        prepared = prepare_clicklog(cfg, cache_root=cache_root)
+    assert drawn, "prepare_clicklog reused a cache instead of generating"
+    return prepared, {key: np.concatenate([part[key] for part in drawn]) for key in drawn[0]}
+
+
+def synthetic_request_row(ids: np.ndarray, missing: np.ndarray, *, null_for_missing: bool) -> dict:
+    row = {}
+    for name, value, absent in zip(CATEGORICAL_NAMES, ids, missing, strict=True):
+        if not absent:
+            row[name] = int(value)
+        elif null_for_missing:
+            row[name] = None
+    return row
+
+
+def sorted_rows(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    """Rows as (dense bits, buckets), sorted: a multiset of whole rows. The continuous dense values make
+    rows distinct, so equal multisets pair every generated row with one prepared row."""
+    rows = np.concatenate([dense.astype(np.float32).view(np.int32).astype(np.int64), sparse], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+@pytest.mark.parametrize("hash_buckets", [None, 50], ids=["id_plus_one", "hashed"])
+def test_synthetic_ids_encode_as_the_prepared_buckets(tmp_path, hash_buckets):
+    cfg = dataclasses.replace(SYNTHETIC, hash_buckets=hash_buckets)
+    prepared, raw = prepare_recording_raw_ids(cfg, tmp_path)
+    # Half the rows say "missing" with null instead of leaving the feature out.
+    rows = [synthetic_request_row(ids, missing, null_for_missing=index % 2 == 1)
+            for index, (ids, missing) in enumerate(zip(raw["ids"], raw["sparse_missing"], strict=True))]
+    assert max(row.get("C9", 0) for row in rows) == CARDS[8] - 1  # the largest id is accepted
+    encoder = FeatureEncoder.from_file(prepared.feature_spec_path)
+    _, sparse = encoder.encode(rows)
+    parts = [read_rows(directory) for directory in (prepared.train_dir, prepared.val_dir)]
+    prepared_rows = sorted_rows(*(np.concatenate(columns) for columns in zip(*parts, strict=True)))
+    np.testing.assert_array_equal(sorted_rows(raw["dense"], sparse), prepared_rows)
+    spec = json.loads(open(prepared.feature_spec_path).read())
+    if hash_buckets is None:
+        assert spec["category_encoding"] == {"kind": "id_plus_one"}
+        assert spec["table_sizes"] == [card + 1 for card in CARDS]
+    else:
+        assert spec["category_encoding"] == {"kind": "hash", "input": "int", "buckets": [50] * NUM_CATEGORICAL,
+                                             "function": HASH_FUNCTION}
+
+
+def test_synthetic_dense_counts_encode_as_the_generator_transforms_them():
+    # The generator draws float counts (floor(exp(normal)) - offset) and transforms them itself.
+    counts = np.array([[-3.0, 0.0, 1.0, 2.0**30, 1e6, 7.0, 41.0, 0.0, 2.0, 3.0, 5.0, 8.0, 13.0]])
+    expected = np.log1p(np.maximum(counts, 0.0)).astype(np.float32)
+    encoder = FeatureEncoder.from_spec(synthetic_spec())
+    dense, _ = encoder.encode([dict(zip(DENSE_NAMES, counts[0].tolist(), strict=True))])
+    np.testing.assert_array_equal(dense, expected)
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+def synthetic_spec() -> dict:
+    return {"num_dense": NUM_DENSE, "num_categorical": NUM_CATEGORICAL, "missing_bucket": 0,
+            "dense_features": DENSE_NAMES, "categorical_features": CATEGORICAL_NAMES,
+            "dense_encoding": "log1p_clamped", "category_encoding": {"kind": "id_plus_one"},
+            "table_sizes": [card + 1 for card in CARDS]}
+
+
+def criteo_spec() -> dict:
+    encoding = {"kind": "hash", "input": "hex", "buckets": CRITEO_BUCKETS, "function": HASH_FUNCTION}
+    return {**synthetic_spec(), "category_encoding": encoding, "table_sizes": CRITEO_BUCKETS}
+
+
+def refusal(spec: dict, bad: dict) -> FeatureError:
+    """The error for a request whose fourth candidate carries `bad`; the others are valid."""
+    rows = [{"I1": 1, "C1": "a1" if spec is CRITEO else 0}, {}, {"I2": None}, {"I3": 2, **bad}]
+    with pytest.raises(FeatureError) as caught:
+        FeatureEncoder.from_spec(spec).encode(rows, field_prefix="candidates")
+    return caught.value
+
+
+CRITEO, SYNTHETIC_SPEC = criteo_spec(), synthetic_spec()
+
+
+@pytest.mark.parametrize(("spec", "bad", "message"), [
+    (CRITEO, {"C7": 12.5}, "candidates[3].C7: expected a hex string of 1-16 digits or null, got 12.5"),
+    (CRITEO, {"C7": 12}, "candidates[3].C7: expected a hex string of 1-16 digits or null, got 12"),
+    (CRITEO, {"C7": "0x1f"}, 'candidates[3].C7: expected a hex string of 1-16 digits or null, got "0x1f"'),
+    (CRITEO, {"C7": "1" * 17}, "candidates[3].C7: expected a hex string of 1-16 digits or null, got"),
+    (CRITEO, {"C7": "é"}, 'candidates[3].C7: expected a hex string of 1-16 digits or null, got "\\u00e9"'),
+    (CRITEO, {"I5": "12"}, 'candidates[3].I5: expected a number or null, got "12"'),
+    (CRITEO, {"I5": True}, "candidates[3].I5: expected a number or null, got true"),
+    (CRITEO, {"I5": float("nan")}, "candidates[3].I5: expected a finite number, got NaN"),
+    (CRITEO, {"I5": float("-inf")}, "candidates[3].I5: expected a finite number, got -Infinity"),
+    (CRITEO, {"I5": 10**400}, "candidates[3].I5: expected a finite number, got 1000"),
+    (SYNTHETIC_SPEC, {"C9": 3}, "candidates[3].C9: expected a category id in [0, 2], got 3"),
+    (SYNTHETIC_SPEC, {"C9": -1}, "candidates[3].C9: expected a category id in [0, 2], got -1"),
+    (SYNTHETIC_SPEC, {"C9": 1.0}, "candidates[3].C9: expected an integer category id or null, got 1.0"),
+    (SYNTHETIC_SPEC, {"C9": "1"}, 'candidates[3].C9: expected an integer category id or null, got "1"'),
+    (SYNTHETIC_SPEC, {"C9": False}, "candidates[3].C9: expected an integer category id or null, got false"),
+])
+def test_bad_values_name_the_field(spec, bad, message):
+    error = refusal(spec, bad)
+    assert str(error).startswith(message)
+    assert isinstance(error, ValueError)
+    assert (error.field, error.row, error.feature) == (message.split(":")[0], 3, next(iter(bad)))
+
+
+def test_hashed_ids_need_not_be_seen_in_training_but_must_fit():
+    encoding = {"kind": "hash", "input": "int", "buckets": [50] * NUM_CATEGORICAL, "function": HASH_FUNCTION}
+    encoder = FeatureEncoder.from_spec({**synthetic_spec(), "category_encoding": encoding,
+                                        "table_sizes": [50] * NUM_CATEGORICAL})
+    _, sparse = encoder.encode([{"C1": 10**9, "C2": 2**64 - 2}])
+    assert 1 <= sparse[0, 0] < 50 and 1 <= sparse[0, 1] < 50 and (sparse[0, 2:] == 0).all()
+    with pytest.raises(FeatureError, match=r"rows\[0\]\.C2: expected a category id in \[0, 18446744073709551614\]"):
+        encoder.encode([{"C2": 2**64 - 1}])
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [("c7", "did you mean 'C7'?"), ("I14", "did you mean 'I"),
+                                                  ("colour", None)])
+def test_unknown_names_list_the_expected_ones(name, suggestion):
+    error = refusal(CRITEO, {name: 1})
+    assert error.field == f"candidates[3].{name}" and (error.row, error.feature) == (3, name)
+    assert "unknown feature; expected dense I1..I13 or categorical C1..C26" in str(error)
+    assert (suggestion in str(error)) if suggestion else "did you mean" not in str(error)
+
+
+@pytest.mark.parametrize(("rows", "field", "message"), [
+    ([{}, ["I1", 1]], "candidates[1]", 'expected an object mapping feature names to values, got ["I1", 1]'),
+    ({"I1": 1}, "candidates", "expected a list of objects"),
+    ("I1", "candidates", "expected a list of objects"),
+])
+def test_malformed_rows_name_the_field(rows, field, message):
+    with pytest.raises(FeatureError) as caught:
+        FeatureEncoder.from_spec(CRITEO).encode(rows, field_prefix="candidates")
+    assert caught.value.field == field and str(caught.value).startswith(f"{field}: {message}")
+    assert caught.value.feature is None
+
+
+def test_missing_values_and_no_rows():
+    encoder = FeatureEncoder.from_spec(CRITEO)
+    dense, sparse = encoder.encode([{}, {"I1": None, "C1": None, "C2": ""}])
+    assert not dense.any() and not sparse.any()
+    dense, sparse = encoder.encode([])
+    assert dense.shape == (0, NUM_DENSE) and sparse.shape == (0, NUM_CATEGORICAL)
+
+
+# -------------------------------------------------------------------------------------------------- specs
+
+OLD_SPEC = {"num_dense": 13, "num_categorical": 26, "missing_bucket": 0,
+            "dense_transform": "log1p(max(value, 0)); missing -> 0",
+            "categories": f"hex value -> {HASH_FUNCTION} hash per table -> bucket 1..buckets-1",
+            "table_sizes": CRITEO_BUCKETS, "hash_function": HASH_FUNCTION}
+
+
+def test_a_spec_from_before_serving_says_to_prepare_again(tmp_path):
+    path = tmp_path / "feature_spec.json"
+    path.write_text(json.dumps(OLD_SPEC))
+    with pytest.raises(FeatureSpecError, match="Prepare the data again") as caught:
+        FeatureEncoder.from_file(path)
+    assert str(caught.value).startswith(f"{path} lacks dense_features, categorical_features, dense_encoding")
+    with pytest.raises(ValueError, match=r"^feature_spec.json lacks .*delete the prepared clicklog-<fingerprint>"):
+        FeatureEncoder.from_spec(OLD_SPEC)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"dense_encoding": "standardize"}, "dense_encoding='standardize' is not supported; expected 'log1p_clamped'"),
+    ({"category_encoding": {"kind": "vocabulary"}}, 'category_encoding.kind="vocabulary"; expected'),
+    ({"category_encoding": {**criteo_spec()["category_encoding"], "function": "murmur3"}},
+     'category_encoding.function="murmur3" is not the hash this server implements'),
+    ({"category_encoding": {**criteo_spec()["category_encoding"], "input": "str"}}, "category_encoding.input="),
+    ({"category_encoding": {**criteo_spec()["category_encoding"], "buckets": [1] * 26}},
+     r"category_encoding.buckets must list 26 integers in \[2, 2147483648\]"),
+    ({"table_sizes": [10] * 25}, "table_sizes must list 26 integers"),
+    ({"table_sizes": None}, "table_sizes must list 26 integers"),
+    ({"dense_features": DENSE_NAMES[:12]}, "dense_features has 12 names but the spec says there are 13"),
+    ({"dense_features": ["C1", *DENSE_NAMES[1:]]}, "C1 named both dense and categorical"),
+])
+def test_malformed_specs_name_the_key(change, message):
+    with pytest.raises(FeatureSpecError, match="^feature_spec.json: " + message):
+        FeatureEncoder.from_spec({**criteo_spec(), **change})
