@@ -65,6 +65,24 @@ def test_the_report_names_the_best_trial_and_its_best_checkpoint(asha_sweep):
     assert "lr: 0.003" in trial_config  # each trial's run directory keeps the config it trained with
 
 
+def test_promoting_a_sweep_registers_its_best_trials_best_checkpoint(asha_sweep, tmp_path):
+    """`stages=[sweep,promote,...]` hands the sweep dir to promotion, which must take the best trial's best
+    checkpoint and score it, on the held-out rows, as that trial reported."""
+    from conf.schema import ServeConfig
+    from serve.promote import promote
+    from serve.registry import Registry
+
+    sweep_dir, _, _ = asha_sweep
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    event = promote(ServeConfig(registry=str(tmp_path / "registry")), model="swept", source=sweep_dir,
+                    experiment="llm_tiny", cache_dir=tmp_path / "cache")
+    assert event["decision"] == "promoted"
+    version = Registry(tmp_path / "registry").version("swept", 1)
+    assert version["checkpoint"] == summary["best_checkpoint"]
+    assert version["source_run"] == summary["best_run_dir"]
+    assert event["challenger_value"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
+
+
 def test_a_finished_sweep_leaves_the_cluster_free_for_a_plain_run(asha_sweep, data_cache, tmp_path):
     _, _, ray = asha_sweep
     groups = ray.util.placement_group_table().values()

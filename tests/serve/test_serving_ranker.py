@@ -1,0 +1,124 @@
+"""The ranker endpoint on real Ray Serve over HTTP: scores equal the exported model's, bearer-token auth, 4xx
+answers naming the field, and requests combined by @serve.batch under concurrent load."""
+
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from conf.schema import ServeConfig
+from serve.export import export_checkpoint, load_export
+from serve.features import FeatureEncoder
+from serve.registry import Registry
+from tests.helpers import RANKER_REFERENCE_RUN
+from tests.serve.http_client import request
+
+MODEL = "tiny-ranker"
+API_KEY = "test-secret"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+CONTEXT = {"I1": 3, "I2": 0.5, "C1": 4, "C2": 1}
+HISTOGRAM = "ray_slipway_ranker_batch_requests"  # requests per @serve.batch call
+CANDIDATES = [{"C3": i, "C4": 2 * i, "I3": float(i)} for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def endpoint(trained_runs, serve_port, tmp_path_factory):
+    from ray import serve
+
+    from serve.deploy import deploy
+
+    root = tmp_path_factory.mktemp("ranker_serving")
+    run_dir = trained_runs("ranker-reference", RANKER_REFERENCE_RUN, ranker=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    export_dir = export_checkpoint(run_dir / summary["best_checkpoint"].rsplit("/", 1)[1], root / "export", info={})
+    registry = Registry(root / "registry")
+    registry.register(MODEL, export_dir, metadata={"family": "ranker"})
+    registry.move_alias(MODEL, "production", 1, reason="test setup")
+    serve_cfg = ServeConfig(registry=str(root / "registry"), port=serve_port, num_cpus=0.25, min_replicas=1,
+                            max_replicas=1, api_key=API_KEY, max_candidates=8, max_batch_size=16,
+                            batch_wait_timeout_s=0.05)
+    yield deploy(serve_cfg, model=MODEL), export_dir
+    serve.delete(MODEL)
+
+
+def rank(url: str, body, *, headers=AUTH):
+    return request(url + "/v1/rank", body, headers=headers)
+
+
+def test_scores_are_the_exported_models_click_probabilities(endpoint):
+    url, export_dir = endpoint
+    status, answer, headers = rank(url, {"model": MODEL, "context": CONTEXT, "candidates": CANDIDATES})
+    assert status == 200, answer
+    assert answer["model_version"] == 1 and headers["x-model-version"] == "1"
+    loaded = load_export(export_dir)
+    dense, sparse = FeatureEncoder.from_file(export_dir / "feature_spec.json").encode(
+        [{**CONTEXT, **c} for c in CANDIDATES])
+    with torch.no_grad():
+        expected = torch.sigmoid(loaded.model(torch.from_numpy(dense), torch.from_numpy(sparse))).numpy()
+    np.testing.assert_allclose(answer["scores"], expected, rtol=1e-6)
+    assert answer["ranking"] == list(np.argsort(-expected, kind="stable"))
+
+
+def test_requests_need_the_api_key(endpoint):
+    url, _ = endpoint
+    body = {"candidates": CANDIDATES[:1]}
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        status, answer, _ = rank(url, body, headers=headers)
+        assert status == 401 and answer["error"]["param"] == "authorization"
+    assert rank(url, body)[0] == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"[1, 2", "body"),
+    ({"candidates": []}, "candidates"),
+    ({"candidates": [{"C1": 1}] * 9}, "candidates"),  # over serve.max_candidates
+    ({"candidates": [{"C1": 1}, {"C99": 1}]}, "candidates[1].C99"),
+    ({"candidates": [{"C1": "a"}]}, "candidates[0].C1"),
+    ({"candidates": [{"I1": "big"}]}, "candidates[0].I1"),
+    ({"context": {"C1": 1}, "candidates": [{"C1": 2}]}, "candidates[0].C1"),
+    ({"context": [1], "candidates": [{"C1": 2}]}, "context"),
+], ids=["malformed-json", "no-candidates", "too-many-candidates", "unknown-feature", "category-type",
+        "dense-type", "feature-twice", "context-type"])
+def test_a_bad_request_gets_a_400_naming_the_field(endpoint, body, param):
+    url, _ = endpoint
+    status, answer, _ = rank(url, body)
+    assert status == 400 and answer["error"]["param"] == param, answer
+    assert rank(url, {"candidates": CANDIDATES[:2]})[0] == 200
+
+
+def test_the_llm_route_is_not_served_by_a_ranker(endpoint):
+    url, _ = endpoint
+    status, answer, _ = request(url + "/v1/completions", {"prompt": "x"}, headers=AUTH)
+    assert status == 404 and "ranker" in answer["error"]["message"]
+
+
+def test_concurrent_requests_are_scored_in_shared_batches(endpoint, ray_session):
+    """16 clients at once: @serve.batch must combine requests, which the batch-size histogram shows."""
+    url, _ = endpoint
+    statuses = []
+
+    def client():
+        for _ in range(10):
+            statuses.append(rank(url, {"context": CONTEXT, "candidates": CANDIDATES})[0])
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert statuses.count(200) == 160
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    deadline, requests, batches = time.monotonic() + 30, 0.0, 0.0
+    while time.monotonic() < deadline and requests < 160:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        rows = [line for line in body.splitlines()
+                if line.startswith(HISTOGRAM) and f'model="{MODEL}"' in line]
+        requests, batches = (sum(float(r.rsplit(" ", 1)[1]) for r in rows if r.startswith(HISTOGRAM + suffix))
+                             for suffix in ("_sum", "_count"))
+        time.sleep(0.5)
+    assert requests >= 160, f"the batch histogram saw {requests} requests"
+    assert batches < requests, f"every one of {batches:.0f} batches held a single request"
