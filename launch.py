@@ -55,6 +55,8 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]
     if {"train", "sweep"} & set(stages):
         validate_config(cfg)
     config = OmegaConf.to_container(dict_cfg, resolve=True)
+    if config["serve"].get("api_key"):  # the config is written into run directories: keep the secret out
+        config["serve"]["api_key"] = "<redacted>"
     results: list[tuple[str, str | Path]] = []
     for stage in stages:
         results.append(_run_stage(stage, cfg, config=config, experiment=experiment, produced=results))

@@ -202,6 +202,7 @@ class ServeConfig:
     # The endpoint
     host: str = "127.0.0.1"  # localhost only unless you say otherwise
     port: int = 8000
+    route_prefix: str = "/"  # where this model's API lives; give each model its own to serve several at once
     api_key: str | None = None  # set: every request needs `Authorization: Bearer <api_key>`
     block: bool = True  # stage=serve keeps serving until Ctrl-C; false returns once the endpoint answers
     refresh_s: float = 2.0  # how often the router re-reads the registry's aliases (rollback from anywhere)

@@ -1,6 +1,6 @@
 """What serving costs: Ray Serve's HTTP path against the same models called in-process, on a local Ray.
 
-    python scripts/bench_serve.py                                  # random llm_tiny + dlrm_small, ~3 min
+    python scripts/bench_serve.py                                  # random llm_tiny + dlrm_small, 3-4 min
     python scripts/bench_serve.py --seconds 2 --concurrency 1 4    # a smoke run
     python scripts/bench_serve.py --registry /path/to/registry --llm-model llm_tiny --ranker-model ranker_dlrm
 
@@ -17,12 +17,15 @@ The load tests pin one replica (min = max = 1, --num-cpus CPUs) so the levels co
      and errors over --seconds. LLM: POST /v1/completions (fixed prompt, --max-tokens, temperature 0);
      ranker: POST /v1/rank with --candidates candidates.
   2. the same work in this process, without Ray (generate(); encode + forward), with as many torch threads
-     as Ray gives a replica: p50, and the serve overhead = p50 at concurrency 1 minus in-process p50.
+     as Ray gives a replica, measured right before the load levels: p50, and the serve overhead = p50 at
+     concurrency 1 minus in-process p50; GET /healthz (proxy + router, no model replica) shows how much of
+     that the HTTP front end takes. The ranker's overhead includes @serve.batch's wait (batch_wait_timeout_s).
   3. dynamic batching: the ranker at --batch-concurrency with serve.max_batch_size=1 against the default
      (64); requests/s of each and their ratio.
   4. autoscaling: the ranker with min 1, max 2 replicas, target_ongoing_requests 1, upscale_delay_s 1,
-     0.5 CPU each; a load step to --autoscale-concurrency; seconds from the step to a second replica
-     RUNNING and to the first request answered after that.
+     0.5 CPU each; a load step to --autoscale-concurrency; seconds from the step to a second replica asked
+     for (STARTING), RUNNING, the first request answered after that and the first one the new replica
+     answered (from its Serve log file), and how many of the requests in --autoscale-hold-s it answered.
 
 On a 2-core machine the client threads, the proxy, the router and the replicas all share the same two cores,
 so absolute figures are low and move between runs: quote them as ratios taken from one run (serve vs
@@ -49,8 +52,6 @@ LLM_NAME, RANKER_NAME = "bench_llm", "bench_ranker"
 PROMPT = "import os\n\n\ndef read_config(path):\n    "
 SEED = 0
 PARTS = ("llm", "ranker", "batching", "autoscaling")
-
-logger = logging.getLogger("bench_serve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -201,14 +202,16 @@ def ranker_request(model: str, *, spec_path: Path, candidates: int) -> dict:
     spec = json.loads(spec_path.read_text())
     rng = np.random.default_rng(SEED)
     dense, categorical = spec["dense_features"], spec["categorical_features"]
-    # id_plus_one takes ids below table_size - 1; a hashed spec takes any id, so keep to a small range there.
-    limits = ([size - 1 for size in spec["table_sizes"]] if spec["category_encoding"]["kind"] == "id_plus_one"
+    encoding = spec["category_encoding"]
+    # id_plus_one takes ids below table_size - 1; a hashed spec takes any id (as hex strings for Criteo's data).
+    limits = ([size - 1 for size in spec["table_sizes"]] if encoding["kind"] == "id_plus_one"
               else [1000] * len(categorical))
     limit = dict(zip(categorical, limits, strict=True))
+    as_value = (lambda n: f"{n:08x}") if encoding.get("input") == "hex" else int
 
     def row(dense_names, categorical_names):
         return {**{name: round(float(rng.exponential(5.0)), 2) for name in dense_names},
-                **{name: int(rng.integers(0, limit[name])) for name in categorical_names}}
+                **{name: as_value(int(rng.integers(0, limit[name]))) for name in categorical_names}}
 
     half_dense, half_cat = len(dense) // 2, len(categorical) // 2
     context = row(dense[:half_dense], categorical[:half_cat])
@@ -289,8 +292,8 @@ class LoadResult:
 
 
 class _NoDelayConnection(http.client.HTTPConnection):
-    """http.client writes the headers and the body separately: with Nagle's algorithm on, the body waits for
-    the server's delayed ACK of the headers, adding ~40 ms to every request whose body is not tiny."""
+    """http.client writes the headers and the body separately; with Nagle's algorithm on, the body may wait for
+    the server's delayed ACK of the headers (up to ~40 ms on some stacks), which is the client's cost, not Serve's."""
 
     def connect(self) -> None:
         super().connect()
@@ -306,7 +309,7 @@ class ClosedLoop:
 
     port: int
     path: str
-    body: bytes
+    body: bytes | None  # None: GET
     concurrency: int
     samples: list = field(default_factory=list)
     errors: list = field(default_factory=list)
@@ -333,7 +336,8 @@ class ClosedLoop:
             try:
                 if connection is None:
                     connection = _NoDelayConnection("127.0.0.1", self.port, timeout=120)
-                connection.request("POST", self.path, body=self.body, headers=headers)
+                connection.request("GET" if self.body is None else "POST", self.path, body=self.body,
+                                   headers=headers)
                 response = connection.getresponse()
                 answer = response.read()
                 ok = response.status == 200
@@ -365,8 +369,9 @@ def _percentile(sorted_values: list[float], percent: float) -> float:
     return sorted_values[max(index, 0)]
 
 
-def closed_loop(port: int, path: str, body: dict, *, concurrency: int, seconds: float, warmup_s: float) -> LoadResult:
-    loop = ClosedLoop(port, path, json.dumps(body).encode(), concurrency).start()
+def closed_loop(port: int, path: str, body: dict | None, *, concurrency: int, seconds: float,
+                warmup_s: float) -> LoadResult:
+    loop = ClosedLoop(port, path, None if body is None else json.dumps(body).encode(), concurrency).start()
     started = time.perf_counter()
     time.sleep(warmup_s + seconds)
     result = loop.window(started + warmup_s, started + warmup_s + seconds)
@@ -527,7 +532,8 @@ def _print_table(results: dict) -> None:
         print(f"{family} in-process p50: {_describe_in_process(figures)}")
         if "overhead_ms" in figures:
             print(f"{family} serve overhead (p50 at concurrency {figures['served_concurrency']} minus in-process "
-                  f"p50): {figures['overhead_ms']:.2f} ms")
+                  f"p50): {figures['overhead_ms']:.2f} ms, of which proxy + router (GET /healthz p50) "
+                  f"{figures['healthz_p50_ms']:.2f} ms")
     if batching := results.get("batching"):
         print(f"ranker dynamic batching at concurrency {batching['concurrency']}: max_batch_size="
               f"{batching['default_max_batch_size']} {batching['batched_rps']:.1f} req/s vs max_batch_size=1 "
@@ -559,12 +565,26 @@ def _seconds(value: float | None) -> str:
     return "never (timed out)" if value is None else f"{value:.1f} s"
 
 
-def bench_family(family: str, *, model: str, body: dict, port: int, args) -> tuple[list[LoadResult], str]:
+def bench_family(family: str, *, model: str, body: dict, port: int, args) -> dict:
+    """In-process p50, then the load levels and GET /healthz against the deployed app, back to back so that
+    the machine's other load is about the same for all of them."""
     path = "/v1/completions" if family == "llm" else "/v1/rank"
-    print(f"{family}: closed-loop load on {path} ({args.seconds:g} s per level after {args.warmup_s:g} s warmup)",
-          flush=True)
     deploy_app(pinned_config(args.registry_uri, port=port, num_cpus=args.num_cpus), model=model)
-    return load_levels(port, path, body, levels=args.concurrency, args=args, label=family), path
+    local = in_process_p50(args.registry_uri, model=model, family=family, body=body, seconds=min(args.seconds, 5.0))
+    print(f"  {family} in-process p50: {_describe_in_process(local)}", flush=True)
+    print(f"  {family}: closed-loop load on {path} ({args.seconds:g} s per level after {args.warmup_s:g} s "
+          f"warmup)", flush=True)
+    levels = load_levels(port, path, body, levels=args.concurrency, args=args, label=family)
+    # GET /healthz goes through the proxy and the router but never reaches a model replica: the share of the
+    # overhead that the HTTP front end costs.
+    health = closed_loop(port, "/healthz", None, concurrency=1, seconds=min(args.seconds, 3.0), warmup_s=0.5)
+    print(f"  {family} GET /healthz (proxy + router only) concurrency 1: p50 {health.p50_ms:.1f} ms", flush=True)
+    lowest = min(levels, key=lambda row: row.concurrency)
+    local.update(served_concurrency=lowest.concurrency, overhead_ms=lowest.p50_ms - local["p50_ms"],
+                 healthz_p50_ms=health.p50_ms)
+    print(f"Serve overhead for {family} (p50 at concurrency {lowest.concurrency} minus in-process p50): "
+          f"{local['overhead_ms']:.2f} ms", flush=True)
+    return {"levels": levels, "in_process": local}
 
 
 def bench_batching(*, model: str, body: dict, port: int, args, batched: LoadResult | None) -> dict:
@@ -606,21 +626,18 @@ def bench_ranker_extras(*, model: str, body: dict, port: int, args, levels: list
     return results
 
 
-def run_benchmarks(names: dict[str, str], bodies: dict[str, dict], in_process: dict, *, args) -> dict:
+def run_benchmarks(names: dict[str, str], bodies: dict[str, dict], *, args) -> dict:
     from ray import serve
 
     port = start_serve(cores=args.cores)
-    results = {"load": {}, "in_process": in_process}
+    results = {"load": {}, "in_process": {}}
     for family, model in names.items():
         rows = []
         if family in args.parts:
-            rows, _ = bench_family(family, model=model, body=bodies[family], port=port, args=args)
+            measured = bench_family(family, model=model, body=bodies[family], port=port, args=args)
+            rows = measured["levels"]
             results["load"][family] = [asdict(row) for row in rows]
-            lowest = min(rows, key=lambda row: row.concurrency)
-            overhead = lowest.p50_ms - in_process[family]["p50_ms"]
-            in_process[family].update(served_concurrency=lowest.concurrency, overhead_ms=overhead)
-            print(f"Serve overhead for {family} (p50 at concurrency {lowest.concurrency} minus in-process p50): "
-                  f"{overhead:.2f} ms", flush=True)
+            results["in_process"][family] = measured["in_process"]
         if family == "ranker":
             results.update(bench_ranker_extras(model=model, body=bodies[family], port=port, args=args, levels=rows))
     serve.shutdown()
@@ -648,20 +665,17 @@ def main(argv: list[str] | None = None) -> int:
               for family, model in names.items()}
     # A replica's torch runs as many threads as Ray sets OMP_NUM_THREADS to: floor(num_cpus), at least 1.
     torch.set_num_threads(max(1, math.floor(args.num_cpus)))
-    in_process = {}
-    for family, model in names.items():
-        if family not in args.parts:
-            continue
-        in_process[family] = in_process_p50(args.registry_uri, model=model, family=family, body=bodies[family],
-                                            seconds=min(args.seconds, 5.0))
-        print(f"{family} in-process p50: {_describe_in_process(in_process[family])}", flush=True)
+    load_before = os.getloadavg()[0]  # other work on the machine moves every figure; say how much there was
     try:
-        results = run_benchmarks(names, bodies, in_process, args=args)
+        results = run_benchmarks(names, bodies, args=args)
     finally:
         ray.shutdown()
+    results["load_average_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
     results["wall_s"] = time.perf_counter() - wall
     results["args"] = {key: str(value) for key, value in vars(args).items()}
     _print_table(results)
+    print(f"machine load average (1 min) at start {results['load_average_1min']['start']:.1f}, at end "
+          f"{results['load_average_1min']['end']:.1f}, on {os.cpu_count()} cores")
     print(f"total {results['wall_s']:.0f} s; results: {bench_dir / 'results.json'}")
     (bench_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -9,9 +9,11 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from conf.schema import RootConfig, ServeConfig
 from serve.registry import Registry
+from serve.replicas import replica_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ def _check_serve_config(serve_cfg: ServeConfig) -> None:
         raise ValueError(f"serve.target_ongoing_requests must be positive, got {serve_cfg.target_ongoing_requests}")
     if serve_cfg.num_cpus < 0 or serve_cfg.num_gpus < 0:
         raise ValueError("serve.num_cpus and serve.num_gpus must not be negative")
+    if not serve_cfg.route_prefix.startswith("/"):
+        raise ValueError(f"serve.route_prefix={serve_cfg.route_prefix!r} must start with '/'")
     if not 1 <= serve_cfg.port <= 65535:
         raise ValueError(f"serve.port={serve_cfg.port} is not a TCP port")
 
@@ -56,6 +60,7 @@ def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
                             "downscale_delay_s": serve_cfg.downscale_delay_s},
         ray_actor_options={"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus},
         max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        user_config={"preload_aliases": True},  # Serve awaits each replica's reconfigure() before it serves
         health_check_period_s=serve_cfg.health_check_period_s,
         graceful_shutdown_timeout_s=serve_cfg.graceful_shutdown_timeout_s,
     )
@@ -69,17 +74,34 @@ def deploy(serve_cfg: ServeConfig, *, model: str) -> str:
     """Start (or update) the model's application on the connected Ray cluster; returns the endpoint URL."""
     from ray import serve
 
+    _check_serve_config(serve_cfg)
     registry = Registry(serve_cfg.registry)
     production = registry.resolve(model, "production")
     if production is None:
         raise ValueError(f"serve.model={model} has no production version in {registry.uri}: promote one first "
                          f"(stage=promote serve.source=<run_dir>)")
     family = registry.version(model, production)["family"]
-    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    serve.run(build_app(serve_cfg, model=model, family=family), name=model, route_prefix="/")
-    url = f"http://{serve_cfg.host}:{serve_cfg.port}"
+    _start_serve(serve_cfg)
+    serve.run(build_app(serve_cfg, model=model, family=family), name=model, route_prefix=serve_cfg.route_prefix)
+    url = f"http://{serve_cfg.host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"
     logger.info("serving %s (production v%d) at %s", model, production, url)
     return url
+
+
+def _start_serve(serve_cfg: ServeConfig) -> None:
+    """Start Serve's HTTP proxy on serve.host:serve.port, or check that the running one listens there: Serve
+    keeps the address it started with and would silently ignore a new one."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (serve_cfg.host, serve_cfg.port):
+        raise ValueError(
+            f"Ray Serve on this cluster already listens on {running.host}:{running.port}; serve.host="
+            f"{serve_cfg.host} serve.port={serve_cfg.port} cannot change that while it runs: use those values or "
+            f"shut Serve down first (serve shutdown)"
+        )
 
 
 # ----------------------------------------------------------------------------------- the serve stage
@@ -93,27 +115,40 @@ def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: floa
         return json.loads(response.read())
 
 
-def sample_request(serve_cfg: ServeConfig, *, family: str, model: str) -> tuple[str, dict]:
+def sample_request(serve_cfg: ServeConfig, *, family: str, model: str, export_dir: Path) -> tuple[str, dict]:
+    """A request that the production version accepts, to show the endpoint working."""
     if family == "llm":
         return "/v1/completions", {"model": model, "prompt": serve_cfg.sample_prompt, "max_tokens": 32,
                                    "temperature": 0}
-    return "/v1/rank", {"model": model, "context": {"I1": 3, "C1": 7},
-                        "candidates": [{"C2": 1, "I2": 0.5}, {"C2": 2, "I2": 4.0}]}
+    from serve.features import FeatureEncoder
+
+    encoder = FeatureEncoder.from_file(export_dir / "feature_spec.json")
+    first, second = encoder.categorical_names[:2]
+    context = {encoder.dense_names[0]: 3, first: encoder.sample_category(0)}
+    candidates = [{second: encoder.sample_category(1, rank)} for rank in range(2)]
+    return "/v1/rank", {"model": model, "context": context, "candidates": candidates}
 
 
 def _curl(url: str, body: dict, *, api_key: str | None) -> str:
-    auth = " -H 'Authorization: Bearer $SLIPWAY_API_KEY'" if api_key else ""
+    # Double quotes so the shell fills in the key: it is never printed.
+    auth = ' -H "Authorization: Bearer $SLIPWAY_API_KEY"' if api_key else ""
     return f"curl -s {url} -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
-def _print_sample(serve_cfg: ServeConfig, *, url: str, model: str, family: str) -> None:
-    route, body = sample_request(serve_cfg, family=family, model=model)
+def _print_sample(serve_cfg: ServeConfig, *, url: str, model: str) -> None:
+    registry = Registry(serve_cfg.registry)
+    version = registry.resolve(model, "production")
+    family = registry.version(model, version)["family"]
+    export_dir = registry.fetch(model, version, cache_dir=replica_cache_dir())
+    route, body = sample_request(serve_cfg, family=family, model=model, export_dir=export_dir)
     answer = post_json(url + route, body, api_key=serve_cfg.api_key)
     if family == "llm":
         shown = f"{body['prompt']!r} -> {answer['choices'][0]['text']!r}"
         hint = f"\n  any OpenAI-compatible client works too: base_url={url}/v1, model={model!r}"
     else:
         shown, hint = f"scores {answer['scores']}", ""
+    if serve_cfg.api_key:
+        hint += "\n  (first: export SLIPWAY_API_KEY=<the serve.api_key you set>)"
     print(f"\nsample {route} answered by {model} v{answer['model_version']}: {shown}\ntry it:\n  "
           f"{_curl(url + route, body, api_key=serve_cfg.api_key)}{hint}\n", flush=True)
 
@@ -128,9 +163,7 @@ def serve_endpoint(cfg: RootConfig, *, model: str) -> str:
         set_canary(cfg.serve, model=model)
     connect(cfg.cluster)
     url = deploy(cfg.serve, model=model)
-    registry = Registry(cfg.serve.registry)
-    family = registry.version(model, registry.resolve(model, "production"))["family"]
-    _print_sample(cfg.serve, url=url, model=model, family=family)
+    _print_sample(cfg.serve, url=url, model=model)
     if cfg.serve.block:
         _block_until_interrupted(model, url=url)
     return url

@@ -111,6 +111,14 @@ class FeatureEncoder:
             raise FeatureSpecError(f"{path}: not valid JSON ({error})") from error
         return cls.from_spec(spec, source=str(path))
 
+    def sample_category(self, table: int, index: int = 0) -> int | str:
+        """A raw value that table `table` accepts (for example requests): the index-th id, or a hex string."""
+        if self.category.input == "hex":
+            return format(index + 1, "08x")
+        if self.category.kind == CATEGORY_ID_PLUS_ONE:
+            return min(index, self.category.limits[table] - 1)
+        return index
+
     @property
     def feature_names(self) -> tuple[str, ...]:
         """Every accepted feature name: the dense ones, then the categorical ones, in model input order."""

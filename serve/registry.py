@@ -295,11 +295,13 @@ class Registry:
 
     def __init__(self, uri: str | os.PathLike, *, filesystem: pafs.FileSystem | None = None,
                  lock_timeout_s: float = 30.0, lock_lease_s: float = 60.0) -> None:
+        text = os.fspath(uri)
         if filesystem is None:
-            filesystem, root = resolve_filesystem(uri)
+            filesystem, root = resolve_filesystem(text)
         else:
-            root = os.fspath(uri).rstrip("/")
-        self.uri = os.fspath(uri)
+            root = text.rstrip("/")
+        # A plain local path becomes absolute, so the URI means the same in Serve replicas with another cwd.
+        self.uri = text if "://" in text or not _is_local(filesystem) else root
         self.filesystem = filesystem
         self.root = root
         self.lock_timeout_s = lock_timeout_s

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,19 @@ class _VersionedReplica:
 
     def __init__(self, settings: dict):
         self.settings = settings
-        self.loaded: dict[int, object] = {}
+        # Weak: Serve's multiplexer owns the loaded versions and evicts the least recently used; a strong
+        # reference here would keep every version this replica ever served in memory (and in check_health).
+        self.loaded: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+
+    async def reconfigure(self, config: dict) -> None:
+        """Load the versions the aliases route to before this replica takes traffic. Serve awaits this before a
+        replica counts as running (build_app passes a user_config for that). Multiplexed routing sends a
+        version's requests only to replicas that hold it, and to others only when those are full, so a replica
+        the autoscaler adds would otherwise stay idle."""
+        aliases = await asyncio.to_thread(Registry(self.settings["registry"]).aliases, self.settings["model"])
+        for alias in ("production", "canary"):
+            if alias in aliases:
+                await self.get_model(str(aliases[alias]["version"]))
 
     async def _load(self, model_id: str):
         version = int(model_id)

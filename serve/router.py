@@ -90,8 +90,8 @@ class Router:
                     self._warm(routes)
                     logger.info("%s routes: %s -> %s", self.model, self.routes, routes)
                     self.routes = routes
-            except Exception:  # a registry hiccup must not stop serving the routes we have
-                logger.exception("reading the registry's aliases failed; keeping %s", self.routes)
+            except Exception:  # an unreadable registry or a version that fails to load keeps the current routes
+                logger.exception("could not switch to the registry's aliases; still serving %s", self.routes)
 
     def _warm(self, routes: Routes) -> None:
         for version in {routes.production, routes.canary} - {None}:

@@ -82,6 +82,12 @@ def test_launch_stages_for_the_registry(trained_runs, tmp_path, capsys):
     listing = capsys.readouterr().out
     assert "v1" in listing and "production" in listing and "gate v1: promoted" in listing
     assert results == [("registry", f"{MODEL} production v1")]
+    results = launch.run(compose_config(["stage=canary", "serve.canary_version=1", "serve.canary_percent=10",
+                                         *common]), experiment="default")
+    assert results == [("canary", f"{MODEL} canary v1, production v1")]
+    assert Registry(tmp_path / "registry").aliases(MODEL)["canary"]["percent"] == 10
+    launch.run(compose_config(["stage=canary", "serve.canary_percent=0", *common]), experiment="default")
+    assert "canary" not in Registry(tmp_path / "registry").aliases(MODEL)
     with pytest.raises(ValueError, match="stages=\\['train', 'deploy'\\] must name stages from"):
         launch.run(compose_config(["stages=[train,deploy]", *common]), experiment="default")
 

@@ -14,7 +14,8 @@ def test_quickstart_trains_promotes_and_serves(serve_port, ray_session, data_cac
     from ray import serve
 
     overrides = [*TINY_OVERRIDES[1:], f"paths.root={tmp_path}", f"paths.data_cache={data_cache}",
-                 "serve.block=false", f"serve.port={serve_port}", "serve.num_cpus=0.25", "serve.max_replicas=1"]
+                 "serve.block=false", f"serve.port={serve_port}", "serve.num_cpus=0.25", "serve.max_replicas=1",
+                 "serve.api_key=qs-secret"]
     assert TINY_OVERRIDES[0] == "+exp=llm_tiny"
     try:
         results = launch.run(compose_config(["+exp=quickstart", *overrides]), experiment="quickstart")
@@ -25,8 +26,12 @@ def test_quickstart_trains_promotes_and_serves(serve_port, ray_session, data_cac
         printed = capsys.readouterr().out
         assert "sample /v1/completions answered by quickstart v1" in printed
         curl = re.search(r"^\s*(curl .*)$", printed, re.M).group(1)
+        assert "Authorization: Bearer $SLIPWAY_API_KEY" in curl  # the key itself is never printed
         words = shlex.split(curl)
-        status, answer, _ = request(words[2], json.loads(words[words.index("-d") + 1]))
+        body = json.loads(words[words.index("-d") + 1])
+        assert request(words[2], body)[0] == 401
+        status, answer, _ = request(words[2], body, headers={"authorization": "Bearer qs-secret"})
         assert status == 200 and answer["model_version"] == 1 and answer["choices"][0]["text"]
+        assert "qs-secret" not in (results[0][1] / "config.yaml").read_text()
     finally:
         serve.delete("quickstart")

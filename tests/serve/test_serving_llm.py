@@ -5,6 +5,7 @@ failed request, and per-version metrics on Ray's Prometheus endpoint."""
 import json
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -168,6 +169,24 @@ def test_promotion_and_rollback_under_load_fail_no_request(endpoint):
     statuses = [status for status, _ in load.answers]
     assert statuses and set(statuses) == {200}, f"{len(statuses) - statuses.count(200)} failed requests"
     assert {version for _, version in load.answers} == {1, 2}
+
+
+def test_a_version_that_fails_its_checksum_never_takes_traffic(endpoint):
+    """Production moved to a version whose weights were altered after registration: the router cannot load it
+    (the registry refuses it), so it keeps serving the version it had."""
+    url, serve_cfg, root = endpoint
+    wait_for_version(url, 1)
+    registry = Registry(serve_cfg.registry)
+    version = registry.register(MODEL, root / "ddp", metadata={"family": "llm"})["version"]
+    weights = Path(registry.root) / MODEL / "versions" / f"{version:06d}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    registry.move_alias(MODEL, "production", version, reason="test: a corrupted version")
+    try:
+        time.sleep(10 * serve_cfg.refresh_s)
+        status, answer, _ = completions(url, max_tokens=1)
+        assert status == 200 and answer["model_version"] == 1
+    finally:
+        registry.move_alias(MODEL, "production", 1, reason="test: back to a good version")
 
 
 def test_per_version_metrics_reach_the_prometheus_endpoint(endpoint, ray_session):

@@ -63,6 +63,15 @@ def test_scores_are_the_exported_models_click_probabilities(endpoint):
     assert answer["ranking"] == list(np.argsort(-expected, kind="stable"))
 
 
+def test_the_sample_request_printed_by_the_serve_stage_is_accepted(endpoint):
+    from serve.deploy import sample_request
+
+    url, export_dir = endpoint
+    route, body = sample_request(ServeConfig(), family="ranker", model=MODEL, export_dir=export_dir)
+    status, answer, _ = request(url + route, body, headers=AUTH)
+    assert status == 200 and len(answer["scores"]) == len(body["candidates"]), answer
+
+
 def test_requests_need_the_api_key(endpoint):
     url, _ = endpoint
     body = {"candidates": CANDIDATES[:1]}
