@@ -6,6 +6,8 @@ model deployment whose replicas hold the versions the registry's aliases name.
 
 import json
 import logging
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -170,16 +172,24 @@ def serve_endpoint(cfg: RootConfig, *, model: str) -> str:
 
 
 def _block_until_interrupted(model: str, *, url: str) -> None:
+    """Serve until Ctrl-C or SIGTERM, then let in-flight requests finish.
+
+    Our own handlers, because the SIGINT handler left in place by an earlier Ray Train fit() in this process
+    swallows Ctrl-C once its run has ended."""
     from ray import serve
 
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     logger.info("serving %s at %s until Ctrl-C (rollback from another shell: python launch.py stage=rollback "
                 "serve.model=%s)", model, url, model)
     try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        logger.info("stopping %s: letting in-flight requests finish", model)
-        serve.delete(model)
+        while not stop.wait(1.0):  # a timeout keeps the wait interruptible everywhere
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("stopping %s: letting in-flight requests finish", model)
+    serve.delete(model)
 
 
 def wait_until_serving(url: str, *, timeout_s: float = READY_TIMEOUT_S) -> dict:

@@ -35,3 +35,40 @@ def test_quickstart_trains_promotes_and_serves(serve_port, ray_session, data_cac
         assert "qs-secret" not in (results[0][1] / "config.yaml").read_text()
     finally:
         serve.delete("quickstart")
+
+
+def test_the_serve_stage_serves_until_ctrl_c(tmp_path, trained_runs):
+    """`stage=serve` as a user runs it: its own embedded Ray, serving until SIGINT, then a clean exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import LLM_STRATEGY_RUNS, REPO_ROOT
+    from tests.serve.conftest import free_port
+
+    common = [f"paths.root={tmp_path}", "serve.model=tiny"]
+    source = trained_runs("llm-ddp", LLM_STRATEGY_RUNS["ddp"])
+    launch.run(compose_config(["stage=promote", f"serve.source={source}", *common]), experiment="default")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "launch.py", "stage=serve", *common, f"serve.port={port}", "serve.num_cpus=0.25",
+         "cluster.include_dashboard=false", "cluster.local_num_cpus=2"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any("until Ctrl-C" in line for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines[-30:])
+            lines.append(process.stdout.readline())
+        status, answer, _ = request(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "def ", "max_tokens": 2})
+        assert status == 200 and answer["model_version"] == 1
+        os.killpg(process.pid, signal.SIGINT)
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    assert "letting in-flight requests finish" in output
+    assert output.rstrip().splitlines()[-1] == f"endpoint: http://127.0.0.1:{port}"
