@@ -25,8 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parent
 
 
 STAGES = ("train", "sweep", "promote", "canary", "rollback", "registry", "serve")
-# Stages that use what an earlier stage of the same command produced, and the stages that can produce it.
-_NEEDS_EARLIER = {"promote": ("train", "sweep")}
 
 
 def stages_of(cfg: RootConfig) -> list[str]:
@@ -43,6 +41,9 @@ def stages_of(cfg: RootConfig) -> list[str]:
     stages = ["sweep" if stage == "train" and is_sweep(cfg) else stage for stage in stages]
     if len(set(stages)) != len(stages):
         raise ValueError(f"{key}={stages} names a stage twice (with a sweep set, train is the sweep)")
+    trained = [i for i, stage in enumerate(stages) if stage in ("train", "sweep")]
+    if trained and "promote" in stages and stages.index("promote") < trained[0]:
+        raise ValueError(f"{key}={stages}: promote must come after {stages[trained[0]]}, which it promotes")
     return stages
 
 

@@ -90,6 +90,8 @@ def test_launch_stages_for_the_registry(trained_runs, tmp_path, capsys):
     assert "canary" not in Registry(tmp_path / "registry").aliases(MODEL)
     with pytest.raises(ValueError, match="stages=\\['train', 'deploy'\\] must name stages from"):
         launch.run(compose_config(["stages=[train,deploy]", *common]), experiment="default")
+    with pytest.raises(ValueError, match="promote must come after train"):
+        launch.run(compose_config(["stages=[promote,train]", *common]), experiment="default")
 
 
 def test_two_processes_promoting_at_once_get_distinct_versions(trained_runs, tmp_path):

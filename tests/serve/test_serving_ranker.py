@@ -45,6 +45,11 @@ def endpoint(trained_runs, serve_port, tmp_path_factory):
     serve.delete(MODEL)
 
 
+def metric_total(rows: list[str], name: str, label: str = "") -> float:
+    """The sum over Prometheus sample lines of `name` (carrying `label`) of their values."""
+    return sum(float(row.rsplit(" ", 1)[1]) for row in rows if row.startswith(name) and label in row)
+
+
 def rank(url: str, body, *, headers=AUTH):
     return request(url + "/v1/rank", body, headers=headers)
 
@@ -120,14 +125,18 @@ def test_concurrent_requests_are_scored_in_shared_batches(endpoint, ray_session)
     for thread in threads:
         thread.join(timeout=120)
     assert statuses.count(200) == 160
+    # Batching happened if some batch held more than one request: the histogram's count of batches exceeds its
+    # bucket of batches of one. Read it once it has stopped growing (metrics are exported every second).
     port = ray_session._private.worker.global_worker.node.metrics_export_port
-    deadline, requests, batches = time.monotonic() + 30, 0.0, 0.0
-    while time.monotonic() < deadline and requests < 160:
+    deadline, previous, counts = time.monotonic() + 30, None, (0.0, 0.0)
+    while time.monotonic() < deadline:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        rows = [line for line in body.splitlines()
-                if line.startswith(HISTOGRAM) and f'model="{MODEL}"' in line]
-        requests, batches = (sum(float(r.rsplit(" ", 1)[1]) for r in rows if r.startswith(HISTOGRAM + suffix))
-                             for suffix in ("_sum", "_count"))
-        time.sleep(0.5)
-    assert requests >= 160, f"the batch histogram saw {requests} requests"
-    assert batches < requests, f"every one of {batches:.0f} batches held a single request"
+        rows = [line for line in body.splitlines() if line.startswith(HISTOGRAM) and f'model="{MODEL}"' in line]
+        counts = (metric_total(rows, HISTOGRAM + "_count"), metric_total(rows, HISTOGRAM + "_bucket", 'le="1.0"'))
+        if counts[0] > 0 and counts == previous:
+            break
+        previous = counts
+        time.sleep(1.5)
+    batches, single = counts
+    assert batches > 0, "no batch was recorded"
+    assert single < batches, f"every one of {batches:.0f} batches held a single request"
