@@ -83,6 +83,10 @@ def deploy(serve_cfg: ServeConfig, *, model: str) -> str:
         raise ValueError(f"serve.model={model} has no production version in {registry.uri}: promote one first "
                          f"(stage=promote serve.source=<run_dir>)")
     family = registry.version(model, production)["family"]
+    # Refuse a version whose files fail their checksums here, by name, rather than in every replica.
+    for alias in ("production", "canary"):
+        if registry.resolve(model, alias) is not None:
+            registry.fetch(model, registry.resolve(model, alias), cache_dir=replica_cache_dir())
     _start_serve(serve_cfg)
     serve.run(build_app(serve_cfg, model=model, family=family), name=model, route_prefix=serve_cfg.route_prefix)
     url = f"http://{serve_cfg.host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"

@@ -64,8 +64,12 @@ class _VersionedReplica:
         the autoscaler adds would otherwise stay idle."""
         aliases = await asyncio.to_thread(Registry(self.settings["registry"]).aliases, self.settings["model"])
         for alias in ("production", "canary"):
-            if alias in aliases:
+            if alias not in aliases:
+                continue
+            try:
                 await self.get_model(str(aliases[alias]["version"]))
+            except Exception:  # e.g. a version failing its checksums: the router keeps serving the one it has
+                logger.exception("could not load the %s version; this replica serves the others", alias)
 
     async def _load(self, model_id: str):
         version = int(model_id)

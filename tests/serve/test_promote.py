@@ -112,3 +112,14 @@ def test_two_processes_promoting_at_once_get_distinct_versions(trained_runs, tmp
     assert sorted(v["source_run"] for v in registry.versions(MODEL)) == sorted(map(str, sources))
     assert len(events(registry_dir, "gate")) == 2 and len(events(registry_dir, "register")) == 2
     assert registry.resolve(MODEL, "production") in (1, 2)
+
+
+def test_serving_refuses_a_production_version_that_fails_its_checksums(trained_runs, registry_dir, tmp_path):
+    """Checked before Serve starts, naming the file: a damaged version is never deployed."""
+    from serve.deploy import deploy
+
+    promote_run(trained_runs("llm-ddp", LLM_STRATEGY_RUNS["ddp"]), registry_dir, tmp_path)
+    weights = registry_dir / MODEL / "versions" / "000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"oops")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        deploy(ServeConfig(registry=str(registry_dir)), model=MODEL)
