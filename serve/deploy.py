@@ -121,7 +121,8 @@ def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: floa
         return json.loads(response.read())
 
 
-def sample_request(serve_cfg: ServeConfig, *, family: str, model: str, export_dir: Path) -> tuple[str, dict]:
+def sample_request(serve_cfg: ServeConfig, *, family: str, model: str,
+                   export_dir: Path | None) -> tuple[str, dict]:
     """A request that the production version accepts, to show the endpoint working."""
     if family == "llm":
         return "/v1/completions", {"model": model, "prompt": serve_cfg.sample_prompt, "max_tokens": 32,
@@ -145,7 +146,8 @@ def _print_sample(serve_cfg: ServeConfig, *, url: str, model: str) -> None:
     registry = Registry(serve_cfg.registry)
     version = registry.resolve(model, "production")
     family = registry.version(model, version)["family"]
-    export_dir = registry.fetch(model, version, cache_dir=replica_cache_dir())
+    # Only a ranker's sample needs the export (its feature spec): an LLM's is not fetched (and hashed) again.
+    export_dir = registry.fetch(model, version, cache_dir=replica_cache_dir()) if family == "ranker" else None
     route, body = sample_request(serve_cfg, family=family, model=model, export_dir=export_dir)
     answer = post_json(url + route, body, api_key=serve_cfg.api_key)
     if family == "llm":

@@ -120,26 +120,29 @@ def _deepspeed_state(checkpoint_dir: Path, template: dict) -> dict:
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / "deepspeed"), tag="state")
 
 
-# What each strategy leaves in a checkpoint (trainers/checkpointing.py) -> how to read it whole.
+# What each strategy leaves in a checkpoint (trainers/checkpointing.py) -> its name and how to read it whole.
 _CONSOLIDATORS = {"model.pt": ("ddp", _ddp_state), "dcp": ("fsdp", _fsdp_state),
                   "deepspeed": ("deepspeed", _deepspeed_state)}
 
 
-def strategy_of(checkpoint_dir: Path) -> str:
-    for marker, (strategy, _) in _CONSOLIDATORS.items():
+def _consolidator(checkpoint_dir: Path) -> tuple[str, object]:
+    for marker, (strategy, read_whole) in _CONSOLIDATORS.items():
         if (checkpoint_dir / marker).exists():
-            return strategy
+            return strategy, read_whole
     raise ValueError(
         f"{checkpoint_dir} holds no model weights: expected model.pt (ddp), dcp/ (fsdp) or deepspeed/ (zero)"
     )
 
 
+def strategy_of(checkpoint_dir: Path) -> str:
+    return _consolidator(checkpoint_dir)[0]
+
+
 def consolidated_state_dict(checkpoint_dir: Path, *, model_config: dict) -> dict[str, torch.Tensor]:
     """Every parameter of the checkpoint, full and in fp32, under the plain model's names."""
-    strategy = strategy_of(checkpoint_dir)
+    _, read_whole = _consolidator(checkpoint_dir)  # first, so a checkpoint without weights is named as such
     template = build_model_from_config(model_config, device="meta").state_dict()
-    marker = next(m for m, (name, _) in _CONSOLIDATORS.items() if name == strategy)
-    state = _CONSOLIDATORS[marker][1](checkpoint_dir, template)
+    state = read_whole(checkpoint_dir, template)
     _check_matches(state, template, source=checkpoint_dir)
     return {name: state[name].detach().to(torch.float32).contiguous() for name in template}
 
