@@ -130,16 +130,44 @@ class CheckpointConfig:
 
 
 @dataclass
+class NodeConfig:
+    """One machine type of a cluster (conf/cluster/*.yaml): what plan=true sizes against and what the cluster
+    manifests in cluster/ request. Zeros mean "not described" (the embedded local Ray)."""
+
+    instance_type: str | None = None  # the cloud's name for it, e.g. p5.48xlarge
+    gpu_type: str | None = None  # e.g. H100-SXM-80GB; null for CPU nodes
+    gpus: int = 0
+    gpu_memory_gb: float = 0.0  # per GPU, as the vendor states it (GB = 1e9 bytes)
+    cpus: int = 0
+    memory_gb: float = 0.0  # host memory
+    nvlink_gb_per_s: float = 0.0  # GPU-to-GPU bandwidth within the node, per GPU and direction
+    network_gbit_per_s: float = 0.0  # node-to-node bandwidth, per node
+    price_per_hour: float = 0.0  # USD, on-demand, for the whole node
+    price_source: str | None = None  # where the price comes from, and when
+
+
+@dataclass
 class ClusterConfig:
     name: str = "local"
-    address: str | None = None  # Ray address; None (and no RAY_ADDRESS) starts an embedded local Ray
-    num_workers: int = 2
+    # Ray address: none (and no RAY_ADDRESS) starts an embedded local Ray; host:port or ray://host:10001 joins a
+    # running cluster; with submit=true, the head's Jobs API (http://HEAD:8265).
+    address: str | None = None
+    # Training workers: an int, or [min, max] for elastic training (Ray Train V2 starts with what is available
+    # between them and resizes on failures and as capacity arrives). ddp and fsdp only.
+    num_workers: Any = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only read when use_gpu is true
     local_num_cpus: int | None = None  # embedded Ray only; None = this machine's core count
     include_dashboard: bool = True
     peak_tflops_per_gpu: float = 989.0  # dense bf16 peak used for MFU (H100 SXM datasheet)
+    # The cluster adds nodes on demand (cluster launcher or KubeRay autoscaler): a run may ask for more workers
+    # than are up now, and Ray Train waits for them instead of the capacity check refusing the run.
+    autoscaling: bool = False
+    max_nodes: int = 1  # worker nodes the autoscaler may add; plan=true checks num_workers against it
+    node: NodeConfig = field(default_factory=NodeConfig)
+    assumed_mfu: float = 0.4  # plan=true: model FLOPs utilization assumed for step time and cost
+    image: str | None = None  # container image of the cluster manifests (cluster/aws.yaml, cluster/kuberay/)
     runtime_env_excludes: list = field(
         default_factory=lambda: [".git", ".venv", "outputs", "wandb", "**/__pycache__", ".pytest_cache"]
     )
@@ -248,6 +276,8 @@ class RootConfig:
     # What this command does, in order: train | sweep | promote | serve | rollback | registry
     stages: list[str] = field(default_factory=lambda: ["train"])
     stage: str | None = None  # one stage: `stage=promote` is `stages=[promote]`
+    plan: bool = False  # print the launch plan (memory, FLOPs, time, cost, fit) and start nothing
+    submit: bool = False  # run this command on cluster.address through the Ray Jobs API and follow its logs
 
 
 def register_configs() -> None:
