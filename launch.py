@@ -5,6 +5,8 @@
     python launch.py +exp=quickstart                  # train, promote and serve the tiny LLM
     python launch.py +exp=llm_tiny sweep=asha stages=[sweep,promote,serve]
     python launch.py stage=rollback serve.model=llm_tiny
+    python launch.py +exp=llm_8b_zero3 cluster=aws_p5 plan=true    # memory, time and cost; starts nothing
+    python launch.py +exp=llm_tiny cluster=remote cluster.address=http://HEAD:8265 submit=true
     python launch.py --cfg job +exp=llm_tiny        # print the resolved config and exit (Hydra's flag)
 """
 
@@ -55,6 +57,16 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]
     stages = stages_of(cfg)
     if {"train", "sweep"} & set(stages):
         validate_config(cfg)
+    if cfg.plan:
+        return [("plan", plan(cfg))]
+    if cfg.submit:
+        from cluster.submit import submit_job
+
+        if not Path(cfg.paths.root).is_absolute():  # it would resolve inside the job's temporary working_dir
+            raise ValueError(f"paths.root={cfg.paths.root} is relative: a submitted run would write into the job's "
+                             "temporary working directory on the head; set paths.root to storage that every node "
+                             "mounts, e.g. paths.root=/mnt/shared/slipway")
+        return [("job", submit_job(cfg.cluster, overrides=command_overrides(), experiment=experiment))]
     config = OmegaConf.to_container(dict_cfg, resolve=True)
     if config["serve"].get("api_key"):  # the config is written into run directories: keep the secret out
         config["serve"]["api_key"] = "<redacted>"
@@ -95,6 +107,22 @@ def _run_stage(stage: str, cfg: RootConfig, *, config: dict, experiment: str, pr
     return "endpoint", serve_endpoint(cfg, model=model)
 
 
+def plan(cfg: RootConfig) -> str:
+    """Print the launch plan; a run that does not fit is an error that names what would fit."""
+    from cluster.plan import build_plan, format_plan
+
+    launch_plan = build_plan(cfg)
+    print(format_plan(launch_plan), flush=True)
+    if not launch_plan.fits:
+        raise ValueError(launch_plan.verdict)
+    return launch_plan.verdict
+
+
+def command_overrides() -> list[str]:
+    """This command's overrides as typed (the submitted job reruns them on the cluster)."""
+    return list(HydraConfig.get().overrides.task)
+
+
 def registry_model_name(cfg: RootConfig, *, experiment: str) -> str:
     if cfg.serve.model:
         return cfg.serve.model
@@ -112,7 +140,8 @@ def describe_aliases(cfg: RootConfig, model: str) -> str:
 
 def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     """One training run; returns its run directory."""
-    from cluster.connection import check_capacity, connect
+    from cluster.capacity import check_capacity, check_shared_storage
+    from cluster.connection import connect
     from datasets.pipeline import build_ray_datasets
     from datasets.prepare import prepare_data
     from trainers import outputs
@@ -131,6 +160,7 @@ def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
                             repo=REPO_ROOT)
     connect(cfg.cluster)
     check_capacity(cfg.cluster)
+    check_shared_storage(root)
     datasets = build_ray_datasets(prepared, in_memory_limit_mb=cfg.data.in_memory_limit_mb)
     summary = fit(cfg, run_name=run_dir.name, run_dir=run_dir, data=prepared.to_dict(), datasets=datasets)
     logger.info("finished %s: %s", run_dir.name, outputs.headline(summary))
@@ -172,6 +202,7 @@ def experiment_name() -> str:
 def main(dict_cfg: DictConfig) -> None:
     from ray.train import TrainingFailedError
 
+    from cluster.submit import JobFailedError
     from trainers.sweep import SweepFailedError
 
     try:
@@ -182,7 +213,7 @@ def main(dict_cfg: DictConfig) -> None:
     except TrainingFailedError as err:
         logger.error("error: training failed after all retries: %s", err)
         sys.exit(1)
-    except SweepFailedError as err:
+    except (SweepFailedError, JobFailedError) as err:
         logger.error("error: %s", err)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ An existing cluster gets the repo shipped as the job's `runtime_env.working_dir`
 caches), so workers import the same trainers/ and datasets/ code as the driver.
 """
 
+import json
 import logging
 import math
 import os
@@ -35,8 +36,10 @@ def local_cpu_count(cfg: ClusterConfig) -> int:
     """
     if cfg.local_num_cpus:
         return cfg.local_num_cpus
+    from cluster.capacity import worker_range
+
     cores = os.cpu_count() or 1
-    wanted = cfg.num_workers * cfg.cpus_per_worker
+    wanted = worker_range(cfg)[1] * cfg.cpus_per_worker
     if wanted > cores:
         raise ValueError(
             f"cluster.num_workers={cfg.num_workers} x cluster.cpus_per_worker={cfg.cpus_per_worker:g} needs "
@@ -46,7 +49,21 @@ def local_cpu_count(cfg: ClusterConfig) -> int:
     return math.ceil(wanted) + 2
 
 
-def build_runtime_env(cfg: ClusterConfig, *, remote: bool, env_vars: dict[str, str]) -> dict:
+def submitted_job_env_vars() -> dict[str, str] | None:
+    """Inside a job submitted through the Jobs API (submit=true): its runtime_env's env vars; else None.
+    Ray's job supervisor hands the job's runtime_env to its driver in this variable (ray/_private/worker.py)."""
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config is None:
+        return None
+    return (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+
+
+def build_runtime_env(cfg: ClusterConfig, *, remote: bool, env_vars: dict[str, str],
+                      job_env_vars: dict[str, str] | None = None) -> dict:
+    if job_env_vars is not None:
+        # A submitted job's runtime_env already ships the repo, and Ray refuses a ray.init runtime_env that sets
+        # any of the job's fields or env vars again: add only the env vars the job lacks.
+        return {"env_vars": {name: value for name, value in env_vars.items() if name not in job_env_vars}}
     if remote:
         return {"working_dir": str(REPO_ROOT), "excludes": list(cfg.runtime_env_excludes), "env_vars": env_vars}
     # Locally the workers see this filesystem; putting the repo on their path is enough.
@@ -65,7 +82,8 @@ def connect(cfg: ClusterConfig, *, env_vars: dict[str, str] | None = None, num_c
         return
     address = resolve_address(cfg)
     train_env = {name: os.environ[name] for name in RAY_TRAIN_ENV_DEFAULTS}  # for trainers started by sweep trials
-    runtime_env = build_runtime_env(cfg, remote=address is not None, env_vars={**train_env, **(env_vars or {})})
+    runtime_env = build_runtime_env(cfg, remote=address is not None, env_vars={**train_env, **(env_vars or {})},
+                                    job_env_vars=submitted_job_env_vars())
     if address is None:
         num_cpus = num_cpus or local_cpu_count(cfg)
         logger.info("starting an embedded local Ray with %d logical CPUs", num_cpus)
@@ -88,21 +106,3 @@ def _auth_hint() -> str:
         return ""
     return (". If the cluster uses token authentication, set RAY_AUTH_MODE=token and provide its token "
             "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
-
-
-def check_capacity(cfg: ClusterConfig) -> None:
-    """Fail fast, naming both numbers, when the run asks for more than the cluster has (Ray would wait)."""
-    import ray
-
-    available = ray.cluster_resources()
-    wanted = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        wanted["GPU"] = cfg.num_workers * cfg.gpus_per_worker
-    for resource, amount in wanted.items():
-        have = available.get(resource, 0.0)
-        if amount > have:
-            per_worker = cfg.gpus_per_worker if resource == "GPU" else cfg.cpus_per_worker
-            raise ValueError(
-                f"cluster.num_workers={cfg.num_workers} x {per_worker:g} {resource} per worker needs "
-                f"{amount:g} {resource}, but the Ray cluster has {have:g} {resource}"
-            )

@@ -155,6 +155,8 @@ class ClusterConfig:
     # Training workers: an int, or [min, max] for elastic training (Ray Train V2 starts with what is available
     # between them and resizes on failures and as capacity arrives). ddp and fsdp only.
     num_workers: Any = 2
+    # How Ray places the workers: PACK (fewest nodes), SPREAD (across nodes), STRICT_PACK or STRICT_SPREAD.
+    placement_strategy: str = "PACK"
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only read when use_gpu is true
@@ -164,6 +166,9 @@ class ClusterConfig:
     # The cluster adds nodes on demand (cluster launcher or KubeRay autoscaler): a run may ask for more workers
     # than are up now, and Ray Train waits for them instead of the capacity check refusing the run.
     autoscaling: bool = False
+    # With autoscaling: how long Ray Train waits for the workers' nodes to come up before it counts a failure
+    # (Ray Train's own default, 60 s, is shorter than a GPU node takes to boot).
+    scale_up_timeout_s: float = 900.0
     max_nodes: int = 1  # worker nodes the autoscaler may add; plan=true checks num_workers against it
     node: NodeConfig = field(default_factory=NodeConfig)
     assumed_mfu: float = 0.4  # plan=true: model FLOPs utilization assumed for step time and cost

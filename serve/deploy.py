@@ -72,17 +72,22 @@ def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
     return router.bind(replicas.bind(settings), settings=settings)
 
 
+def production_version(registry: Registry, model: str) -> tuple[int, str]:
+    """The version the production alias names and its model family (which replica class build_app uses)."""
+    production = registry.resolve(model, "production")
+    if production is None:
+        raise ValueError(f"serve.model={model} has no production version in {registry.uri}: promote one first "
+                         f"(stage=promote serve.source=<run_dir>)")
+    return production, registry.version(model, production)["family"]
+
+
 def deploy(serve_cfg: ServeConfig, *, model: str) -> str:
     """Start (or update) the model's application on the connected Ray cluster; returns the endpoint URL."""
     from ray import serve
 
     _check_serve_config(serve_cfg)
     registry = Registry(serve_cfg.registry)
-    production = registry.resolve(model, "production")
-    if production is None:
-        raise ValueError(f"serve.model={model} has no production version in {registry.uri}: promote one first "
-                         f"(stage=promote serve.source=<run_dir>)")
-    family = registry.version(model, production)["family"]
+    production, family = production_version(registry, model)
     # Refuse a version whose files fail their checksums here, by name, rather than in every replica.
     for alias in ("production", "canary"):
         if registry.resolve(model, alias) is not None:

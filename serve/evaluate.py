@@ -22,8 +22,11 @@ BATCH_ROWS = 64  # rows per forward pass; the metrics do not depend on it
 
 
 def training_eval_rows(cfg: RootConfig) -> int:
-    """Rows the training loop scored at each evaluation; 0 means the whole validation split."""
-    return cfg.trainer.eval_batches * cfg.trainer.micro_batch_size * cfg.cluster.num_workers
+    """Rows the training loop scored at each evaluation; 0 means the whole validation split. An elastic run
+    scored as many rows as the workers it had at the time; this takes its maximum."""
+    from cluster.capacity import worker_range
+
+    return cfg.trainer.eval_batches * cfg.trainer.micro_batch_size * worker_range(cfg.cluster)[1]
 
 
 def _column_to_tensor(column: pa.ChunkedArray) -> torch.Tensor:

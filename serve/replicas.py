@@ -36,10 +36,16 @@ def replica_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "slipway-registry-cache"
 
 
+def replica_device() -> torch.device:
+    """The GPU Ray gave this replica (serve.num_gpus > 0), else the CPU: Ray hides the GPUs of a replica that
+    asked for none, so CUDA is available here only when one was assigned."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _fetch_and_load(registry_uri: str, model: str, version: int) -> LoadedModel:
     started = time.perf_counter()
     directory = Registry(registry_uri).fetch(model, version, cache_dir=replica_cache_dir())  # checksums verified
-    loaded = load_export(directory)
+    loaded = load_export(directory, device=replica_device())
     logger.info("loaded %s v%d in %.2f s", model, version, time.perf_counter() - started)
     return loaded
 
@@ -155,7 +161,7 @@ class LLMReplica(_VersionedReplica):
         """Serve restarts a replica whose loaded models stop producing finite logits."""
         for version, llm in list(self.loaded.items()):
             with torch.no_grad():
-                logits = llm.export.model(torch.zeros(1, 1, dtype=torch.long))
+                logits = llm.export.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
             if not torch.isfinite(logits).all():
                 raise RuntimeError(f"version {version} produced non-finite logits")
 
@@ -227,16 +233,18 @@ class RankerReplica(_VersionedReplica):
     @staticmethod
     def _forward(items: list[_ScoreItem]) -> np.ndarray:
         model = items[0].ranker.export.model
-        dense = torch.from_numpy(np.concatenate([item.dense for item in items]))
-        sparse = torch.from_numpy(np.concatenate([item.sparse for item in items]))
+        device = next(model.parameters()).device
+        dense = torch.from_numpy(np.concatenate([item.dense for item in items])).to(device)
+        sparse = torch.from_numpy(np.concatenate([item.sparse for item in items])).to(device)
         with torch.no_grad():
-            return torch.sigmoid(model(dense, sparse).float()).numpy()
+            return torch.sigmoid(model(dense, sparse).float()).cpu().numpy()
 
     def check_health(self) -> None:
         for version, ranker in list(self.loaded.items()):
             tables = len(ranker.encoder.categorical_names)
-            dense = torch.zeros(1, len(ranker.encoder.dense_names))
+            device = replica_device()
+            dense = torch.zeros(1, len(ranker.encoder.dense_names), device=device)
             with torch.no_grad():
-                logits = ranker.export.model(dense, torch.zeros(1, tables, dtype=torch.long))
+                logits = ranker.export.model(dense, torch.zeros(1, tables, dtype=torch.long, device=device))
             if not torch.isfinite(logits).all():
                 raise RuntimeError(f"version {version} produced non-finite scores")

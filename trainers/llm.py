@@ -276,7 +276,8 @@ def training_flops_per_token(cfg: LLMConfig, *, vocab_size: int, seq_len: int) -
     """Model FLOPs for one trained token (forward + backward), the usual MFU convention.
 
     6N + 12 * n_layers * dim * seq_len, from the PaLM paper (Chowdhery et al. 2022, appendix B): N counts the
-    weights used in matmuls (the embedding lookup is excluded, the output projection included).
+    weights used in matmuls (the embedding lookup is excluded, the output projection included: it is not tied,
+    so "non_embedding" already counts it; the norms' few weights are noise).
     """
-    matmul_params = count_parameters(cfg, vocab_size=vocab_size)["non_embedding"] + cfg.dim * vocab_size
+    matmul_params = count_parameters(cfg, vocab_size=vocab_size)["non_embedding"]
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.dim * seq_len

@@ -17,7 +17,8 @@ HASH_EXCLUDED_KEYS = (
     "logger", "paths", "cluster.address", "cluster.include_dashboard", "cluster.local_num_cpus",
     "cluster.runtime_env_excludes", "cluster.name", "cluster.peak_tflops_per_gpu", "data.in_memory_limit_mb",
     # how the cluster is described and sized up (plan=true, manifests) does not change what training computes
-    "cluster.autoscaling", "cluster.max_nodes", "cluster.node", "cluster.assumed_mfu", "cluster.image",
+    "cluster.autoscaling", "cluster.scale_up_timeout_s", "cluster.max_nodes", "cluster.placement_strategy",
+    "cluster.node", "cluster.assumed_mfu", "cluster.image",
     "trainer.log_every_n_steps",
     "checkpoint.keep_top_k", "checkpoint.max_failures",
     "sweep",  # a run is one training run; the sweep that drew it has its own name (trainers/sweep.py)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from cluster.capacity import ELASTIC_STRATEGIES, check_placement, scaling_workers, worker_range
 from conf.schema import RootConfig
 from trainers import outputs
 from trainers.families import get_family
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def validate_config(cfg: RootConfig) -> None:
     """Checks that need more than one key, done on the driver before Ray starts."""
-    trainer, workers = cfg.trainer, cfg.cluster.num_workers
+    trainer = cfg.trainer
     family = get_family(cfg.model.family)
     _check_family_fits(cfg, family)
     resolve_precision(cfg.trainer.precision, _driver_device(cfg))
@@ -27,13 +28,7 @@ def validate_config(cfg: RootConfig) -> None:
         raise ValueError(f"strategy.name={cfg.strategy.name!r} is not one of {', '.join(STRATEGY_NAMES)}")
     if cfg.logger.name not in LOGGER_NAMES:
         raise ValueError(f"logger.name={cfg.logger.name!r} is not one of {', '.join(LOGGER_NAMES)}")
-    if workers < 1:
-        raise ValueError(f"cluster.num_workers must be at least 1, got {workers}")
-    if trainer.global_batch_size % (workers * trainer.micro_batch_size):
-        raise ValueError(
-            f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of cluster.num_workers="
-            f"{workers} x trainer.micro_batch_size={trainer.micro_batch_size}"
-        )
+    _check_worker_counts(cfg)
     for key in ("max_steps", "log_every_n_steps", "eval_every_n_steps"):
         if getattr(trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {getattr(trainer, key)}")
@@ -43,6 +38,28 @@ def validate_config(cfg: RootConfig) -> None:
         )
     if cfg.checkpoint.every_n_steps < 1:
         raise ValueError(f"checkpoint.every_n_steps must be at least 1, got {cfg.checkpoint.every_n_steps}")
+
+
+def _check_worker_counts(cfg: RootConfig) -> None:
+    """Every world size the run may train at must split the global batch into whole micro batches: an elastic
+    run (`cluster.num_workers=[min, max]`) can resize to any count in between."""
+    check_placement(cfg.cluster)
+    low, high = worker_range(cfg.cluster)
+    trainer = cfg.trainer
+    for workers in range(low, high + 1):
+        if trainer.global_batch_size % (workers * trainer.micro_batch_size):
+            raise ValueError(
+                f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of cluster.num_workers="
+                f"{workers} x trainer.micro_batch_size={trainer.micro_batch_size}"
+                + (f" (an elastic run of cluster.num_workers={cfg.cluster.num_workers} may train on {workers} "
+                   "workers)" if low != high else "")
+            )
+    if low != high and cfg.strategy.name not in ELASTIC_STRATEGIES:
+        raise ValueError(
+            f"cluster.num_workers={cfg.cluster.num_workers} (elastic) needs strategy={' or '.join(ELASTIC_STRATEGIES)}"
+            f", not strategy={cfg.strategy.name}: DeepSpeed's ZeRO checkpoints cannot be loaded by another number "
+            "of workers"
+        )
 
 
 def _check_family_fits(cfg: RootConfig, family) -> None:
@@ -75,7 +92,7 @@ def check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
             f"{cfg.trainer.global_batch_size}; add data (data.max_chars for text, data.rows for click logs) or "
             f"lower the batch size"
         )
-    eval_rows = cfg.trainer.micro_batch_size * cfg.cluster.num_workers
+    eval_rows = cfg.trainer.micro_batch_size * worker_range(cfg.cluster)[1]
     if val_rows < eval_rows:
         raise ValueError(
             f"the prepared validation split has {val_rows} rows, fewer than one eval batch "
@@ -98,7 +115,7 @@ def check_memory_fits(cfg: RootConfig, *, data: dict) -> None:
 
     if cfg.cluster.use_gpu or resolve_address(cfg.cluster):
         return
-    workers = cfg.cluster.num_workers
+    workers = worker_range(cfg.cluster)[1]
     params = get_family(cfg.model.family).count_parameters(cfg.model, data=data)
     needed = params * _training_bytes_per_parameter(cfg.strategy.name, workers) * workers
     available = psutil.virtual_memory().total
@@ -129,8 +146,9 @@ def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": config, "data": data, "run_dir": str(run_dir), "run_name": run_name},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling_workers(cfg.cluster), use_gpu=cfg.cluster.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.cluster.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(run_dir.parent),  # Ray Train's experiment directory is the run directory itself

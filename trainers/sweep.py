@@ -72,6 +72,9 @@ def validate_sweep(cfg: RootConfig, *, config: dict, check_trial) -> list[Dimens
     if sweep.num_samples < 1 or sweep.max_concurrent_trials < 0:
         raise ValueError(f"sweep.num_samples must be at least 1 and sweep.max_concurrent_trials at least 0 "
                          f"(0 = as many as fit), got {sweep.num_samples} and {sweep.max_concurrent_trials}")
+    if not isinstance(cfg.cluster.num_workers, int):
+        raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers}: a sweep's trials need a fixed number of "
+                         "workers (trials that resize would not be compared like for like)")
     metric_and_mode(cfg)
     if sweep.scheduler == "asha":
         _check_asha(cfg)

@@ -52,3 +52,13 @@ def test_flops_per_token_for_llama_8b_shape_is_near_six_times_parameters():
     assert params["total"] == pytest.approx(8.03e9, rel=0.01)
     flops = training_flops_per_token(cfg, vocab_size=128256, seq_len=4096)
     assert 6 * params["non_embedding"] < flops < 6 * params["total"] * 1.2
+
+
+def test_flops_per_token_counts_each_matmul_weight_once():
+    """6 FLOPs per matmul weight (the Linear layers of a real model, the output projection once) plus attention."""
+    cfg = LLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=32)
+    model = build_llm(cfg, vocab_size=500, device="cpu")
+    matmul_weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+    attention = 12 * cfg.n_layers * cfg.dim * 32
+    flops = training_flops_per_token(cfg, vocab_size=500, seq_len=32)
+    assert flops == pytest.approx(6 * matmul_weights + attention, rel=0.01)
