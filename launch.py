@@ -140,7 +140,7 @@ def describe_aliases(cfg: RootConfig, model: str) -> str:
 
 def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     """One training run; returns its run directory."""
-    from cluster.capacity import check_capacity, check_shared_storage
+    from cluster.capacity import check_capacity, check_local_gpus, check_shared_storage
     from cluster.connection import connect
     from datasets.pipeline import build_ray_datasets
     from datasets.prepare import prepare_data
@@ -153,6 +153,7 @@ def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     if previous and previous.get("status") == "finished":
         logger.info("%s already finished (%d steps); not training again", run_dir.name, previous["steps"])
         return run_dir
+    check_local_gpus(cfg.cluster)
     prepared = prepare_data(cfg)
     check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
     check_memory_fits(cfg, data=prepared.to_dict())
@@ -169,6 +170,7 @@ def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
 
 def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     """A Ray Tune sweep of training runs; returns the sweep directory."""
+    from cluster.capacity import check_local_gpus
     from cluster.connection import connect, resolve_address
     from datasets.prepare import prepare_data
     from trainers import outputs, sweep_report
@@ -181,6 +183,7 @@ def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     if previous and previous.get("status") == "finished":
         logger.info("%s already finished (%d trials); not sweeping again", sweep_dir.name, previous["trials"])
         return sweep_dir
+    check_local_gpus(cfg.cluster)
     prepared = prepare_data(cfg)  # once, here: trials reuse it unless the space changes data keys
     check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
     check_memory_fits(cfg, data=prepared.to_dict())

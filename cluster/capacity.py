@@ -76,6 +76,25 @@ def check_capacity(cfg: ClusterConfig) -> None:
         )
 
 
+def check_local_gpus(cfg: ClusterConfig) -> None:
+    """An embedded Ray sees only this machine: refuse a GPU run it cannot hold before preparing data and
+    starting Ray. (On a cluster, check_capacity asks Ray.)"""
+    from cluster.connection import resolve_address
+
+    if not cfg.use_gpu or resolve_address(cfg) is not None:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    need = worker_range(cfg)[0] * cfg.gpus_per_worker
+    if need > have:
+        raise ValueError(
+            f"cluster.num_workers={cfg.num_workers} x cluster.gpus_per_worker={cfg.gpus_per_worker:g} needs "
+            f"{need:g} GPU, but this machine has {have} GPU; the embedded Ray uses this machine only: set "
+            "cluster.address (or RAY_ADDRESS) to run on a cluster, or cluster=local for CPU workers"
+        )
+
+
 def check_shared_storage(root: Path, *, key: str = "paths.root") -> None:
     """On a cluster of several nodes, every node must see `root`: workers write checkpoints and metrics there
     and the driver reads them back. Write a probe file here and have a task on every alive node look for it;

@@ -56,11 +56,13 @@ def test_bad_input_exits_2_with_a_message_naming_the_key(overrides, named, tmp_p
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_gpu_request_on_a_cpu_cluster_names_both_numbers(tmp_path):
+def test_gpu_request_on_a_machine_without_gpus_names_both_numbers_before_ray_starts(tmp_path):
     result = launch(*TINY_OVERRIDES, f"paths.root={tmp_path}", "cluster.use_gpu=true", "trainer.precision=fp32",
                     timeout=180)
+    output = result.stdout + result.stderr
     assert result.returncode == 2
-    assert "needs 2 GPU, but the Ray cluster has 0 GPU" in result.stdout + result.stderr
+    assert "needs 2 GPU, but this machine has 0 GPU" in output
+    assert "starting an embedded local Ray" not in output and "prepared data" not in output
 
 
 def test_full_run_writes_the_output_contract(tmp_path):

@@ -30,8 +30,8 @@ def _private_mount_over(directory: Path) -> list[str] | None:
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    """(address, node B, the directory node B cannot see, the head's temp dir). Head 0 CPUs (it runs the driver and Train's
-    controller, as on a real cluster), nodes A and B 1 CPU each, so two workers need both nodes."""
+    """(address, node B, the directory node B cannot see, the head's temp dir). Head 0 CPUs (it runs the driver
+    and Train's controller, as on a real cluster), nodes A and B 1 CPU each, so two workers need both nodes."""
     base = Path(tempfile.mkdtemp(prefix="mn-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     hidden_from_b = base / "local-only"
     hidden_from_b.mkdir()
@@ -57,7 +57,7 @@ def three_nodes():
 def _launch(overrides: list[str], *, address: str, timeout: float = 400, **popen) -> subprocess.Popen:
     # A dead node's workers are noticed at once, but Train's first retry may still ask for the old size; it
     # gives up on that after this long (default 60 s) and resizes to what the cluster has.
-    env = {**RAY_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    env = {**RAY_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
     return subprocess.Popen([sys.executable, "launch.py", *TINY_OVERRIDES, f"cluster.address={address}", *overrides],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             **popen)
@@ -84,28 +84,29 @@ def _last_step(run_dir_root: Path) -> int:
 
 
 def test_training_survives_losing_a_node_and_resizes_to_what_is_left(three_nodes, tmp_path):
-    """Two workers spread over A and B; B dies after the step-3 checkpoint; the elastic run goes on with one
+    """Two workers spread over A and B; B dies a step after the step-6 checkpoint (one more checkpoint interval
+    than needed: Train registers a checkpoint once every rank's report has arrived); the elastic run goes on with one
     worker on A from its latest checkpoint and finishes. The driver joins by address and ships the repo."""
     address, node_b, _, head_temp_dir = three_nodes
     root = tmp_path / "shared"
-    run = _launch([f"paths.root={root}", "trainer.max_steps=9", "cluster.num_workers=[1,2]",
-                   "cluster.placement_strategy=SPREAD"], address=address)
+    run = _launch([f"paths.root={root}", "trainer.max_steps=12", "cluster.num_workers=[1,2]",
+                   "cluster.placement_strategy=SPREAD", "checkpoint.max_failures=3"], address=address)
     deadline = time.monotonic() + 300
-    while run.poll() is None and _last_step(root) < 4:
-        assert time.monotonic() < deadline, "training did not reach step 4"
+    while run.poll() is None and _last_step(root) < 7:
+        assert time.monotonic() < deadline, "training did not reach step 7"
         time.sleep(0.3)
     assert run.poll() is None, run.stdout.read()[-3000:]
     node_b.kill()
     output, _ = run.communicate(timeout=400)
     assert run.returncode == 0, output[-4000:]
-    assert "training tiny with ddp on 2 worker(s) from step 0 to 9" in output
+    assert "training tiny with ddp on 2 worker(s) from step 0 to 12" in output
     assert "because its node has died" in output  # a worker really ran on B
     restored = [line for line in output.splitlines() if "training tiny with ddp on 1 worker(s) from step" in line]
     assert restored, output[-4000:]
     resumed_at = int(restored[0].split("from step ")[1].split()[0])
     assert resumed_at in (3, 6)  # the latest checkpoint before the loss, not step 0
     summary = json.loads(next(root.glob("runs/*/summary.json")).read_text())
-    assert summary["status"] == "finished" and summary["steps"] == 9
+    assert summary["status"] == "finished" and summary["steps"] == 12
     assert output.strip().splitlines()[-1].startswith("run_dir: ")
     assert "connecting to the Ray cluster at 127.0.0.1" in output
     # Workers imported our code from the uploaded working_dir package, not from this checkout.
