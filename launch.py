@@ -170,7 +170,7 @@ def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
 
 def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     """A Ray Tune sweep of training runs; returns the sweep directory."""
-    from cluster.capacity import check_local_gpus
+    from cluster.capacity import check_local_gpus, check_shared_storage
     from cluster.connection import connect, resolve_address
     from datasets.prepare import prepare_data
     from trainers import outputs, sweep_report
@@ -192,6 +192,7 @@ def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     if resolve_address(cfg.cluster) is None:
         local_cpus = cfg.cluster.local_num_cpus or local_cpus_for_sweep(cfg, cores=os.cpu_count() or 1)
     connect(cfg.cluster, num_cpus=local_cpus)
+    check_shared_storage(Path(cfg.paths.root).resolve())
     summary = run_sweep(cfg, config=config, dimensions=dimensions, sweep_dir=sweep_dir, experiment=experiment)
     logger.info("finished %s: %s", sweep_dir.name, sweep_report.headline(summary))
     return sweep_dir
