@@ -1,6 +1,7 @@
 """Shared test helpers: compose a config the way launch.py does and run it on the session's Ray."""
 
 import json
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -76,3 +77,38 @@ LLM_STRATEGY_RUNS = {
     "zero3": ["strategy=zero3", "cluster.num_workers=2"],
 }
 RANKER_REFERENCE_RUN = ["strategy=ddp", "cluster.num_workers=1"]
+
+
+def assert_output_contract(stdout: str, stderr: str, *, root: Path) -> Path:
+    """What a finished TINY_OVERRIDES run with logger=wandb (offline) leaves behind and prints (DESIGN.md
+    section 3); returns the run directory."""
+    output = stdout + stderr
+    last_line = stdout.strip().splitlines()[-1]
+    assert last_line.startswith("run_dir: "), output[-3000:]
+    run_dir = root.joinpath(last_line.removeprefix("run_dir: ")).resolve()
+    assert run_dir.parent == (root / "runs").resolve() and run_dir.name.startswith("llm_tiny-")
+
+    assert "step 6/6 | loss" in output  # rank-0 progress line
+    assert "max_steps: 6" in (run_dir / "config.yaml").read_text()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config_hash"].startswith(run_dir.name.split("-")[-1])
+    assert set(manifest["git"]) == {"commit", "dirty"} and manifest["world_size"] == 2
+    assert all(manifest["versions"][name] for name in ("torch", "ray", "deepspeed"))
+    assert len(manifest["data_fingerprint"]) == 64 and manifest["strategy"] == "ddp"
+
+    rows = read_metrics(run_dir)
+    logged = [row for row in rows if "train_loss" in row]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4, 5, 6]
+    for key in ("train_loss", "grad_norm", "lr", "tokens_per_s", "step_time_s"):
+        assert all(row[key] > 0 for row in logged), key
+    assert [row["step"] for row in rows if "val_loss" in row] == [3, 6]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert os.path.isdir(summary["best_checkpoint"])
+    best = root.joinpath(summary["best_checkpoint"])
+    assert json.loads((best / "model_config.json").read_text())["model"]["preset"] == "tiny"
+    assert (best / "tokenizer.json").exists() and (best / "train_state.json").exists()
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / "wandb").glob("offline-run-*")), "logger=wandb left no offline run"
+    return run_dir

@@ -81,40 +81,6 @@ def test_gpu_request_on_a_machine_without_gpus_names_both_numbers_before_ray_sta
     assert "starting an embedded local Ray" not in output and "prepared data" not in output
 
 
-def test_full_run_writes_the_output_contract(tmp_path):
-    result = launch(*TINY_OVERRIDES, f"paths.root={tmp_path}", "logger=wandb",
-                    timeout=600, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line.startswith("run_dir: ")
-    run_dir = tmp_path.joinpath(last_line.removeprefix("run_dir: ")).resolve()
-    assert run_dir.parent == (tmp_path / "runs").resolve() and run_dir.name.startswith("llm_tiny-")
-
-    assert "step 6/6 | loss" in result.stdout + result.stderr  # rank-0 progress line
-    assert "max_steps: 6" in (run_dir / "config.yaml").read_text()
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["config_hash"].startswith(run_dir.name.split("-")[-1])
-    assert set(manifest["git"]) == {"commit", "dirty"} and manifest["world_size"] == 2
-    assert all(manifest["versions"][name] for name in ("torch", "ray", "deepspeed"))
-    assert len(manifest["data_fingerprint"]) == 64 and manifest["strategy"] == "ddp"
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = [row for row in rows if "train_loss" in row]
-    assert [row["step"] for row in logged] == [1, 2, 3, 4, 5, 6]
-    for key in ("train_loss", "grad_norm", "lr", "tokens_per_s", "step_time_s"):
-        assert all(row[key] > 0 for row in logged), key
-    assert [row["step"] for row in rows if "val_loss" in row] == [3, 6]
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["steps"] == 6
-    assert os.path.isdir(summary["best_checkpoint"])
-    best = tmp_path.joinpath(summary["best_checkpoint"])
-    assert json.loads((best / "model_config.json").read_text())["model"]["preset"] == "tiny"
-    assert (best / "tokenizer.json").exists() and (best / "train_state.json").exists()
-    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((run_dir / "wandb").glob("offline-run-*")), "logger=wandb left no offline run"
-
-
 def _live_session_processes(session_id: int, *, grace_s: float = 15.0) -> list:
     """Processes still running in the session, after giving Ray's daemons `grace_s` to exit (zombies excluded)."""
     import time
@@ -140,15 +106,15 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     import signal
     import time
 
-    args = [sys.executable, "launch.py", *TINY_OVERRIDES, f"paths.root={tmp_path}", "trainer.max_steps=40",
+    args = [sys.executable, "launch.py", *TINY_OVERRIDES, f"paths.root={tmp_path}", "trainer.max_steps=24",
             "checkpoint.every_n_steps=5", "trainer.eval_every_n_steps=10"]
     process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not any(row.get("step", 0) >= 12 for path in tmp_path.glob("runs/*/metrics.jsonl")
+        while not any(row.get("step", 0) >= 8 for path in tmp_path.glob("runs/*/metrics.jsonl")
                       for row in map(json.loads, path.read_text().splitlines())):
-            assert time.monotonic() < deadline and process.poll() is None, "run never reached step 12"
+            assert time.monotonic() < deadline and process.poll() is None, "run never reached step 8"
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGINT)
         output, _ = process.communicate(timeout=60)
@@ -167,4 +133,4 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     run_dir = tmp_path.joinpath(rerun.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
     steps = [row["step"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if "train_loss" in row]
-    assert steps == list(range(1, 41)), "each step must be logged exactly once across the interrupted run and rerun"
+    assert steps == list(range(1, 25)), "each step must be logged exactly once across the interrupted run and rerun"

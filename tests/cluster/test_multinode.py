@@ -44,7 +44,6 @@ def three_nodes():
     nodes = [head]
     try:
         nodes.append(start_worker(address, num_cpus=1, log=base / "node-a.log"))
-        wait_for_nodes(address, 2)
         nodes.append(start_worker(address, num_cpus=1, log=base / "node-b.log", wrap=wrap))
         wait_for_nodes(address, 3)
         yield address, nodes[2], hidden_from_b, base / "ray"
