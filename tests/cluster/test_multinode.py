@@ -43,7 +43,9 @@ def three_nodes():
     head, address = start_head(base / "ray", num_cpus=0, extra=[f"--system-config={FAST_NODE_DEATH}"])
     nodes = [head]
     try:
+        # One at a time: two raylets registering at once on 2 busy cores can miss Ray's node start-up timeout.
         nodes.append(start_worker(address, num_cpus=1, log=base / "node-a.log"))
+        wait_for_nodes(address, 2)
         nodes.append(start_worker(address, num_cpus=1, log=base / "node-b.log", wrap=wrap))
         wait_for_nodes(address, 3)
         yield address, nodes[2], hidden_from_b, base / "ray"

@@ -1,5 +1,6 @@
-"""Fault tolerance: a crash and a rerun end exactly where an uninterrupted run ends. (Workers killed from
-outside, with their whole node, are tests/cluster/test_multinode.py's.)
+"""Fault tolerance: a crash ends exactly where an uninterrupted run ends, and a finished run is not trained
+again. (Workers killed from outside, with their whole node, are tests/cluster/test_multinode.py's; a stopped
+run resumed by rerunning the command is tests/test_launch.py's Ctrl-C test.)
 
 DDP on CPU is deterministic (fixed thread count, gloo all-reduce over 2 ranks, data order fixed by the
 prepared shards), so "the same final loss" is checked as exact equality of every logged training loss.
@@ -7,7 +8,6 @@ prepared shards), so "the same final loss" is checked as exact equality of every
 
 
 import pytest
-from ray.train import TrainingFailedError
 
 from tests.helpers import read_metrics, run_training, train_losses
 from trainers.loop import CRASH_AT_STEP_ENV
@@ -42,22 +42,6 @@ def test_worker_crash_restarts_from_latest_checkpoint(uninterrupted_losses, data
     assert (run_dir / ".crash_injected_at_13").exists(), "the fault hook did not fire"
     assert train_losses(run_dir) == uninterrupted_losses
     assert [row["step"] for row in read_metrics(run_dir) if "train_loss" in row] == list(range(1, 41))
-
-
-def test_failed_run_resumes_when_the_same_command_is_rerun(uninterrupted_losses, data_cache, tmp_path,
-                                                           monkeypatch):
-    monkeypatch.setenv(CRASH_AT_STEP_ENV, "23")
-    with pytest.raises(TrainingFailedError):
-        run_training(tmp_path, data_cache, [*RESUME_OVERRIDES, "checkpoint.max_failures=0"])
-    monkeypatch.delenv(CRASH_AT_STEP_ENV)
-    [run_dir] = list((tmp_path / "runs").iterdir())
-    assert '"status": "failed"' in (run_dir / "summary.json").read_text()
-    assert "checkpoint_step_00000020" in checkpoint_dirs(run_dir)
-
-    rerun_dir = run_training(tmp_path, data_cache, [*RESUME_OVERRIDES, "checkpoint.max_failures=0"])
-
-    assert rerun_dir == run_dir
-    assert train_losses(run_dir) == uninterrupted_losses
 
 
 def test_rerunning_a_finished_run_does_not_train_again(uninterrupted_run, data_cache):
