@@ -16,7 +16,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from cluster.connection import RAY_TRAIN_ENV_DEFAULTS, REPO_ROOT
+from cluster.connection import RAY_TRAIN_ENV_DEFAULTS, build_runtime_env
 from conf.schema import ClusterConfig
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,6 @@ def submit_job(cluster: ClusterConfig, *, overrides: list[str], experiment: str)
     produced = _produced(tail)
     if produced is None:
         return f"{job_id} succeeded"
-    if "runtime_resources/working_dir_files" in produced[1]:
-        logger.warning("%s is inside the job's working_dir on the cluster, which Ray deletes when it needs the "
-                       "space: set paths.root to persistent (shared) storage", produced[0])
     return f"{job_id} succeeded ({produced[0]} on the cluster: {produced[1]})"
 
 
@@ -185,7 +182,7 @@ def build_job_runtime_env(cluster: ClusterConfig) -> dict:
     env_vars = {name: os.environ.get(name, default) for name, default in RAY_TRAIN_ENV_DEFAULTS.items()}
     env_vars.update({name: os.environ[name] for name in PASSED_ENV_VARS if os.environ.get(name)})
     logger.info("job environment: %s", ", ".join(sorted(env_vars)))  # names only: some are secrets
-    return {"working_dir": str(REPO_ROOT), "excludes": list(cluster.runtime_env_excludes), "env_vars": env_vars}
+    return build_runtime_env(cluster, remote=True, env_vars=env_vars)
 
 
 def _submit(client, *, entrypoint: str, runtime_env: dict, metadata: dict, url: str) -> str:
