@@ -31,4 +31,14 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
 PY
 python -m pip install -q -r .venv/requirements.txt
+# DeepSpeed compiles its shared-memory collective op for CPU runs on first use, which stalls the first ZeRO run on
+# a laptop (or the first DeepSpeed test) for about a minute; compile it here instead. GPU accelerators skip this.
+python - <<'PY'
+from deepspeed.accelerator import get_accelerator
+if get_accelerator().device_name() == "cpu":
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible():
+        print("DeepSpeed's CPU shared-memory op: compiling if not cached (about a minute the first time)", flush=True)
+        builder.load(verbose=False)
+PY
 python -c "import torch, ray, deepspeed; print('torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
