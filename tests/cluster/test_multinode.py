@@ -101,8 +101,9 @@ def test_training_survives_losing_a_node_and_resizes_to_what_is_left(three_nodes
     output, _ = run.communicate(timeout=400)
     assert run.returncode == 0, output[-4000:]
     assert "training tiny with ddp on 2 worker(s) from step 0 to 12" in output
-    # Train saw the worker group fail and retried. How it words the cause depends on which comes first: the GCS
-    # marking B dead, a health check to B's worker failing, or gloo on A losing its peer.
+    # Killing B failed the worker group (one worker must run on B: A and B have 1 CPU each, the head none) and
+    # Train retried. How it words the cause depends on which comes first: the GCS marking B dead, a health
+    # check to B's worker failing, or gloo on A losing its peer.
     assert "[FailurePolicy] RETRY" in output, output[-4000:]
     restored = [line for line in output.splitlines() if "training tiny with ddp on 1 worker(s) from step" in line]
     assert restored, output[-4000:]
