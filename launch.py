@@ -17,16 +17,16 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from conf.schema import RootConfig, register_configs
+from conf.schema import RootConfig
+from trainers.config import config_from_dict, plain_config, redacted, register_configs
 
 logger = logging.getLogger("slipway")
 
-REPO_ROOT = Path(__file__).resolve().parent
-
-
 STAGES = ("train", "sweep", "promote", "canary", "rollback", "registry", "serve")
+# Whether Hydra got as far as calling main(): before that, a failure is a config that does not compose.
+_composed = False
 
 
 def stages_of(cfg: RootConfig) -> list[str]:
@@ -51,12 +51,16 @@ def stages_of(cfg: RootConfig) -> list[str]:
 
 def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]]:
     """Run the config's stages; returns what each produced, e.g. [("run_dir", path), ("endpoint", url)]."""
-    from trainers.run import validate_config
+    from trainers.run import check_config
 
-    cfg: RootConfig = OmegaConf.to_object(dict_cfg)
+    # Derived once: the typed config (with secrets, for the stages) and the plain one, redacted once (for run
+    # files, the run name, W&B and the workers).
+    plain = plain_config(dict_cfg)
+    cfg = config_from_dict(plain)
+    config = redacted(plain)
     stages = stages_of(cfg)
     if {"train", "sweep"} & set(stages):
-        validate_config(cfg)
+        check_config(cfg)
     if cfg.plan:
         return [("plan", plan(cfg))]
     if cfg.submit:
@@ -67,9 +71,6 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]
                              "temporary working directory on the head; set paths.root to storage that every node "
                              "mounts, e.g. paths.root=/mnt/shared/slipway")
         return [("job", submit_job(cfg.cluster, overrides=command_overrides(), experiment=experiment))]
-    config = OmegaConf.to_container(dict_cfg, resolve=True)
-    if config["serve"].get("api_key"):  # the config is written into run directories: keep the secret out
-        config["serve"]["api_key"] = "<redacted>"
     results: list[tuple[str, str | Path]] = []
     for stage in stages:
         results.append(_run_stage(stage, cfg, config=config, experiment=experiment, produced=results))
@@ -109,7 +110,8 @@ def _run_stage(stage: str, cfg: RootConfig, *, config: dict, experiment: str, pr
 
 def plan(cfg: RootConfig) -> str:
     """Print the launch plan; a run that does not fit is an error that names what would fit."""
-    from cluster.plan import build_plan, format_plan
+    from cluster.plan import format_plan
+    from trainers.run import plan as build_plan
 
     launch_plan = build_plan(cfg)
     print(format_plan(launch_plan), flush=True)
@@ -140,53 +142,32 @@ def describe_aliases(cfg: RootConfig, model: str) -> str:
 
 def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     """One training run; returns its run directory."""
-    from cluster.capacity import check_capacity, check_local_gpus, check_shared_storage
-    from cluster.connection import connect
-    from datasets.pipeline import build_ray_datasets
-    from datasets.prepare import prepare_data
     from trainers import outputs
-    from trainers.run import check_data_fits, check_memory_fits, fit
+    from trainers.run import Run
+    from trainers.run import train as train_run
 
-    root = Path(cfg.paths.root).resolve()
-    run_dir = root / "runs" / outputs.run_name(config, experiment=experiment)
-    previous = outputs.read_summary(run_dir)
-    if previous and previous.get("status") == "finished":
-        logger.info("%s already finished (%d steps); not training again", run_dir.name, previous["steps"])
-        return run_dir
-    check_local_gpus(cfg.cluster)
-    prepared = prepare_data(cfg)
-    check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
-    check_memory_fits(cfg, data=prepared.to_dict())
-    outputs.write_run_files(run_dir, config=config, experiment=experiment, data_fingerprint=prepared.fingerprint,
-                            repo=REPO_ROOT)
-    connect(cfg.cluster)
-    check_capacity(cfg.cluster)
-    check_shared_storage(root)
-    datasets = build_ray_datasets(prepared, in_memory_limit_mb=cfg.data.in_memory_limit_mb)
-    summary = fit(cfg, run_name=run_dir.name, run_dir=run_dir, data=prepared.to_dict(), datasets=datasets)
-    logger.info("finished %s: %s", run_dir.name, outputs.headline(summary))
+    run_dir = Path(cfg.paths.root).resolve() / "runs" / outputs.run_name(config, experiment=experiment)
+    train_run(Run(cfg=cfg, config=config, experiment=experiment, run_dir=run_dir))
     return run_dir
 
 
 def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     """A Ray Tune sweep of training runs; returns the sweep directory."""
-    from cluster.capacity import check_local_gpus, check_shared_storage
-    from cluster.connection import connect, resolve_address
-    from datasets.prepare import prepare_data
+    from cluster.capacity import check_shared_storage
+    from cluster.connection import connect
+    from conf.derived import resolve_address
     from trainers import outputs, sweep_report
-    from trainers.run import check_data_fits, check_memory_fits, validate_config
+    from trainers.run import check_config, preflight, prepare_data
     from trainers.sweep import check_model_candidates, local_cpus_for_sweep, run_sweep, sweep_name, validate_sweep
 
-    dimensions = validate_sweep(cfg, config=config, check_trial=validate_config)
+    dimensions = validate_sweep(cfg, config=config, check_trial=check_config)
     sweep_dir = Path(cfg.paths.root).resolve() / "sweeps" / sweep_name(config, experiment=experiment)
     previous = outputs.read_summary(sweep_dir)
     if previous and previous.get("status") == "finished":
         logger.info("%s already finished (%d trials); not sweeping again", sweep_dir.name, previous["trials"])
         return sweep_dir
-    check_local_gpus(cfg.cluster)
+    preflight(cfg)
     prepared = prepare_data(cfg)  # once, here: trials reuse it unless the space changes data keys
-    check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
-    check_memory_fits(cfg, data=prepared.to_dict())
     check_model_candidates(dimensions, config, data=prepared.to_dict())
     local_cpus = None
     if resolve_address(cfg.cluster) is None:
@@ -209,6 +190,8 @@ def main(dict_cfg: DictConfig) -> None:
     from cluster.submit import JobFailedError
     from trainers.sweep import SweepFailedError
 
+    global _composed
+    _composed = True
     try:
         results = run(dict_cfg, experiment=experiment_name())
     except (ValueError, FileNotFoundError) as err:
@@ -229,4 +212,11 @@ def main(dict_cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()  # the schemas must be in Hydra's ConfigStore before main() composes
-    main()
+    try:
+        main()
+    except SystemExit as exit_request:
+        # Hydra prints why a config does not compose (an unknown key, a wrong type, a value outside a key's
+        # choices) and exits 1; that is bad input, which exits 2 like every other.
+        if exit_request.code == 1 and not _composed:
+            sys.exit(2)
+        raise

@@ -1,50 +1,19 @@
-"""What a run asks of the cluster, and whether the cluster can give it: worker counts (fixed or elastic),
-capacity, and the shared storage that a run spread over several nodes needs."""
+"""Whether the cluster can give a run what it asks for: its workers' resources (fixed or elastic, with or
+without an autoscaler), this machine's GPUs for an embedded Ray, and the shared storage that a run spread
+over several nodes needs. (The worker range itself is derived from the config: conf/derived.py.)"""
 
 import logging
 import os
 import uuid
 from pathlib import Path
 
+from conf.derived import resolve_address, worker_range
 from conf.schema import ClusterConfig
 
 logger = logging.getLogger(__name__)
 
-# Ray Train V2 restarts an elastic run on a different number of workers. DDP and FSDP2 checkpoints load at any
-# world size (the model is whole, or DCP reshards it); DeepSpeed's ZeRO checkpoints are partitioned per rank.
-ELASTIC_STRATEGIES = ("ddp", "fsdp")
 # Ray Train's wait for a worker group's resources; it reads it in the driver and passes it on to its controller.
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
-
-
-def worker_range(cfg: ClusterConfig) -> tuple[int, int]:
-    """(min, max) training workers: `cluster.num_workers=4` is (4, 4); `cluster.num_workers=[2,4]` is elastic."""
-    value = cfg.num_workers
-    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
-        raise ValueError(f"cluster.num_workers must be an integer or [min, max], got {value!r}")
-    low, high = (value, value) if isinstance(value, int) else _pair(value)
-    if low < 1 or high < low:
-        raise ValueError(f"cluster.num_workers={value} needs 1 <= min <= max")
-    return low, high
-
-
-def _pair(value) -> tuple[int, int]:
-    if len(value) != 2 or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-        raise ValueError(f"cluster.num_workers={list(value)} must be an integer or a list of two: [min, max]")
-    return value[0], value[1]
-
-
-def check_placement(cfg: ClusterConfig) -> None:
-    if cfg.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ValueError(f"cluster.placement_strategy={cfg.placement_strategy!r} is not one of "
-                         f"{', '.join(PLACEMENT_STRATEGIES)}")
-
-
-def scaling_workers(cfg: ClusterConfig) -> int | tuple[int, int]:
-    """What Ray Train's ScalingConfig(num_workers=...) takes: an int, or a (min, max) tuple for elastic runs."""
-    low, high = worker_range(cfg)
-    return low if low == high else (low, high)
 
 
 def check_capacity(cfg: ClusterConfig) -> None:
@@ -79,8 +48,6 @@ def check_capacity(cfg: ClusterConfig) -> None:
 def check_local_gpus(cfg: ClusterConfig) -> None:
     """An embedded Ray sees only this machine: refuse a GPU run it cannot hold before preparing data and
     starting Ray. (On a cluster, check_capacity asks Ray.)"""
-    from cluster.connection import resolve_address
-
     if not cfg.use_gpu or resolve_address(cfg) is not None:
         return
     import torch

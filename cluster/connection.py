@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+from conf.derived import resolve_address, worker_range
 from conf.schema import ClusterConfig
 
 logger = logging.getLogger(__name__)
@@ -22,11 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def resolve_address(cfg: ClusterConfig) -> str | None:
-    """`cluster.address`, else RAY_ADDRESS, else None (start an embedded local Ray)."""
-    return cfg.address or os.environ.get("RAY_ADDRESS") or None
-
-
 def local_cpu_count(cfg: ClusterConfig) -> int:
     """Logical CPUs for an embedded Ray: the workers' share plus two for Ray Data's read tasks.
 
@@ -36,8 +32,6 @@ def local_cpu_count(cfg: ClusterConfig) -> int:
     """
     if cfg.local_num_cpus:
         return cfg.local_num_cpus
-    from cluster.capacity import worker_range
-
     cores = os.cpu_count() or 1
     wanted = worker_range(cfg)[1] * cfg.cpus_per_worker
     if wanted > cores:

@@ -4,29 +4,64 @@ and no model is allocated (the model is built on the meta device to count its pa
 
 A run that does not fit is searched for the nearest setups that would: another strategy, activation
 checkpointing, a smaller micro batch (keeping the global batch), or more workers within cluster.max_nodes.
-Memory comes from cluster/memory.py and cluster/activations.py; FLOPs from the model family
-(trainers/families.py), so the plan and the training run's MFU agree.
+Memory comes from the strategies' formulas (model states) and the model family's (activations), FLOPs from
+the family, so the plan and the training run's MFU agree. The plan sits below trainers/ in the layers, so it
+is handed the family and the strategies (trainers/recipe.py: plan) and reads them through the two protocols
+below; it never switches on a family's or a strategy's name.
 """
 
 import math
 import textwrap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from operator import itemgetter
+from typing import Protocol
 
-from cluster.activations import Activations, llm_activations, ranker_activations
+from cluster.activations import Activations
 from cluster.memory import (
     GB,
-    STRATEGIES,
+    META_INIT_THRESHOLD,
     MemoryEstimate,
     ModelShape,
+    ModelStates,
     build_bytes,
     count_shape,
     human_count,
-    model_states,
     worker_overhead,
 )
-from conf.schema import RootConfig
-from trainers.families import META_INIT_THRESHOLD, Family, get_family
+from conf.derived import resolve_address, resolve_precision, worker_range
+from conf.schema import InitDevice, Precision, RootConfig, StrategyConfig
+
+
+class PlanFamily(Protocol):
+    """What the plan reads of a model family (trainers/families/)."""
+
+    name: str
+    item: str  # "tokens" or "samples"
+    row: str  # "sequences" or "samples"
+    supports_activation_checkpointing: bool
+    plan_data: Callable[..., dict]
+    build_model: Callable
+    blocks: Callable
+    items_per_row: Callable[[dict], int]
+    flops_per_item: Callable[..., float]
+    activations: Callable[..., Activations]
+
+
+class PlanStrategy(Protocol):
+    """What the plan reads of a strategy (trainers/strategies/)."""
+
+    name: str
+    schema: type[StrategyConfig]
+    meta_init: bool
+    autocast_over_fp32: bool
+    startup_note: str
+    startup_peak_note: str
+    model_states: Callable[..., ModelStates]
+    communication_bytes: Callable[..., float]
+    network_bytes: Callable[..., float] | None
+    plan_notes: Callable[[StrategyConfig], list[str]]
+    check_world: Callable[[StrategyConfig, int], None]
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,7 @@ class Throughput:
 class Plan:
     family: str
     preset: str
+    row: str  # what the global batch counts: "sequences" or "samples"
     shape: ModelShape
     setup: Setup
     precision: str
@@ -78,6 +114,8 @@ class Plan:
     memory: MemoryEstimate
     items_per_step: int
     item: str  # "tokens" or "samples"
+    checkpointing_applies: bool  # the family has blocks worth recomputing
+    startup_note: str
     throughput: Throughput
     accum_steps: int
     max_steps: int
@@ -106,24 +144,6 @@ class Plan:
         return f"does not fit: {'; '.join(self.problems)}; would fit: {found}"
 
 
-# ------------------------------------------------------------------------------------------- the model
-
-
-def plan_data(cfg: RootConfig) -> dict:
-    """The `data` dict the model family needs, derived from cfg.data the way data preparation would derive it
-    (datasets/clicklog.py: hash buckets per table, else one row per category plus the missing bucket)."""
-    if cfg.model.family == "llm":
-        return {"vocab_size": cfg.data.vocab_size, "seq_len": cfg.data.seq_len}
-    from datasets.clicklog import NUM_CATEGORICAL, NUM_DENSE, hash_buckets_per_table
-
-    buckets = hash_buckets_per_table(cfg.data)
-    if buckets is None:
-        if len(cfg.data.cardinalities) != NUM_CATEGORICAL:
-            raise ValueError(f"data.cardinalities must be {NUM_CATEGORICAL} numbers, got {len(cfg.data.cardinalities)}")
-        buckets = [int(card) + 1 for card in cfg.data.cardinalities]
-    return {"num_dense": NUM_DENSE, "table_sizes": buckets}
-
-
 # ---------------------------------------------------------------------------------------- the hardware
 
 
@@ -138,8 +158,6 @@ def describe_hardware(cfg: RootConfig) -> Hardware:
                         workers_per_node=per_node, max_workers=cluster.max_nodes * per_node,
                         label=node.gpu_type or "GPU", bandwidth=node.nvlink_gb_per_s * GB,
                         network=node.network_gbit_per_s / 8 * GB / max(per_node, 1))
-    from cluster.connection import resolve_address
-
     memory = node.memory_gb * GB
     if not memory and resolve_address(cluster) is None:  # the embedded local Ray: this machine
         import psutil
@@ -153,8 +171,6 @@ def describe_hardware(cfg: RootConfig) -> Hardware:
 
 def _workers(cfg: RootConfig) -> int:
     """The workers to plan for: an elastic run ([min, max]) may grow to its max."""
-    from cluster.capacity import worker_range
-
     return worker_range(cfg.cluster)[1]
 
 
@@ -165,102 +181,97 @@ def _nodes(setup: Setup, hardware: Hardware) -> int:
 # ------------------------------------------------------------------------------------- memory and time
 
 
-def estimate_memory(cfg: RootConfig, setup: Setup, *, shape: ModelShape, data: dict, precision: str,
-                    on_gpu: bool) -> MemoryEstimate:
-    accum = cfg.trainer.global_batch_size // (setup.workers * setup.micro_batch)
-    states = model_states(setup.strategy, shape=shape, world=setup.workers, precision=precision,
-                          offload_optimizer=cfg.strategy.zero_offload_optimizer,
-                          accum_steps=accum, reshard_after_forward=cfg.strategy.fsdp_reshard_after_forward,
-                          checkpointing=setup.checkpointing)
-    on_meta = cfg.model.init_device == "meta" or (cfg.model.init_device == "auto" and shape.total > META_INIT_THRESHOLD)
-    return MemoryEstimate(states=states, activations=_activations(cfg, setup, data=data, precision=precision),
-                          overhead=worker_overhead(on_gpu=on_gpu),
-                          build=build_bytes(setup.strategy, shape=shape, on_meta=on_meta))
+@dataclass(frozen=True)
+class Planned:
+    """The run being planned: its config, model and the records it is planned with."""
+
+    cfg: RootConfig
+    family: PlanFamily
+    strategies: Mapping[str, PlanStrategy]
+    shape: ModelShape
+    data: dict
+    precision: Precision
+
+    def options(self, strategy: str) -> StrategyConfig:
+        """The run's own strategy options, or another strategy's defaults (for a suggestion)."""
+        if strategy == self.cfg.strategy.name:
+            return self.cfg.strategy
+        return self.strategies[strategy].schema(name=strategy)
+
+    def accum_steps(self, setup: Setup) -> int:
+        return self.cfg.trainer.global_batch_size // (setup.workers * setup.micro_batch)
 
 
-def _activations(cfg: RootConfig, setup: Setup, *, data: dict, precision: str) -> Activations:
-    compute = 2 if precision == "bf16" else 4
-    # DDP trains fp32 weights under autocast: what comes from the embeddings stays fp32.
-    residual = 4 if precision == "fp32" or setup.strategy == "ddp" else 2
-    if cfg.model.family == "llm":
-        return llm_activations(cfg.model, vocab_size=data["vocab_size"], seq_len=data["seq_len"],
-                               micro_batch=setup.micro_batch, compute_bytes=compute, residual_bytes=residual,
-                               checkpointing=setup.checkpointing)
-    return ranker_activations(cfg.model, num_dense=data["num_dense"], num_tables=len(data["table_sizes"]),
-                              micro_batch=setup.micro_batch, compute_bytes=compute, residual_bytes=residual)
+def estimate_memory(run: Planned, setup: Setup, *, on_gpu: bool) -> MemoryEstimate:
+    strategy, model = run.strategies[setup.strategy], run.cfg.model
+    states = strategy.model_states(run.options(setup.strategy), shape=run.shape, world=setup.workers,
+                                   precision=run.precision, accum_steps=run.accum_steps(setup),
+                                   checkpointing=setup.checkpointing)
+    on_meta = model.init_device == InitDevice.meta or (
+        model.init_device == InitDevice.auto and run.shape.total > META_INIT_THRESHOLD)
+    return MemoryEstimate(states=states, activations=_activations(run, setup), overhead=worker_overhead(on_gpu=on_gpu),
+                          build=build_bytes(shape=run.shape, on_meta=on_meta and strategy.meta_init))
 
 
-def estimate_throughput(cfg: RootConfig, setup: Setup, *, family: Family, shape: ModelShape, data: dict,
-                        hardware: Hardware, precision: str) -> Throughput:
-    items = cfg.trainer.global_batch_size * family.items_per_row(data)
-    flops = family.flops_per_item(cfg.model, data=data) * items
+def _activations(run: Planned, setup: Setup) -> Activations:
+    compute = 2 if run.precision == Precision.bf16 else 4
+    # Under autocast over fp32 weights (DDP), what comes from the embeddings stays fp32.
+    fp32_stream = run.precision == Precision.fp32 or run.strategies[setup.strategy].autocast_over_fp32
+    return run.family.activations(run.cfg.model, data=run.data, micro_batch=setup.micro_batch,
+                                  compute_bytes=compute, residual_bytes=4 if fp32_stream else 2,
+                                  checkpointing=setup.checkpointing)
+
+
+def estimate_throughput(run: Planned, setup: Setup, *, hardware: Hardware) -> Throughput:
+    cfg = run.cfg
+    items = cfg.trainer.global_batch_size * run.family.items_per_row(run.data)
+    flops = run.family.flops_per_item(cfg.model, data=run.data) * items
     compute_s = None
     if hardware.on_gpu and cfg.cluster.peak_tflops_per_gpu > 0 and cfg.cluster.assumed_mfu > 0:
         compute_s = flops / (setup.workers * cfg.cluster.peak_tflops_per_gpu * 1e12 * cfg.cluster.assumed_mfu)
-    accum = cfg.trainer.global_batch_size // (setup.workers * setup.micro_batch)
-    sent = communication_bytes(setup.strategy, params=shape.total, world=setup.workers, accum_steps=accum,
-                               precision=precision, reshard_after_forward=cfg.strategy.fsdp_reshard_after_forward)
-    bandwidth = hardware.bandwidth if _nodes(setup, hardware) == 1 else min(hardware.bandwidth, hardware.network)
-    comm_s = sent / bandwidth if hardware.on_gpu and bandwidth > 0 else None
+    strategy = run.strategies[setup.strategy]
+    traffic = dict(params=run.shape.total, world=setup.workers, accum_steps=run.accum_steps(setup),
+                   precision=run.precision)
+    sent = strategy.communication_bytes(run.options(setup.strategy), **traffic)
+    across = 0.0
+    if _nodes(setup, hardware) > 1:
+        across = sent if strategy.network_bytes is None else strategy.network_bytes(
+            run.options(setup.strategy), **traffic, workers_per_node=hardware.workers_per_node)
+    links = [(sent - across, hardware.bandwidth), (across, min(hardware.bandwidth, hardware.network))]
+    described = hardware.on_gpu and all(bandwidth > 0 for volume, bandwidth in links if volume)
+    comm_s = sum(volume / bandwidth for volume, bandwidth in links if volume) if described else None
     return Throughput(flops=flops, compute_s=compute_s, comm_bytes=sent, comm_s=comm_s)
-
-
-def communication_bytes(strategy: str, *, params: int, world: int, accum_steps: int, precision: str,
-                        reshard_after_forward: bool = True) -> float:
-    """Bytes each worker sends per optimizer step in ring collectives ((N-1)/N of each payload).
-
-    ddp: one all-reduce of the fp32 gradients (2 payloads). fsdp: a bf16 all-gather per micro batch in forward
-    (and again in backward when resharding) and one fp32 reduce-scatter. zero1: a bf16 reduce at the
-    boundary and an all-gather of the updated parameters; zero2 reduces every micro batch; zero3 gathers
-    twice and reduce-scatters every micro batch.
-    """
-    low = 2 if precision == "bf16" else 4
-    payloads = {
-        "ddp": 2 * 4,
-        "fsdp": accum_steps * (2 if reshard_after_forward else 1) * low + 4,
-        "zero1": 2 * low,
-        "zero2": (accum_steps + 1) * low,
-        "zero3": accum_steps * 3 * low,
-    }[strategy]
-    return payloads * params * (world - 1) / world
 
 
 # --------------------------------------------------------------------------------------------- the plan
 
 
-def build_plan(cfg: RootConfig) -> Plan:
-    """Size `cfg` on its cluster; where it does not fit, name the overrides that would."""
-    import torch
-
-    from trainers.loop import resolve_precision
-
-    family = get_family(cfg.model.family)
-    data = plan_data(cfg)
-    shape = count_shape(family, cfg.model, data=data)
+def build_plan(cfg: RootConfig, *, family: PlanFamily, strategies: Mapping[str, PlanStrategy]) -> Plan:
+    """Size `cfg` on its cluster; where it does not fit, name the overrides that would. `family` is the run's
+    model family and `strategies` every strategy by name (the ones the plan may suggest)."""
+    data = family.plan_data(cfg.model, cfg.data)
     hardware = describe_hardware(cfg)
-    precision = resolve_precision(cfg.trainer.precision, torch.device("cuda" if hardware.on_gpu else "cpu"))
+    run = Planned(cfg=cfg, family=family, strategies=strategies, shape=count_shape(family, cfg.model, data=data),
+                  data=data, precision=resolve_precision(cfg.trainer.precision, on_gpu=hardware.on_gpu))
     setup = Setup(strategy=cfg.strategy.name, workers=_workers(cfg), micro_batch=cfg.trainer.micro_batch_size,
                   checkpointing=cfg.trainer.activation_checkpointing)
 
     def size(candidate: Setup, on: Hardware = hardware) -> tuple[MemoryEstimate, list[str]]:
-        memory = estimate_memory(cfg, candidate, shape=shape, data=data, precision=precision,
-                                 on_gpu=hardware.on_gpu)
+        memory = estimate_memory(run, candidate, on_gpu=hardware.on_gpu)
         return memory, _problems(cfg, candidate, memory=memory, hardware=on)
 
     memory, problems = size(setup)
-    suggestions = _suggest(cfg, setup, family=family, hardware=hardware, size=size) if problems else []
-    node = cfg.cluster.node
-    return Plan(family=cfg.model.family, preset=cfg.model.preset, shape=shape, setup=setup, precision=precision,
-                hardware=hardware, nodes=_nodes(setup, hardware), memory=memory,
-                items_per_step=cfg.trainer.global_batch_size * family.items_per_row(data),
-                item="tokens" if cfg.model.family == "llm" else "samples",
-                throughput=estimate_throughput(cfg, setup, family=family, shape=shape, data=data,
-                                               hardware=hardware, precision=precision),
-                accum_steps=cfg.trainer.global_batch_size // (setup.workers * setup.micro_batch),
+    suggestions = _suggest(run, setup, hardware=hardware, size=size) if problems else []
+    node, strategy = cfg.cluster.node, strategies[setup.strategy]
+    return Plan(family=family.name, preset=cfg.model.preset, row=family.row, shape=run.shape, setup=setup,
+                precision=run.precision, hardware=hardware, nodes=_nodes(setup, hardware), memory=memory,
+                items_per_step=cfg.trainer.global_batch_size * family.items_per_row(data), item=family.item,
+                checkpointing_applies=family.supports_activation_checkpointing, startup_note=strategy.startup_note,
+                throughput=estimate_throughput(run, setup, hardware=hardware), accum_steps=run.accum_steps(setup),
                 max_steps=cfg.trainer.max_steps, mfu=cfg.cluster.assumed_mfu,
                 peak_tflops=cfg.cluster.peak_tflops_per_gpu, price_per_hour=node.price_per_hour,
                 price_source=node.price_source, problems=tuple(problems), suggestions=tuple(suggestions),
-                notes=tuple(_notes(cfg, memory)))
+                notes=tuple(_notes(cfg, strategy, memory)))
 
 
 def _problems(cfg: RootConfig, setup: Setup, *, memory: MemoryEstimate, hardware: Hardware) -> list[str]:
@@ -282,42 +293,39 @@ def _problems(cfg: RootConfig, setup: Setup, *, memory: MemoryEstimate, hardware
     return problems
 
 
-def _notes(cfg: RootConfig, memory: MemoryEstimate) -> list[str]:
-    notes = []
-    if cfg.strategy.zero_offload_optimizer and cfg.strategy.name.startswith("zero"):
-        notes.append("DeepSpeed 0.19.8 refuses ZeRO-Offload with a torch optimizer (trainers/optim.py builds "
-                     "torch.optim.AdamW) unless the DeepSpeed config sets zero_force_ds_cpu_optimizer=false")
+def _notes(cfg: RootConfig, strategy: PlanStrategy, memory: MemoryEstimate) -> list[str]:
+    notes = list(strategy.plan_notes(cfg.strategy))
     if memory.startup > max(memory.forward_backward, memory.optimizer_step):
-        notes.append("start-up is the peak: DeepSpeedStrategy builds the whole fp32 model on each GPU before "
-                     "deepspeed.initialize partitions it (deepspeed.zero.Init would avoid it)")
+        notes.append(strategy.startup_peak_note)
     return notes
 
 
 # ----------------------------------------------------------------------------------- finding what fits
 
 
-def _suggest(cfg: RootConfig, current: Setup, *, family: Family, hardware: Hardware, size) -> list[str]:
+def _suggest(run: Planned, current: Setup, *, hardware: Hardware, size) -> list[str]:
     """Setups that fit, each changing as few keys as possible and staying close to the current one: every
     strategy that fits as it is, then the best setup for each other set of changed keys that is not a
     superset of one already named. Nodes beyond cluster.max_nodes (up to 8 times as many) are named only
     when the current setup fits on them or nothing fits within it."""
-    more = replace(hardware, max_workers=max(8 * cfg.cluster.max_nodes, 16) * hardware.workers_per_node)
+    max_nodes = run.cfg.cluster.max_nodes
+    more = replace(hardware, max_workers=max(8 * max_nodes, 16) * hardware.workers_per_node)
     first = []
     if not size(current, more)[1] and current.workers > hardware.max_workers:
         first = [f"cluster.max_nodes={_nodes(current, hardware)}"]
-    found = _search(cfg, current, family=family, hardware=hardware, size=size)
+    found = _search(run, current, hardware=hardware, size=size)
     if found or not hardware.workers_per_node:
         return first + found
-    return first + _search(cfg, current, family=family, hardware=more, size=lambda setup: size(setup, more))
+    return first + _search(run, current, hardware=more, size=lambda setup: size(setup, more))
 
 
-def _search(cfg: RootConfig, current: Setup, *, family: Family, hardware: Hardware, size) -> list[str]:
+def _search(run: Planned, current: Setup, *, hardware: Hardware, size) -> list[str]:
     fitting: dict[frozenset, list] = {}
-    for candidate in _candidates(cfg, current, family=family, hardware=hardware):
+    for candidate in _candidates(run, current, hardware=hardware):
         changes = _changes(current, candidate)
         memory, problems = size(candidate)
         if changes and not problems:
-            if _nodes(candidate, hardware) > cfg.cluster.max_nodes:
+            if _nodes(candidate, hardware) > run.cfg.cluster.max_nodes:
                 changes["cluster.max_nodes"] = _nodes(candidate, hardware)
             # Closest worker count, then a larger micro batch (faster), then the most headroom.
             rank = (len(changes), abs(candidate.workers - current.workers), -candidate.micro_batch, memory.peak)
@@ -330,17 +338,27 @@ def _search(cfg: RootConfig, current: Setup, *, family: Family, hardware: Hardwa
     return [" with ".join(f"{name}={value}" for name, value in changes.items()) for _, changes in chosen[:5]]
 
 
-def _candidates(cfg: RootConfig, current: Setup, *, family: Family, hardware: Hardware):
-    batch = cfg.trainer.global_batch_size
-    checkpointing = (False, True) if family.supports_activation_checkpointing else (current.checkpointing,)
+def _candidates(run: Planned, current: Setup, *, hardware: Hardware):
+    batch = run.cfg.trainer.global_batch_size
+    checkpointing = (False, True) if run.family.supports_activation_checkpointing else (current.checkpointing,)
     for workers in range(1, max(hardware.max_workers, 1) + 1):
         if batch % workers:
             continue
         micro_batches = [m for m in range(1, batch // workers + 1) if (batch // workers) % m == 0]
-        for strategy in STRATEGIES:
+        for strategy in run.strategies:
+            if not _trains_on(run, strategy, workers):
+                continue
             for ckpt in checkpointing:
                 for micro in micro_batches:
                     yield Setup(strategy=strategy, workers=workers, micro_batch=micro, checkpointing=ckpt)
+
+
+def _trains_on(run: Planned, strategy: str, workers: int) -> bool:
+    try:
+        run.strategies[strategy].check_world(run.options(strategy), workers)
+    except ValueError:
+        return False
+    return True
 
 
 def _changes(current: Setup, candidate: Setup) -> dict[str, object]:
@@ -373,8 +391,7 @@ def _header_lines(plan: Plan) -> list[str]:
     model = f"{plan.family} {plan.preset}: {human_count(shape.total)} parameters"
     model += f" (embedding {human_count(shape.embedding)})"
     where = f"{_fleet(plan, nodes=False)}, {plan.nodes} node{'s' if plan.nodes > 1 else ''}"
-    rows = "sequences" if plan.family == "llm" else "samples"
-    batch = (f"{setup.workers * setup.micro_batch * plan.accum_steps:,} {rows} per step = {setup.workers} workers"
+    batch = (f"{setup.workers * setup.micro_batch * plan.accum_steps:,} {plan.row} per step = {setup.workers} workers"
              f" x micro batch {setup.micro_batch} x {plan.accum_steps} accumulation step(s)")
     return [f"{'model':<16}{model}",
             f"{'strategy':<16}{setup.strategy}, {plan.precision}, on {where}",
@@ -387,7 +404,7 @@ def _memory_lines(plan: Plan) -> list[str]:
     acts = memory.activations
     checkpointing = "on" if setup.checkpointing else "off"
     act_note = (f"micro batch {setup.micro_batch}, checkpointing {checkpointing}: {acts.stored / GB:.1f} kept "
-                f"for backward + {acts.working / GB:.1f} working" if plan.family == "llm" else
+                f"for backward + {acts.working / GB:.1f} working" if plan.checkpointing_applies else
                 f"micro batch {setup.micro_batch}: {acts.stored / GB:.1f} kept + {acts.working / GB:.1f} working")
     overhead = "CUDA context, NCCL buffers, allocator slack (assumed)" if plan.hardware.on_gpu else \
         "worker process: torch, Ray (assumed)"
@@ -420,9 +437,7 @@ def _fleet(plan: Plan, *, nodes: bool = True) -> str:
 def _startup_note(plan: Plan) -> str:
     if not plan.memory.build:
         return "built on the meta device; each worker materializes only its shards"
-    if plan.setup.strategy.startswith("zero"):
-        return "peak: whole fp32 model on each GPU until deepspeed.initialize partitions it"
-    return "peak: the whole fp32 model, built on each worker"
+    return plan.startup_note
 
 
 def _needed_line(plan: Plan) -> str:

@@ -1,15 +1,91 @@
-"""Typed schemas for every config group.
+"""Typed schemas for the config groups.
 
-Hydra merges the YAML files of conf/ into these dataclasses, so an unknown key or a wrong type fails at
-composition, before Ray starts, with a message that names the key. After composition launch.py turns the
-config into these dataclasses (`OmegaConf.to_object`) and no DictConfig travels further.
+Hydra merges the YAML files of conf/ into these dataclasses, so an unknown key, a wrong type or a value outside
+a key's choices fails at composition, before Ray starts, with a message that names the key. The schemas of the
+model, data and strategy groups are chosen per file (a family's, a kind of data's, a strategy's own options);
+trainers/config.py registers them and rebuilds the typed config from the plain one, after which no
+DictConfig travels further. Values derived from the config alone are in conf/derived.py.
 """
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
+
+CONF_DIR = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------ choices
+# A key with a fixed set of values is an enum, so composition itself refuses anything else and names the
+# allowed values (OmegaConf: "Invalid value 'fp16', expected one of [auto, fp32, bf16]"). StrEnum members are
+# str: they compare, format, hash and serialize as their values.
+
+
+def _group_options(group: str) -> dict[str, str]:
+    """The options of a config group are its YAML files, as Hydra's `group=NAME` choice sees them."""
+    return {path.stem: path.stem for path in sorted((CONF_DIR / group).glob("*.yaml"))}
+
+
+# A strategy is one of conf/strategy/*.yaml (each backed by a module of trainers/strategies/): adding a
+# strategy adds its file, and `strategy.name` accepts it without an edit here.
+StrategyName = StrEnum("StrategyName", _group_options("strategy"), module=__name__)
+
+
+class Precision(StrEnum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class InitDevice(StrEnum):
+    auto = "auto"
+    device = "device"
+    meta = "meta"
+
+
+class RankerArch(StrEnum):
+    dlrm = "dlrm"
+    dcn = "dcn"
+
+
+class TextSource(StrEnum):
+    stdlib = "stdlib"
+    text_dir = "text_dir"
+    parquet = "parquet"
+
+
+class ClickLogSource(StrEnum):
+    synthetic = "synthetic"
+    criteo_tsv = "criteo_tsv"
+
+
+class PlacementStrategy(StrEnum):  # Ray placement group strategies
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
+class LoggerName(StrEnum):
+    none = "none"
+    wandb = "wandb"
+
+
+class SweepScheduler(StrEnum):
+    fifo = "fifo"  # every trial runs to trainer.max_steps
+    asha = "asha"  # stops bad trials early
+
+
+class SweepSearcher(StrEnum):
+    random = "random"  # random draws (and grid points)
+    optuna = "optuna"  # TPE
+
+
+class MetricMode(StrEnum):
+    min = "min"
+    max = "max"
 
 
 @dataclass
@@ -28,9 +104,9 @@ class LLMConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # auto | device | meta. "auto" builds on the meta device when the model is too big to build whole and the
-    # strategy can materialize shards (fsdp); otherwise on the worker's device.
-    init_device: str = "auto"
+    # "auto" builds on the meta device when the model is too big to build whole and the strategy can
+    # materialize shards (fsdp); otherwise on the worker's device.
+    init_device: InitDevice = InitDevice.auto
 
 
 @dataclass
@@ -43,14 +119,14 @@ class RankerConfig:
 
     family: str = "ranker"
     preset: str = "small"
-    arch: str = "dlrm"  # dlrm | dcn
+    arch: RankerArch = RankerArch.dlrm
     embedding_dim: int = 16
     bottom_mlp: list[int] = field(default_factory=lambda: [64, 16])  # dlrm: dense features -> embedding_dim
     top_mlp: list[int] = field(default_factory=lambda: [128, 64])  # dlrm: interactions -> hidden layers -> 1
     cross_layers: int = 3  # dcn: cross layers x_{l+1} = x_0 * (W x_l + b) + x_l
     cross_rank: int = 0  # dcn: 0 = full-rank W; r > 0 factorizes W = U V^T with rank r (DCN-v2's low-rank cross)
     deep_mlp: list[int] = field(default_factory=lambda: [256, 128])  # dcn: the deep network after the cross network
-    init_device: str = "auto"  # auto | device | meta, as for the LLM
+    init_device: InitDevice = InitDevice.auto  # as for the LLM
 
 
 @dataclass
@@ -58,7 +134,7 @@ class TextDataConfig:
     """Where the text comes from and how it becomes packed token sequences (family `llm`)."""
 
     kind: str = "text"
-    source: str = "stdlib"  # stdlib | text_dir | parquet
+    source: TextSource = TextSource.stdlib
     path: str | None = None  # required for text_dir and parquet
     column: str = "text"  # the text column of a parquet source or the field of jsonl records
     vocab_size: int = 4096  # byte-level BPE vocabulary trained on the corpus
@@ -77,7 +153,7 @@ class ClickLogDataConfig:
     """Click logs in Criteo's shape: a 0/1 label, 13 dense and 26 categorical features (family `ranker`)."""
 
     kind: str = "clicklog"
-    source: str = "synthetic"  # synthetic | criteo_tsv
+    source: ClickLogSource = ClickLogSource.synthetic
     path: str | None = None  # criteo_tsv: one TSV file (plain or .gz) or a directory of them
     # synthetic: rows to generate; criteo_tsv: the first rows to read (null = every row of every file)
     rows: int | None = 4_000_000
@@ -106,7 +182,7 @@ class TrainerConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = Precision.auto
     activation_checkpointing: bool = False
     log_every_n_steps: int = 10
     eval_every_n_steps: int = 50
@@ -116,9 +192,10 @@ class TrainerConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "ddp"  # ddp | fsdp | zero1 | zero2 | zero3
-    fsdp_reshard_after_forward: bool = True
-    zero_offload_optimizer: bool = False  # ZeRO: keep optimizer states in host memory
+    """What every strategy's schema has. Each strategy extends it with its own options in its module
+    (trainers/strategies/), and its YAML file names that schema first in its defaults list."""
+
+    name: StrategyName = MISSING
 
 
 @dataclass
@@ -156,7 +233,7 @@ class ClusterConfig:
     # between them and resizes on failures and as capacity arrives). ddp and fsdp only.
     num_workers: Any = 2
     # How Ray places the workers: PACK (fewest nodes), SPREAD (across nodes), STRICT_PACK or STRICT_SPREAD.
-    placement_strategy: str = "PACK"
+    placement_strategy: PlacementStrategy = PlacementStrategy.PACK
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only read when use_gpu is true
@@ -180,7 +257,7 @@ class ClusterConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
+    name: LoggerName = LoggerName.none
     project: str = "slipway"
     entity: str | None = None
     mode: str | None = None  # None: offline unless WANDB_MODE or WANDB_API_KEY say otherwise
@@ -202,12 +279,12 @@ class SweepConfig:
     """
 
     name: str = "none"  # none | the sweep file's name (asha, optuna, ...)
-    scheduler: str = "fifo"  # fifo (every trial runs to trainer.max_steps) | asha (stops bad trials early)
-    searcher: str = "random"  # random (and grid) | optuna (TPE)
+    scheduler: SweepScheduler = SweepScheduler.fifo
+    searcher: SweepSearcher = SweepSearcher.random
     num_samples: int = 8  # trials drawn; with grid dimensions, draws per grid point
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources fit at once
     metric: str | None = None  # None = the model family's (val_loss for llm, auc for ranker)
-    mode: str | None = None  # min | max; None = the metric's natural direction
+    mode: MetricMode | None = None  # None = the metric's natural direction
     grace_period: int | None = None  # asha: steps before a trial can be stopped; None = trainer.eval_every_n_steps
     reduction_factor: float = 2.0  # asha: keep the best 1/reduction_factor of trials at each rung
     seed: int = 0  # the searcher's random state: the same sweep draws the same trials
@@ -259,52 +336,25 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005
 
 
-# The model and data groups hold one schema per family and per kind of data: each YAML file in conf/model/ and
-# conf/data/ names its schema first in its defaults list, so `model.cross_layers` is a known key for a ranker
-# and an error for an LLM.
-MODEL_SCHEMAS = {"llm": LLMConfig, "ranker": RankerConfig}
-DATA_SCHEMAS = {"text": TextDataConfig, "clicklog": ClickLogDataConfig}
-
-
+# The model, data and strategy groups hold one schema per model family, kind of data and strategy: each YAML
+# file of conf/model/, conf/data/ and conf/strategy/ names its schema first in its defaults list, so
+# `model.cross_layers` is a known key for a ranker and an error for an LLM. trainers/config.py registers them
+# from the model families (trainers/families/) and strategies (trainers/strategies/) that own them.
 @dataclass
 class RootConfig:
-    model: Any = MISSING  # one of MODEL_SCHEMAS
-    data: Any = MISSING  # one of DATA_SCHEMAS
+    model: Any = MISSING  # a model family's schema (LLMConfig, RankerConfig)
+    data: Any = MISSING  # its kind of data's schema (TextDataConfig, ClickLogDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: Any = MISSING  # a strategy's schema: StrategyConfig and the strategy's own options
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    # What this command does, in order: train | sweep | promote | serve | rollback | registry
+    # What this command does, in order: train | sweep | promote | canary | rollback | registry | serve (launch.py
+    # checks them together: which may follow which); `train` means the sweep when one is set.
     stages: list[str] = field(default_factory=lambda: ["train"])
     stage: str | None = None  # one stage: `stage=promote` is `stages=[promote]`
     plan: bool = False  # print the launch plan (memory, FLOPs, time, cost, fit) and start nothing
     submit: bool = False  # run this command on cluster.address through the Ray Jobs API and follow its logs
-
-
-def register_configs() -> None:
-    """Register the schemas that conf/config.yaml and the group files name first in their defaults lists."""
-    store = ConfigStore.instance()
-    store.store(name="slipway_schema", node=RootConfig)
-    for family, schema in MODEL_SCHEMAS.items():
-        store.store(group="model", name=f"{family}_schema", node=schema)
-    for kind, schema in DATA_SCHEMAS.items():
-        store.store(group="data", name=f"{kind}_schema", node=schema)
-
-
-def config_from_dict(config: dict) -> RootConfig:
-    """The typed config from a resolved plain dict (config.yaml, or what travels to the Ray workers)."""
-    root = OmegaConf.structured(RootConfig)
-    root.model = OmegaConf.structured(_pick_schema(MODEL_SCHEMAS, config, "model", "family"))
-    root.data = OmegaConf.structured(_pick_schema(DATA_SCHEMAS, config, "data", "kind"))
-    return OmegaConf.to_object(OmegaConf.merge(root, config))
-
-
-def _pick_schema(schemas: dict, config: dict, group: str, key: str) -> type:
-    name = (config.get(group) or {}).get(key)
-    if name not in schemas:
-        raise ValueError(f"{group}.{key}={name!r} is not one of {', '.join(schemas)}")
-    return schemas[name]

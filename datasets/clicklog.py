@@ -23,48 +23,31 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from conf.schema import ClickLogDataConfig
 from datasets.cache import META_FILE, build_into_place, read_meta, write_meta
-from trainers.metrics import logloss, roc_auc
+from datasets.click_encoding import (
+    CATEGORICAL_NAMES,
+    CATEGORY_HASH,
+    CATEGORY_ID_PLUS_ONE,
+    DENSE_ENCODING,
+    DENSE_NAMES,
+    FEATURE_SPEC_FILE,
+    HASH_FUNCTION,
+    MISSING_BUCKET,
+    NUM_CATEGORICAL,
+    NUM_DENSE,
+    SPLITS,
+    hash_to_buckets,
+    write_shard,
+)
+from datasets.criteo import convert_criteo_tsv, list_input_files
+from datasets.metrics import logloss, roc_auc
 
 logger = logging.getLogger(__name__)
 
 # Bump when the prepared layout, the generator or the transforms change, so old caches are not reused.
 FORMAT_VERSION = 1
-CLICKLOG_SOURCES = ("synthetic", "criteo_tsv")
-FEATURE_SPEC_FILE = "feature_spec.json"
-NUM_DENSE = 13
-NUM_CATEGORICAL = 26
-MISSING_BUCKET = 0
-SPLITS = ("train", "val")
-# Encodings named in feature_spec.json; serve/features.py implements each. Renaming one breaks exported specs.
-DENSE_ENCODING = "log1p_clamped"
-CATEGORY_ID_PLUS_ONE = "id_plus_one"
-CATEGORY_HASH = "hash"
-
-
-def write_shard(path: Path, *, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
-                ctr: np.ndarray | None = None) -> None:
-    """One parquet shard: label (n,), dense (n, 13) float, sparse (n, 26) int buckets, optional ctr (n,)."""
-    rows = len(label)
-    if dense.shape != (rows, NUM_DENSE) or sparse.shape != (rows, NUM_CATEGORICAL):
-        raise AssertionError(f"shard arrays disagree: label {label.shape}, dense {dense.shape}, sparse {sparse.shape}")
-    columns = {
-        "label": pa.array(np.asarray(label, dtype=np.float32)),
-        "dense": _fixed_size_list(np.asarray(dense, dtype=np.float32), pa.float32()),
-        "sparse": _fixed_size_list(np.asarray(sparse, dtype=np.int32), pa.int32()),
-    }
-    if ctr is not None:
-        columns["ctr"] = pa.array(np.asarray(ctr, dtype=np.float32))
-    pq.write_table(pa.table(columns), path)
-
-
-def _fixed_size_list(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
-    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
 
 
 # ------------------------------------------------------------------------------------------- synthetic logs
@@ -278,8 +261,6 @@ def hash_buckets_per_table(cfg: ClickLogDataConfig) -> list[int] | None:
 
 
 def _validate(cfg: ClickLogDataConfig) -> None:
-    if cfg.source not in CLICKLOG_SOURCES:
-        raise ValueError(f"data.source={cfg.source!r} is not one of {', '.join(CLICKLOG_SOURCES)}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     if cfg.rows_per_shard < 1:
@@ -300,8 +281,6 @@ def _settings(cfg: ClickLogDataConfig) -> dict:
     if cfg.source == "synthetic":
         return {**common, "cardinalities": list(cfg.cardinalities), "zipf_exponent": cfg.zipf_exponent,
                 "hash_buckets": hash_buckets_per_table(cfg)}
-    from datasets.criteo import list_input_files
-
     files = [{"name": path.name, "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
              for path in list_input_files(cfg.path)]
     return {**common, "hash_buckets": hash_buckets_per_table(cfg), "files": files}
@@ -322,8 +301,6 @@ def _build(cfg: ClickLogDataConfig, directory: Path, *, fingerprint: str, settin
 def _shared_spec() -> dict:
     """The keys of feature_spec.json that do not depend on the source. The prose keys are for people; the
     names and encodings are what serve/features.py reads to encode raw requests as training saw them."""
-    from datasets.criteo import CATEGORICAL_NAMES, DENSE_NAMES
-
     return {"num_dense": NUM_DENSE, "num_categorical": NUM_CATEGORICAL, "missing_bucket": MISSING_BUCKET,
             "dense_transform": "log1p(max(value, 0)); missing -> 0", "dense_features": DENSE_NAMES,
             "categorical_features": CATEGORICAL_NAMES, "dense_encoding": DENSE_ENCODING}
@@ -356,8 +333,6 @@ def _build_synthetic(cfg: ClickLogDataConfig, directory: Path) -> dict:
     logger.info("synthetic click logs: base rate %.3f; Bayes-optimal validation AUC %.4f, logloss %.4f",
                 labels.mean(), bayes["auc"], bayes["logloss"])
     if buckets:
-        from datasets.criteo import HASH_FUNCTION
-
         table_sizes, rule = buckets, f"category id + 1 -> {HASH_FUNCTION}"
         encoding = {"kind": CATEGORY_HASH, "input": "int", "buckets": buckets, "function": HASH_FUNCTION}
     else:
@@ -370,16 +345,12 @@ def _build_synthetic(cfg: ClickLogDataConfig, directory: Path) -> dict:
 
 def _hash_synthetic(sparse: np.ndarray, buckets: list[int]) -> np.ndarray:
     """Hash synthetic categories as Criteo's are: tables sized for production traffic, not for this sample."""
-    from datasets.criteo import hash_to_buckets
-
     missing = sparse == MISSING_BUCKET
     return np.stack([hash_to_buckets(sparse[:, t], missing[:, t], table=t, buckets=size)
                      for t, size in enumerate(buckets)], axis=1)
 
 
 def _build_criteo(cfg: ClickLogDataConfig, directory: Path) -> dict:
-    from datasets.criteo import HASH_FUNCTION, convert_criteo_tsv, list_input_files
-
     buckets = hash_buckets_per_table(cfg)
     counts = convert_criteo_tsv(list_input_files(cfg.path), directory, hash_buckets=buckets,
                                 val_fraction=cfg.val_fraction, max_rows=cfg.rows,

@@ -2,20 +2,26 @@
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import ray.data
 
-    from datasets.clicklog import PreparedClickLog
-    from datasets.text import PreparedText
-
 SPLITS = ("train", "val")
+
+
+class Prepared(Protocol):
+    """What any kind of prepared data (PreparedText, PreparedClickLog, ...) offers the pipeline."""
+
+    train_dir: str
+    val_dir: str
+
+    def columns(self, split: str) -> list[str]: ...
 
 logger = logging.getLogger(__name__)
 
 
-def build_ray_datasets(prepared: "PreparedText | PreparedClickLog", *,
+def build_ray_datasets(prepared: Prepared, *,
                        in_memory_limit_mb: int = 512) -> dict[str, "ray.data.Dataset"]:
     """{"train": ..., "val": ...}, each in shard order, with the columns `prepared.columns(split)` names.
 

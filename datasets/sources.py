@@ -37,8 +37,6 @@ def iter_documents(cfg: TextDataConfig) -> Iterator[Document]:
     The configuration is checked here, before the first document is read, so a wrong key fails at once rather
     than when the caller first pulls from the iterator.
     """
-    if cfg.source not in SOURCES:
-        raise ValueError(f"data.source={cfg.source!r} is not a known source; expected one of {sorted(SOURCES)}")
     if cfg.max_chars is not None and cfg.max_chars <= 0:
         raise ValueError(f"data.max_chars={cfg.max_chars} must be a positive number of characters or null")
     if cfg.source in PATH_SOURCES:

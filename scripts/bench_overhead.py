@@ -106,7 +106,7 @@ def build_overrides(args: argparse.Namespace, *, run_root: Path) -> list[str]:
 def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from conf.schema import register_configs
+    from trainers.config import register_configs
 
     register_configs()  # the schemas must be in Hydra's ConfigStore before composing, as in launch.py
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):

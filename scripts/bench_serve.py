@@ -138,7 +138,8 @@ def build_ranker_export(out_dir: Path) -> Path:
     from omegaconf import OmegaConf
 
     from conf.schema import RankerConfig
-    from datasets.clicklog import CATEGORY_ID_PLUS_ONE, NUM_DENSE, _shared_spec
+    from datasets.click_encoding import CATEGORY_ID_PLUS_ONE, NUM_DENSE
+    from datasets.clicklog import _shared_spec
 
     cardinalities = list(OmegaConf.load(REPO_ROOT / "conf" / "data" / "synthetic_clicks.yaml").cardinalities)
     table_sizes = [card + 1 for card in cardinalities]  # one row per category plus the missing bucket

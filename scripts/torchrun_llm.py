@@ -46,9 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_config(path: Path):
     from omegaconf import OmegaConf
 
-    from trainers.loop import rebuild_config
+    from trainers.config import config_from_dict
 
-    return rebuild_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    return config_from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 def setup_distributed(cfg) -> tuple[int, int, torch.device]:
@@ -89,19 +89,23 @@ def global_batches(rows: torch.Tensor, *, batch_size: int) -> Iterator[torch.Ten
             yield rows[start:start + batch_size]
 
 
-def build_training(cfg, *, vocab_size: int, device: torch.device):
-    """DDP-wrapped model, AdamW and schedule, built in the order and with the seed the Ray worker uses."""
-    from trainers.families import init_device_for
-    from trainers.llm import build_llm
+def build_training(cfg, *, data: dict, device: torch.device):
+    """DDP-wrapped model, AdamW and schedule, built in the order and with the seed the Ray worker uses.
+
+    `data` is the prepared data's plain dict, the one trainers/run.py hands the Ray workers; the model is
+    built through the family interface as trainers/loop.py builds it, so the two legs cannot drift apart.
+    """
+    from trainers.families import get_family, init_device_for
     from trainers.optim import build_optimizer, build_scheduler
-    from trainers.strategies import parameter_groups
+    from trainers.strategies.common import parameter_groups
 
     if cfg.model.family != "llm":
         raise ValueError(f"model.family={cfg.model.family!r}: this script trains only the llm family")
+    family = get_family("llm")
     # DDP cannot materialize a model built on the meta device: this raises for model.init_device=meta.
-    init_device = init_device_for(cfg.model, vocab_size=vocab_size, device=device, meta_supported=False)
+    init_device = init_device_for(family, cfg.model, data=data, device=device, meta_supported=False)
     torch.manual_seed(cfg.trainer.seed)  # the same seed on every rank, as in trainers/loop.py
-    model = build_llm(cfg.model, vocab_size=vocab_size, device=init_device)
+    model = family.build_model(cfg.model, data=data, device=init_device)
     model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(parameter_groups(model, weight_decay=cfg.trainer.weight_decay), cfg.trainer)
     return model, optimizer, build_scheduler(optimizer, cfg.trainer)
@@ -110,13 +114,14 @@ def build_training(cfg, *, vocab_size: int, device: torch.device):
 def train_step(model, optimizer, scheduler, rows: torch.Tensor, *, micro: int, grad_clip: float,
                device: torch.device, autocast) -> float:
     """One optimizer step over this rank's rows; returns this rank's mean micro-batch loss."""
-    from trainers.families import FAMILIES
+    from trainers.families import get_family
 
-    loss_fn = FAMILIES["llm"].loss
+    loss_fn = get_family("llm").loss
     accum_steps = len(rows) // micro
     losses = []
     for index in range(accum_steps):
-        batch = rows[index * micro:(index + 1) * micro].to(device, non_blocking=True)
+        # A family's loss takes a batch as Ray Data yields it: a dict of column -> tensor.
+        batch = {"tokens": rows[index * micro:(index + 1) * micro].to(device, non_blocking=True)}
         # Gradients are all-reduced only on the last micro-batch of the accumulation window.
         sync = contextlib.nullcontext() if index == accum_steps - 1 else model.no_sync()
         with sync:
@@ -139,21 +144,22 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
 
 def autocast_for(cfg, device: torch.device):
     """bf16 autocast where the Ray DDP strategy uses it (precision auto on GPU, or bf16), else nothing."""
-    from trainers.loop import resolve_precision
+    from conf.derived import resolve_precision
+    from conf.schema import Precision
 
-    if resolve_precision(cfg.trainer.precision, device) == "bf16":
+    if resolve_precision(cfg.trainer.precision, on_gpu=device.type == "cuda") == Precision.bf16:
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
 def train(cfg, *, rows: torch.Tensor, rank: int, world: int, device: torch.device, out: Path,
-          vocab_size: int) -> None:
+          data: dict) -> None:
     trainer = cfg.trainer
     if trainer.global_batch_size % (world * trainer.micro_batch_size):
         raise ValueError(f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of "
                          f"{world} processes x trainer.micro_batch_size={trainer.micro_batch_size}")
     per_rank = trainer.global_batch_size // world
-    model, optimizer, scheduler = build_training(cfg, vocab_size=vocab_size, device=device)
+    model, optimizer, scheduler = build_training(cfg, data=data, device=device)
     autocast = autocast_for(cfg, device)
     log = out.open("w") if rank == 0 else None
     try:
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.data} holds rows of seq_len {prepared.seq_len}, the config has "
                              f"data.seq_len={cfg.data.seq_len}; pass the data prepared for this config")
         rows = load_train_rows(prepared)
-        train(cfg, rows=rows, rank=rank, world=world, device=device, out=args.out, vocab_size=prepared.vocab_size)
+        train(cfg, rows=rows, rank=rank, world=world, device=device, out=args.out, data=prepared.to_dict())
     finally:
         dist.destroy_process_group()
 

@@ -4,6 +4,7 @@ model deployment whose replicas hold the versions the registry's aliases name.
     python launch.py stage=serve serve.model=llm_tiny
 """
 
+import importlib
 import json
 import logging
 import signal
@@ -11,20 +12,30 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from conf.schema import RootConfig, ServeConfig
 from serve.registry import Registry
 from serve.replicas import replica_cache_dir
+from trainers.families import get_family
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
 
 
+def replica_class(family: str) -> type:
+    """The serving replica a model family's spec names ("module:Class" under serve/, see trainers/families/)."""
+    path = get_family(family).serving_replica
+    module, _, name = path.partition(":")
+    if not module.startswith("serve.") or not name.isidentifier():
+        raise ValueError(f"model family {family}: serving_replica={path!r} must name a class in serve/ as module:Class")
+    return getattr(importlib.import_module(module), name)
+
+
 def serve_settings(serve_cfg: ServeConfig, *, model: str, family: str) -> dict:
     """What the router and the replicas need, as a plain dict (it travels to Ray actors)."""
-    return {"model": model, "family": family, "registry": str(Registry(serve_cfg.registry).uri),
+    return {"model": model, "family": family, "routes": list(replica_class(family).ROUTES),
+            "registry": str(Registry(serve_cfg.registry).uri),
             "api_key": serve_cfg.api_key, "refresh_s": serve_cfg.refresh_s,
             "max_tokens_limit": serve_cfg.max_tokens_limit, "max_candidates": serve_cfg.max_candidates,
             "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s}
@@ -45,15 +56,14 @@ def _check_serve_config(serve_cfg: ServeConfig) -> None:
 
 
 def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
-    """The Serve application graph: Router -> model deployment (LLMReplica or RankerReplica)."""
+    """The Serve application graph: Router -> the family's model deployment (serve/replicas.py)."""
     from ray import serve
 
-    from serve.replicas import LLMReplica, RankerReplica
     from serve.router import Router
 
     _check_serve_config(serve_cfg)
     settings = serve_settings(serve_cfg, model=model, family=family)
-    replicas = serve.deployment(LLMReplica if family == "llm" else RankerReplica).options(
+    replicas = serve.deployment(replica_class(family)).options(
         name=f"{family}_replica",
         autoscaling_config={"min_replicas": serve_cfg.min_replicas, "max_replicas": serve_cfg.max_replicas,
                             "initial_replicas": max(serve_cfg.min_replicas, 1),
@@ -126,21 +136,6 @@ def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: floa
         return json.loads(response.read())
 
 
-def sample_request(serve_cfg: ServeConfig, *, family: str, model: str,
-                   export_dir: Path | None) -> tuple[str, dict]:
-    """A request that the production version accepts, to show the endpoint working."""
-    if family == "llm":
-        return "/v1/completions", {"model": model, "prompt": serve_cfg.sample_prompt, "max_tokens": 32,
-                                   "temperature": 0}
-    from serve.features import FeatureEncoder
-
-    encoder = FeatureEncoder.from_file(export_dir / "feature_spec.json")
-    first, second = encoder.categorical_names[:2]
-    context = {encoder.dense_names[0]: 3, first: encoder.sample_category(0)}
-    candidates = [{second: encoder.sample_category(1, rank)} for rank in range(2)]
-    return "/v1/rank", {"model": model, "context": context, "candidates": candidates}
-
-
 def _curl(url: str, body: dict, *, api_key: str | None) -> str:
     # Double quotes so the shell fills in the key: it is never printed.
     auth = ' -H "Authorization: Bearer $SLIPWAY_API_KEY"' if api_key else ""
@@ -150,18 +145,14 @@ def _curl(url: str, body: dict, *, api_key: str | None) -> str:
 def _print_sample(serve_cfg: ServeConfig, *, url: str, model: str) -> None:
     registry = Registry(serve_cfg.registry)
     version = registry.resolve(model, "production")
-    family = registry.version(model, version)["family"]
-    # Only a ranker's sample needs the export (its feature spec): an LLM's is not fetched (and hashed) again.
-    export_dir = registry.fetch(model, version, cache_dir=replica_cache_dir()) if family == "ranker" else None
-    route, body = sample_request(serve_cfg, family=family, model=model, export_dir=export_dir)
+    replica = replica_class(registry.version(model, version)["family"])
+    # A family that needs the export for its sample (a ranker's feature spec) fetches it; others do not fetch
+    # (and hash) it again.
+    route, body = replica.sample_request(
+        serve_cfg, model=model, fetch_export=lambda: registry.fetch(model, version, cache_dir=replica_cache_dir()))
     answer = post_json(url + route, body, api_key=serve_cfg.api_key)
-    if family == "llm":
-        shown = f"{body['prompt']!r} -> {answer['choices'][0]['text']!r}"
-        hint = f"\n  any OpenAI-compatible client works too: base_url={url}/v1, model={model!r}"
-    else:
-        shown, hint = f"scores {answer['scores']}", ""
-    if serve_cfg.api_key:
-        hint += "\n  (first: export SLIPWAY_API_KEY=<the serve.api_key you set>)"
+    shown = replica.describe_sample(body, answer, url=url, model=model)
+    hint = "\n  (first: export SLIPWAY_API_KEY=<the serve.api_key you set>)" if serve_cfg.api_key else ""
     print(f"\nsample {route} answered by {model} v{answer['model_version']}: {shown}\ntry it:\n  "
           f"{_curl(url + route, body, api_key=serve_cfg.api_key)}{hint}\n", flush=True)
 

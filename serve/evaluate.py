@@ -13,8 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from conf.derived import worker_range
 from conf.schema import RootConfig
-from serve.export import LoadedModel
+from serve.export import LoadedModel, family_of
+from trainers.families import get_family
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +26,6 @@ BATCH_ROWS = 64  # rows per forward pass; the metrics do not depend on it
 def training_eval_rows(cfg: RootConfig) -> int:
     """Rows the training loop scored at each evaluation; 0 means the whole validation split. An elastic run
     scored as many rows as the workers it had at the time; this takes its maximum."""
-    from cluster.capacity import worker_range
-
     return cfg.trainer.eval_batches * cfg.trainer.micro_batch_size * worker_range(cfg.cluster)[1]
 
 
@@ -58,9 +58,7 @@ def held_out_batches(val_dir: Path, *, columns: list[str], rows: int) -> Iterato
 @torch.no_grad()
 def evaluate_model(loaded: LoadedModel, batches) -> dict[str, float]:
     """The family's validation metrics of an exported model over `batches`."""
-    from trainers.families import get_family
-
-    family = get_family(loaded.family)
+    family = family_of(loaded.model_config)
     outputs: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
         for key, values in family.predict(loaded.model, batch).items():
@@ -72,9 +70,8 @@ def evaluate_model(loaded: LoadedModel, batches) -> dict[str, float]:
 
 def evaluate_on_run_data(loaded: LoadedModel, run_cfg: RootConfig, *, rows: int | None) -> dict[str, float]:
     """Metrics on the held-out split the run trained against (prepared again if the cache lost it)."""
-    from datasets.prepare import prepare_data
-
-    prepared = prepare_data(run_cfg)
+    family = get_family(run_cfg.model.family)
+    prepared = family.prepare_data(run_cfg.model, run_cfg.data, cache_root=Path(run_cfg.paths.data_cache).resolve())
     count = training_eval_rows(run_cfg) if rows is None else rows
     batches = held_out_batches(Path(prepared.val_dir), columns=prepared.columns("val"), rows=count)
     return evaluate_model(loaded, batches)

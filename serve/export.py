@@ -8,17 +8,15 @@ An export directory holds:
   feature_spec.json    (ranker) how raw features become model inputs
   export.json          where it came from: checkpoint, step, strategy, metrics
 
-Gathering the shards happens offline, from the files, in the process that exports: FSDP2's DCP shards are
-read back into a full state dict, and DeepSpeed's ZeRO partitions are merged from their fp32 master copies.
-Nothing is unpickled beyond tensors and an allow-list of the strategies' own metadata classes.
+Gathering the shards happens offline, from the files, in the process that exports: the checkpoint manager
+(trainers/checkpointing.py) reads the strategy's part back whole in its checkpoint format, e.g. FSDP2's DCP
+shards into a full state dict, DeepSpeed's ZeRO partitions merged from their fp32 master copies. Nothing is
+unpickled beyond tensors and an allow-list of the strategies' own metadata classes.
 """
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +24,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conf.schema import MODEL_SCHEMAS
+from trainers.checkpointing import MODEL_CONFIG_FILE, checkpoint_format, consolidated_state_dict, recorded_strategy
+from trainers.families import Family, get_family
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
-MODEL_CONFIG_FILE = "model_config.json"
 EXPORT_INFO_FILE = "export.json"
-# model_config.json names its side file under these keys (see trainers/families.py's checkpoint payloads).
-ASSET_KEYS = ("tokenizer", "feature_spec")
 
 
 @dataclass
@@ -61,88 +57,31 @@ def read_model_config(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: expected a checkpoint or export directory")
     config = json.loads(path.read_text())
-    if config.get("family") not in MODEL_SCHEMAS:
-        raise ValueError(f"{path}: family={config.get('family')!r} is not one of {', '.join(MODEL_SCHEMAS)}")
+    try:
+        get_family(config.get("family"))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     return config
+
+
+def family_of(model_config: dict) -> Family:
+    return get_family(model_config["family"])
 
 
 def build_model_from_config(model_config: dict, *, device: str | torch.device = "cpu") -> nn.Module:
     """The plain model a model_config.json describes; on "meta", only names and shapes."""
-    from trainers.families import get_family
-
-    schema = MODEL_SCHEMAS[model_config["family"]]
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), model_config["model"]))
-    return get_family(model_config["family"]).build_model(cfg, data=model_config, device=device)
+    family = family_of(model_config)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(family.model_schema), model_config["model"]))
+    return family.build_model(cfg, data=model_config, device=device)
 
 
 # ------------------------------------------------------------------------------ consolidating the shards
 
-def _ddp_state(checkpoint_dir: Path, template: dict) -> dict:
-    return torch.load(checkpoint_dir / "model.pt", map_location="cpu", weights_only=True)
-
-
-def _fsdp_state(checkpoint_dir: Path, template: dict) -> dict:
-    """Read DCP's shards into full CPU tensors shaped like the plain model's (no process group needed)."""
-    import torch.distributed.checkpoint as dcp
-
-    from trainers.checkpointing import _make_safe_dcp_reader
-
-    state = {"model": {name: torch.empty(t.shape, dtype=torch.float32) for name, t in template.items()}}
-    with warnings.catch_warnings():  # DCP warns that it runs without a process group, which is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=_make_safe_dcp_reader(str(checkpoint_dir / "dcp")), no_dist=True)
-    return state["model"]
-
-
-@contextlib.contextmanager
-def _weights_only_loads():
-    """DeepSpeed's merge tool calls torch.load(weights_only=False); force tensor-only loading while it runs,
-    allowing the few DeepSpeed classes its state files contain."""
-    from trainers.checkpointing import _safe_deepspeed_globals
-
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_safe_deepspeed_globals()):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
-def _deepspeed_state(checkpoint_dir: Path, template: dict) -> dict:
-    """Merge ZeRO-1/2/3 partitions from the fp32 master weights in the optimizer files (bf16 runs included)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with _weights_only_loads(), contextlib.redirect_stdout(None):  # the tool prints its progress
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / "deepspeed"), tag="state")
-
-
-# What each strategy leaves in a checkpoint (trainers/checkpointing.py) -> its name and how to read it whole.
-_CONSOLIDATORS = {"model.pt": ("ddp", _ddp_state), "dcp": ("fsdp", _fsdp_state),
-                  "deepspeed": ("deepspeed", _deepspeed_state)}
-
-
-def _consolidator(checkpoint_dir: Path) -> tuple[str, object]:
-    for marker, (strategy, read_whole) in _CONSOLIDATORS.items():
-        if (checkpoint_dir / marker).exists():
-            return strategy, read_whole
-    raise ValueError(
-        f"{checkpoint_dir} holds no model weights: expected model.pt (ddp), dcp/ (fsdp) or deepspeed/ (zero)"
-    )
-
-
-def strategy_of(checkpoint_dir: Path) -> str:
-    return _consolidator(checkpoint_dir)[0]
-
-
-def consolidated_state_dict(checkpoint_dir: Path, *, model_config: dict) -> dict[str, torch.Tensor]:
+def consolidated_from_checkpoint(checkpoint_dir: Path, *, model_config: dict) -> dict[str, torch.Tensor]:
     """Every parameter of the checkpoint, full and in fp32, under the plain model's names."""
-    _, read_whole = _consolidator(checkpoint_dir)  # first, so a checkpoint without weights is named as such
+    checkpoint_format(checkpoint_dir)  # first, so a checkpoint without weights is named as such
     template = build_model_from_config(model_config, device="meta").state_dict()
-    state = read_whole(checkpoint_dir, template)
+    state = consolidated_state_dict(checkpoint_dir, template=template)
     _check_matches(state, template, source=checkpoint_dir)
     return {name: state[name].detach().to(torch.float32).contiguous() for name in template}
 
@@ -160,20 +99,27 @@ def _check_matches(state: dict, template: dict, *, source: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- export and load
 
+def asset_files(model_config: dict) -> list[str]:
+    """The side files (tokenizer.json, feature_spec.json) a model config names under its family's asset keys."""
+    return [model_config[key] for key in family_of(model_config).asset_keys if key in model_config]
+
+
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path, *, info: dict) -> Path:
     """Write the export of `checkpoint_dir` into `out_dir` (created; must not hold an export already)."""
     from safetensors.torch import save_file
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     model_config = read_model_config(checkpoint_dir)
-    state = consolidated_state_dict(checkpoint_dir, model_config=model_config)
+    state = consolidated_from_checkpoint(checkpoint_dir, model_config=model_config)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"family": model_config["family"]})
     shutil.copyfile(checkpoint_dir / MODEL_CONFIG_FILE, out_dir / MODEL_CONFIG_FILE)
-    for key in ASSET_KEYS:
-        if key in model_config:
-            shutil.copyfile(checkpoint_dir / model_config[key], out_dir / model_config[key])
-    info = {**info, "checkpoint": str(checkpoint_dir), "strategy": strategy_of(checkpoint_dir),
+    for name in asset_files(model_config):
+        shutil.copyfile(checkpoint_dir / name, out_dir / name)
+    # "strategy" names the checkpoint format the weights came from (ddp, fsdp, deepspeed); "trained_with" the
+    # strategy that wrote it, where the checkpoint records it
+    info = {**info, "checkpoint": str(checkpoint_dir), "strategy": checkpoint_format(checkpoint_dir).name,
+            "trained_with": recorded_strategy(checkpoint_dir),
             "parameters": sum(t.numel() for t in state.values())}
     (out_dir / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     logger.info("exported %s (%s, %d parameters) to %s", checkpoint_dir.name, info["strategy"],

@@ -2,7 +2,7 @@
 
 The server has only the feature_spec.json exported next to the weights, so everything the encoding needs is
 read from it: the feature names, the dense transform and how each categorical value becomes a bucket. The
-transforms themselves are the ones data preparation ran (datasets/criteo.py), applied a column at a time, so
+transforms themselves are the ones data preparation ran (datasets/click_encoding.py), applied a column at a time, so
 a served candidate and a prepared row with the same raw values get the same inputs bit for bit.
 
 A row maps feature names to raw values. An absent feature or a null is missing, as an empty field is in the
@@ -21,14 +21,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from datasets.clicklog import (
+from datasets.click_encoding import (
     CATEGORY_HASH,
     CATEGORY_ID_PLUS_ONE,
     DENSE_ENCODING,
     FEATURE_SPEC_FILE,
+    HASH_FUNCTION,
+    MAX_BUCKETS,
+    MAX_HEX_DIGITS,
     MISSING_BUCKET,
+    hash_to_buckets,
+    hex_to_uint64,
+    transform_dense,
 )
-from datasets.criteo import HASH_FUNCTION, MAX_BUCKETS, MAX_HEX_DIGITS, hash_to_buckets, hex_to_uint64, transform_dense
 
 # The keys added for serving: a spec written before them has none, and this module needs them all.
 SERVING_KEYS = ("dense_features", "categorical_features", "dense_encoding", "category_encoding")

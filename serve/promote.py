@@ -15,12 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from conf.schema import RootConfig, config_from_dict
+from conf.schema import RootConfig
 from serve.evaluate import evaluate_on_run_data
-from serve.export import ASSET_KEYS, WEIGHTS_FILE, export_checkpoint, load_export
+from serve.export import WEIGHTS_FILE, export_checkpoint, load_export
 from serve.registry import Registry
 from trainers import outputs
-from trainers.families import get_family
+from trainers.config import config_from_dict
+from trainers.families import Family, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,10 @@ def decide(*, metric: str, mode: str, challenger: float, production: float | Non
     return GateDecision(better, reason, metric, challenger, production)
 
 
-def _assets_match(registry: Registry, model: str, a: int, b: int) -> bool:
+def _assets_match(registry: Registry, model: str, a: int, b: int, *, family: Family) -> bool:
     """Scores are comparable only if both models read the held-out rows the same way (tokenizer, features)."""
     files_a, files_b = registry.version(model, a)["files"], registry.version(model, b)["files"]
-    shared = [name for name in files_a if name in files_b and name.split(".")[0] in ASSET_KEYS]
+    shared = [name for name in files_a if name in files_b and name.split(".")[0] in family.asset_keys]
     return bool(shared) and all(files_a[n]["sha256"] == files_b[n]["sha256"] for n in shared)
 
 
@@ -176,7 +177,7 @@ def _gate(registry: Registry, model: str, version: int, production: int | None, 
     if production is None:
         return decide(metric=family.metric, mode=family.metric_mode, challenger=challenger_value, production=None,
                       min_improvement=serve_cfg.min_improvement)
-    if not _assets_match(registry, model, version, production):
+    if not _assets_match(registry, model, version, production, family=family):
         return GateDecision(False, f"production v{production} reads data differently (another tokenizer or "
                                    f"feature spec), so its {family.metric} on this held-out split is not comparable",
                             family.metric, challenger_value, None)

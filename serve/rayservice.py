@@ -51,14 +51,13 @@ def compose_config(args: dict) -> RootConfig:
     """The typed config that `python launch.py [+exp=EXP] serve.model=MODEL serve.registry=REGISTRY OVERRIDES`
     would run with, plus serve.api_key from the environment variable that args["api_key_env"] names."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from conf.schema import register_configs
+    from trainers.config import config_from_dict, plain_config, register_configs
 
     overrides = _overrides(args)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg: RootConfig = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+        cfg = config_from_dict(plain_config(compose(config_name="config", overrides=overrides)))
     if args.get("api_key_env"):
         name = args["api_key_env"]
         if not os.environ.get(name):

@@ -8,6 +8,10 @@ the new version, and the router warms a version on a replica before sending traf
 
 Request errors that only a loaded model can detect (a prompt longer than its context, an unknown feature) come
 back as `{"error": {"message", "param"}}` answers rather than exceptions, so the router can turn them into 4xx.
+
+A model family's spec (trainers/families/) names its replica class here. Besides serving, the class says what
+the serve stage needs to know of the family: its ROUTES (the router answers others with 404), a
+`sample_request` that the production version accepts, and how to show its answer (`describe_sample`).
 """
 
 import asyncio
@@ -102,6 +106,19 @@ class LoadedLLM:
 
 
 class LLMReplica(_VersionedReplica):
+    ROUTES = ("/v1/completions",)
+
+    @staticmethod
+    def sample_request(serve_cfg, *, model: str, fetch_export) -> tuple[str, dict]:
+        """A request to show the endpoint working (the serve stage prints it and its answer)."""
+        return "/v1/completions", {"model": model, "prompt": serve_cfg.sample_prompt, "max_tokens": 32,
+                                   "temperature": 0}
+
+    @staticmethod
+    def describe_sample(body: dict, answer: dict, *, url: str, model: str) -> str:
+        return (f"{body['prompt']!r} -> {answer['choices'][0]['text']!r}\n  any OpenAI-compatible client works too: "
+                f"base_url={url}/v1, model={model!r}")
+
     def _build(self, version: int) -> LoadedLLM:
         from datasets.tokenizer import load_tokenizer
 
@@ -183,6 +200,24 @@ class _ScoreItem:
 
 
 class RankerReplica(_VersionedReplica):
+    ROUTES = ("/v1/rank",)
+
+    @staticmethod
+    def sample_request(serve_cfg, *, model: str, fetch_export) -> tuple[str, dict]:
+        """Two candidates with categories the feature spec accepts; `fetch_export()` gives the production
+        version's export directory (fetched only here: an LLM's sample does not need it)."""
+        from serve.features import FeatureEncoder
+
+        encoder = FeatureEncoder.from_file(fetch_export() / "feature_spec.json")
+        first, second = encoder.categorical_names[:2]
+        context = {encoder.dense_names[0]: 3, first: encoder.sample_category(0)}
+        candidates = [{second: encoder.sample_category(1, rank)} for rank in range(2)]
+        return "/v1/rank", {"model": model, "context": context, "candidates": candidates}
+
+    @staticmethod
+    def describe_sample(body: dict, answer: dict, *, url: str, model: str) -> str:
+        return f"scores {answer['scores']}"
+
     def __init__(self, settings: dict):
         super().__init__(settings)
         self.score.set_max_batch_size(settings["max_batch_size"])

@@ -130,8 +130,8 @@ class Router:
     def _handle(self, version: int):
         return self.replicas.options(multiplexed_model_id=str(version))
 
-    def _require(self, family: str, route: str) -> None:
-        if self.settings["family"] != family:
+    def _require(self, route: str) -> None:
+        if route not in self.settings["routes"]:
             raise api.RequestError(404, f"{route} is not served here: {self.model} is a {self.settings['family']} "
                                         f"model", None, type="not_found_error")
 
@@ -158,7 +158,7 @@ class Router:
         return await self._answer(request, "/v1/rank", self._rank)
 
     async def _complete(self, payload: dict, version: int):
-        self._require("llm", "/v1/completions")
+        self._require("/v1/completions")
         params = api.parse_completion(payload, served=self.model, max_tokens_limit=self.settings["max_tokens_limit"])
         request_id = api.completion_id()
         if params["stream"]:
@@ -185,7 +185,7 @@ class Router:
                                  headers={"x-model-version": str(served_version), "cache-control": "no-cache"})
 
     async def _rank(self, payload: dict, version: int):
-        self._require("ranker", "/v1/rank")
+        self._require("/v1/rank")
         context, candidates = api.parse_rank(payload, served=self.model,
                                              max_candidates=self.settings["max_candidates"])
         result = await self._handle(version).rank.remote(context, candidates)

@@ -6,7 +6,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from conf.schema import register_configs  # noqa: E402
+from trainers.config import register_configs  # noqa: E402
 
 register_configs()  # as launch.py does before composing
 
@@ -39,14 +39,22 @@ def data_cache(tmp_path_factory) -> Path:
 def trained_runs(ray_session, data_cache, tmp_path_factory):
     """Finished training runs shared by test modules that only read them (strategy parity, export, serving),
     keyed by name: the first test that asks trains it, the others reuse it."""
-    from tests.helpers import run_ranker, run_training
+    import os
+
+    from tests.helpers import CRASH_AT_STEP, run_ranker, run_training
+    from trainers.loop import CRASH_AT_STEP_ENV
 
     runs: dict[str, Path] = {}
 
     def get(name: str, overrides: list[str], *, ranker: bool = False) -> Path:
         if name not in runs:
             train = run_ranker if ranker else run_training
-            runs[name] = train(tmp_path_factory.mktemp(name), data_cache, overrides)
+            if name in CRASH_AT_STEP:
+                os.environ[CRASH_AT_STEP_ENV] = str(CRASH_AT_STEP[name])
+            try:
+                runs[name] = train(tmp_path_factory.mktemp(name), data_cache, overrides)
+            finally:
+                os.environ.pop(CRASH_AT_STEP_ENV, None)
         return runs[name]
 
     return get

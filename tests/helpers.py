@@ -46,6 +46,17 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+def composition_error(overrides: list[str]) -> str:
+    """What Hydra says when `overrides` do not compose: its message and the validation error under it."""
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        compose_config(overrides)
+    except ConfigCompositionException as err:
+        return f"{err}\n{err.__cause__}"
+    raise AssertionError(f"{overrides} composed")
+
+
 def run_training(root: Path, data_cache: Path, overrides: list[str] = (), *, experiment: str = "llm_tiny",
                  base: list[str] = TINY_OVERRIDES) -> Path:
     """launch.run for the tiny config plus `overrides`, outputs under `root`; returns the run directory."""
@@ -77,6 +88,9 @@ LLM_STRATEGY_RUNS = {
     "zero3": ["strategy=zero3", "cluster.num_workers=2"],
 }
 RANKER_REFERENCE_RUN = ["strategy=ddp", "cluster.num_workers=1"]
+# The sharded runs crash once, after their step-3 checkpoint (the test-only hook), and go on from it: the parity,
+# export and serving tests read them as any finished run, and tests/trainers/test_resume.py checks the restore.
+CRASH_AT_STEP = {"llm-zero2": 5, "llm-zero3": 5}
 
 
 def assert_output_contract(stdout: str, stderr: str, *, root: Path) -> Path:

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from conf.schema import RootConfig, config_from_dict
+from conf.derived import resolve_precision
+from conf.schema import Precision, RootConfig
 from trainers import checkpointing, optim, outputs
 from trainers.checkpointing import TrainState
+from trainers.config import config_from_dict
 from trainers.families import Batch, Family, get_family, init_device_for
-from trainers.strategies import build_strategy
+from trainers.strategies import Strategy, build_strategy, get_strategy
 from trainers.tracking import Tracker
 
 logger = logging.getLogger("slipway.train")
@@ -37,7 +39,7 @@ class WorkerContext:
     rank: int
     world_size: int
     device: torch.device
-    precision: str
+    precision: Precision
     accum_steps: int
     rows_per_rank: int  # rows of each global batch this rank trains on
 
@@ -54,18 +56,6 @@ def configure_worker_logging() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def rebuild_config(config_dict: dict) -> RootConfig:
-    return config_from_dict(config_dict)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.precision={precision!r} is not one of auto, fp32, bf16")
-    return precision
-
-
 def _setup_worker(cfg: RootConfig) -> WorkerContext:
     import ray.train
     import ray.train.torch
@@ -80,16 +70,16 @@ def _setup_worker(cfg: RootConfig) -> WorkerContext:
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.trainer.seed)  # same seed on every rank: identical initial weights
     return WorkerContext(rank=rank, world_size=world, device=device,
-                         precision=resolve_precision(cfg.trainer.precision, device),
+                         precision=resolve_precision(cfg.trainer.precision, on_gpu=device.type == "cuda"),
                          accum_steps=per_rank // cfg.trainer.micro_batch_size, rows_per_rank=per_rank)
 
 
-def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerContext):
+def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerContext) -> Strategy:
     strategy = build_strategy(cfg.strategy, device=ctx.device, precision=ctx.precision,
                               accum_steps=ctx.accum_steps, grad_clip=cfg.trainer.grad_clip,
                               micro_batch_size=cfg.trainer.micro_batch_size)
     device = init_device_for(family, cfg.model, data=data, device=ctx.device,
-                             meta_supported=strategy.supports_meta_init)
+                             meta_supported=get_strategy(cfg.strategy.name).meta_init)
     model = family.build_model(cfg.model, data=data, device=device)
     strategy.setup(
         model, blocks=family.blocks(model),
@@ -116,7 +106,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: column.to(device, non_blocking=True) for key, column in batch.items()}
 
 
-def train_step(strategy, family: Family, rows: Batch, ctx: WorkerContext,
+def train_step(strategy: Strategy, family: Family, rows: Batch, ctx: WorkerContext,
                micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's rows; returns (this rank's mean loss, grad norm before clipping),
     both as device tensors so the step never waits on the GPU just to log."""
@@ -136,7 +126,7 @@ VALID_KEY = "_valid"  # evaluation's mask of real (not padding) rows, gathered w
 
 
 @torch.no_grad()
-def evaluate(strategy, family: Family, val_shard, ctx: WorkerContext, *, micro: int,
+def evaluate(strategy: Strategy, family: Family, val_shard, ctx: WorkerContext, *, micro: int,
              max_batches: int) -> dict[str, float]:
     """The family's metrics over the first `max_batches` eval batches (0: the whole validation split).
 
@@ -228,37 +218,30 @@ class Progress:
         return figures
 
 
-THROUGHPUT_UNITS = {"tokens_per_s": "tok/s", "samples_per_s": "samples/s"}
-
-
-def _format_progress(metrics: dict, max_steps: int, throughput_key: str) -> str:
+def _format_progress(metrics: dict, max_steps: int, family: Family) -> str:
     eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
     line = (f"step {metrics['step']}/{max_steps} | loss {metrics['train_loss']:.4f} | "
-            f"{metrics[throughput_key]:,.0f} {THROUGHPUT_UNITS[throughput_key]} | "
+            f"{metrics[family.throughput_key]:,.0f} {family.throughput_unit} | "
             f"{metrics['step_time_s']:.3f} s/step | data wait {metrics['data_wait_frac']:.0%} | eta {eta}")
     if "mfu" in metrics:
         line += f" | mfu {metrics['mfu']:.1%}"
     return line
 
 
-def _format_eval(metrics: dict) -> str:
-    line = f"step {metrics['step']} | val_loss {metrics['val_loss']:.4f}"
-    if "auc" in metrics:
-        line += f" | auc {metrics['auc']:.4f} | calibration {metrics['calibration']:.3f}"
-    if "bayes_auc" in metrics:
-        line += f" | bayes-optimal auc {metrics['bayes_auc']:.4f} (gap {metrics['auc_gap']:.4f})"
-    return line
+def _format_eval(metrics: dict, family: Family) -> str:
+    return f"step {metrics['step']} | val_loss {metrics['val_loss']:.4f}" + family.eval_summary(metrics)
 
 
 def train_loop(config: dict) -> None:
     """Per-worker entry. `config` holds plain data: the resolved config, run facts and the prepared data."""
     configure_worker_logging()
-    cfg = rebuild_config(config["cfg"])
+    cfg = config_from_dict(config["cfg"])
     data, run_dir = config["data"], Path(config["run_dir"])
     ctx = _setup_worker(cfg)
     family = get_family(cfg.model.family)
     strategy = _setup_strategy(cfg, family, data, ctx)
     state = checkpointing.restore_latest(strategy, rank=ctx.rank) or TrainState()
+    state.strategy = cfg.strategy.name  # recorded in every checkpoint: what export reads it back with
     tracker = None
     if ctx.rank == 0:
         outputs.record_placement_group(run_dir)
@@ -272,7 +255,7 @@ def train_loop(config: dict) -> None:
             tracker.finish()
 
 
-def _train(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext, data: dict,
+def _train(cfg: RootConfig, *, family: Family, strategy: Strategy, state: TrainState, ctx: WorkerContext, data: dict,
            run_dir: Path, tracker: Tracker | None) -> None:
     import ray.train
 
@@ -329,7 +312,7 @@ def _timed(iterable):
         yield item, time.perf_counter() - started
 
 
-def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState, ctx: WorkerContext,
+def _after_step(cfg: RootConfig, *, family: Family, strategy: Strategy, state: TrainState, ctx: WorkerContext,
                 loss: torch.Tensor, grad_norm: torch.Tensor, val_shard, progress: Progress,
                 tracker: Tracker | None, flops_per_item: float, payload: dict, run_dir: Path) -> bool:
     """Log, evaluate, checkpoint and report as scheduled after an optimizer step. Returns whether a sweep
@@ -357,9 +340,9 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy, state: TrainState,
                                 max_batches=trainer.eval_batches))
     if ctx.rank == 0 and (do_log or do_eval):
         if do_log:
-            logger.info(_format_progress(metrics, trainer.max_steps, family.throughput_key))
+            logger.info(_format_progress(metrics, trainer.max_steps, family))
         if do_eval:
-            logger.info(_format_eval(metrics))
+            logger.info(_format_eval(metrics, family))
         tracker.log(metrics)
     if do_checkpoint:
         checkpointing.save_and_report(strategy, state, metrics, rank=ctx.rank, **payload)

@@ -168,13 +168,13 @@ def write_summary(run_dir: Path, *, status: str, best_checkpoint: str | None, la
     return summary
 
 
-def headline(summary: dict) -> str:
-    """One line for the end of a run: steps, final train loss, and the family's headline metrics."""
+def headline(summary: dict, *, keys: tuple[str, ...] = ()) -> str:
+    """One line for the end of a run: steps, final train loss, and the family's headline metrics (`keys`)."""
     final = summary["final_metrics"]
     parts = [f"{summary['steps']} steps", f"train_loss {final.get('train_loss', float('nan')):.4f}"]
     parts += [f"{key} {value:.4f}" for key, value in summary.items()
               if key.startswith("best_") and isinstance(value, float)]
-    for key in ("auc", "logloss", "calibration", "bayes_auc", "auc_gap"):
+    for key in keys:
         if key in summary:
             parts.append(f"{key} {summary[key]:.4f}")
     return ", ".join(parts)

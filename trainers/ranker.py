@@ -20,8 +20,6 @@ from torch import nn
 
 from conf.schema import RankerConfig
 
-ARCHS = ("dlrm", "dcn")
-
 
 def mlp(sizes: list[int], *, last_activation: bool) -> nn.Sequential:
     """Linear layers between consecutive sizes, ReLU after each except (optionally) the last."""
@@ -128,8 +126,6 @@ class DCNv2(nn.Module):
 def build_ranker(cfg: RankerConfig, *, num_dense: int, table_sizes: list[int],
                  device: str | torch.device = "cpu") -> nn.Module:
     """A new DLRM or DCN-v2 on `device`; on "meta" no memory is allocated and `init_weights` runs later."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"model.arch={cfg.arch!r} is not one of {', '.join(ARCHS)}")
     if cfg.embedding_dim < 1:
         raise ValueError(f"model.embedding_dim must be at least 1, got {cfg.embedding_dim}")
     with torch.device(device):

@@ -1,33 +1,66 @@
-"""Driver side of a training run: validate sizes, build the TorchTrainer, fit, and record the outcome."""
+"""The driver recipe of one training run, used by a plain run (launch.py) and by every sweep trial
+(trainers/sweep.py) alike: check, prepare the data, write the run files, hand the data to Ray, fit, record.
+
+    run = Run(cfg, config=<the plain, redacted config>, experiment=..., run_dir=...)
+    summary = train(run)                       # connects to Ray itself; a sweep trial passes connect=False
+
+The typed config (`cfg`) and the plain one (`config`) come from one derivation (launch.py: plain_config,
+config_from_dict, redacted): the plain one is what config.yaml holds, what the run name hashes and what the
+workers rebuild their typed config from, so the two cannot drift.
+"""
 
 import logging
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from cluster.capacity import ELASTIC_STRATEGIES, check_placement, scaling_workers, worker_range
-from conf.schema import RootConfig
+from conf.derived import is_elastic, resolve_address, scaling_workers, worker_range
+from conf.schema import Precision, RootConfig
 from trainers import outputs
-from trainers.families import get_family
-from trainers.loop import CRASH_AT_STEP_ENV, resolve_precision, train_loop
-from trainers.strategies import STRATEGY_NAMES
-from trainers.tracking import LOGGER_NAMES
+from trainers.families import Family, get_family
+from trainers.loop import CRASH_AT_STEP_ENV, train_loop
+from trainers.strategies import get_strategy
 
 logger = logging.getLogger(__name__)
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
-def validate_config(cfg: RootConfig) -> None:
-    """Checks that need more than one key, done on the driver before Ray starts."""
+
+@dataclass(frozen=True)
+class Run:
+    """One training run as its driver knows it."""
+
+    cfg: RootConfig  # typed; holds secrets (the serve stage needs serve.api_key)
+    config: dict  # plain and redacted: config.yaml, the run name's hash, W&B and the workers
+    experiment: str
+    run_dir: Path
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+def preflight(cfg: RootConfig, *, data=None) -> None:
+    """Every check a run makes before it starts anything, so that a mistake is an error naming the key, not a
+    hang or a traceback minutes later. Without `data`: the config (check_config) and, for a run on an
+    embedded Ray, this machine's GPUs (before any data is prepared); with the prepared data: that an epoch
+    holds a global batch and this machine holds the workers' training state. (The cluster's capacity and
+    shared storage are checked once connected: _connect.)"""
+    from cluster.capacity import check_local_gpus
+
+    if data is None:
+        check_config(cfg)
+        check_local_gpus(cfg.cluster)
+        return
+    _check_data_fits(cfg, train_rows=data.train_rows, val_rows=data.val_rows)
+    check_memory_fits(cfg, data=data.to_dict())
+
+
+def check_config(cfg: RootConfig) -> None:
+    """What the config alone decides, across keys: a plan and a submission check it too, and a sweep checks
+    it at every candidate value of its space."""
     trainer = cfg.trainer
     family = get_family(cfg.model.family)
     _check_family_fits(cfg, family)
-    resolve_precision(cfg.trainer.precision, _driver_device(cfg))
-    if cfg.strategy.name not in STRATEGY_NAMES:
-        raise ValueError(f"strategy.name={cfg.strategy.name!r} is not one of {', '.join(STRATEGY_NAMES)}")
-    if cfg.logger.name not in LOGGER_NAMES:
-        raise ValueError(f"logger.name={cfg.logger.name!r} is not one of {', '.join(LOGGER_NAMES)}")
     _check_worker_counts(cfg)
     for key in ("max_steps", "log_every_n_steps", "eval_every_n_steps"):
         if getattr(trainer, key) < 1:
@@ -43,10 +76,10 @@ def validate_config(cfg: RootConfig) -> None:
 def _check_worker_counts(cfg: RootConfig) -> None:
     """Every world size the run may train at must split the global batch into whole micro batches: an elastic
     run (`cluster.num_workers=[min, max]`) can resize to any count in between."""
-    check_placement(cfg.cluster)
     low, high = worker_range(cfg.cluster)
-    trainer = cfg.trainer
+    trainer, strategy = cfg.trainer, get_strategy(cfg.strategy.name)
     for workers in range(low, high + 1):
+        strategy.check_world(cfg.strategy, workers)
         if trainer.global_batch_size % (workers * trainer.micro_batch_size):
             raise ValueError(
                 f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of cluster.num_workers="
@@ -54,37 +87,30 @@ def _check_worker_counts(cfg: RootConfig) -> None:
                 + (f" (an elastic run of cluster.num_workers={cfg.cluster.num_workers} may train on {workers} "
                    "workers)" if low != high else "")
             )
-    if low != high and cfg.strategy.name not in ELASTIC_STRATEGIES:
+    if is_elastic(cfg.cluster) and not strategy.elastic:
+        from trainers.strategies import all_strategies
+
+        elastic = [name for name, spec in all_strategies().items() if spec.elastic]
         raise ValueError(
-            f"cluster.num_workers={cfg.cluster.num_workers} (elastic) needs strategy={' or '.join(ELASTIC_STRATEGIES)}"
-            f", not strategy={cfg.strategy.name}: DeepSpeed's ZeRO checkpoints cannot be loaded by another number "
-            "of workers"
+            f"cluster.num_workers={cfg.cluster.num_workers} (elastic) needs strategy={' or '.join(elastic)}, not "
+            f"strategy={cfg.strategy.name}: its checkpoints cannot be loaded by another number of workers"
         )
 
 
-def _check_family_fits(cfg: RootConfig, family) -> None:
+def _check_family_fits(cfg: RootConfig, family: Family) -> None:
     """The data kind, and options that only one family has, must match model.family."""
     if cfg.data.kind != family.data_kind:
-        options = {"text": "data=stdlib, text_dir or parquet", "clicklog": "data=synthetic_clicks or criteo_tsv"}
         raise ValueError(
-            f"model.family={cfg.model.family} trains on {family.data_kind} data ({options[family.data_kind]}), "
+            f"model.family={family.name} trains on {family.data_kind} data ({family.data_choices}), "
             f"but the data config is data.kind={cfg.data.kind}"
         )
     if cfg.trainer.activation_checkpointing and not family.supports_activation_checkpointing:
-        raise ValueError(f"trainer.activation_checkpointing applies to LLMs only, not model.family={cfg.model.family}")
-    if cfg.model.family == "llm" and cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ValueError(
-            f"data.seq_len={cfg.data.seq_len} is beyond the model's limit model.max_seq_len={cfg.model.max_seq_len}"
-        )
+        raise ValueError(f"trainer.activation_checkpointing does not apply to model.family={family.name}: "
+                         "it has no blocks worth recomputing")
+    family.check_config(cfg.model, cfg.data)
 
 
-def _driver_device(cfg: RootConfig):
-    import torch
-
-    return torch.device("cuda" if cfg.cluster.use_gpu else "cpu")
-
-
-def check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
+def _check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
     """An epoch must hold one global batch and validation one eval batch, or training would never step."""
     if train_rows < cfg.trainer.global_batch_size:
         raise ValueError(
@@ -100,32 +126,75 @@ def check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
         )
 
 
-# fp32 bytes per parameter that each worker holds for weights, gradients and Adam's two moments: DDP keeps all
-# of it, ZeRO-1 shards the moments, ZeRO-2 also the gradients, ZeRO-3 and FSDP2 everything.
-def _training_bytes_per_parameter(strategy: str, workers: int) -> float:
-    return {"ddp": 16.0, "zero1": 8 + 8 / workers, "zero2": 4 + 12 / workers}.get(strategy, 16 / workers)
-
-
 def check_memory_fits(cfg: RootConfig, *, data: dict) -> None:
     """A CPU run on this machine must hold its workers' training state in memory: a clear error up front
-    instead of the kernel's OOM killer minutes later. GPU and remote clusters are not checked from here."""
+    instead of the kernel's OOM killer minutes later. GPU and remote clusters are not checked from here
+    (plan=true sizes them)."""
     import psutil
 
-    from cluster.connection import resolve_address
+    from cluster.memory import count_shape
 
     if cfg.cluster.use_gpu or resolve_address(cfg.cluster):
         return
     workers = worker_range(cfg.cluster)[1]
-    params = get_family(cfg.model.family).count_parameters(cfg.model, data=data)
-    needed = params * _training_bytes_per_parameter(cfg.strategy.name, workers) * workers
+    family = get_family(cfg.model.family)
+    shape = count_shape(family, cfg.model, data=data)
+    states = get_strategy(cfg.strategy.name).model_states(
+        cfg.strategy, shape=shape, world=workers, precision=Precision.fp32, accum_steps=1, checkpointing=False)
+    needed = states.resident * workers
     available = psutil.virtual_memory().total
     if needed > available:
         raise ValueError(
-            f"model.preset={cfg.model.preset} has {params / 1e9:.2f}B parameters: weights, gradients and Adam "
-            f"state on {workers} CPU worker(s) with strategy={cfg.strategy.name} need about {needed / 2**30:.0f} "
-            f"GiB, more than this machine's {available / 2**30:.0f} GiB; run it with cluster=gpu_node, or shrink "
-            f"the model (for rankers, data.hash_buckets)"
+            f"model.preset={cfg.model.preset} has {shape.total / 1e9:.2f}B parameters: weights, gradients and "
+            f"Adam state on {workers} CPU worker(s) with strategy={cfg.strategy.name} need about "
+            f"{needed / 2**30:.0f} GiB, more than this machine's {available / 2**30:.0f} GiB; run it with "
+            f"cluster=gpu_node, or shrink the model (for rankers, data.hash_buckets)"
         )
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def prepare_data(cfg: RootConfig):
+    """The prepared data for the run (built once and cached under paths.data_cache), checked against it."""
+    family = get_family(cfg.model.family)
+    prepared = family.prepare_data(cfg.model, cfg.data, cache_root=Path(cfg.paths.data_cache).resolve())
+    preflight(cfg, data=prepared)
+    return prepared
+
+
+def train(run: Run, *, connect: bool = True, callbacks: list | None = None) -> dict:
+    """The whole recipe for one run; returns summary.json's content. A run that already finished is not
+    trained again. A sweep trial passes connect=False (its driver connected and checked the cluster) and the
+    callbacks that report to Tune."""
+    from datasets.pipeline import build_ray_datasets
+
+    previous = outputs.read_summary(run.run_dir)
+    if previous and previous.get("status") == "finished":
+        logger.info("%s already finished (%d steps); not training again", run.run_dir.name, previous["steps"])
+        return previous
+    preflight(run.cfg)
+    prepared = prepare_data(run.cfg)
+    outputs.write_run_files(run.run_dir, config=run.config, experiment=run.experiment,
+                            data_fingerprint=prepared.fingerprint, repo=REPO_ROOT)
+    if connect:
+        _connect(run.cfg)
+    datasets = build_ray_datasets(prepared, in_memory_limit_mb=run.cfg.data.in_memory_limit_mb)
+    summary = fit(run, data=prepared.to_dict(), datasets=datasets, callbacks=callbacks)
+    logger.info("finished %s: %s", run.run_dir.name, outputs.headline(summary, keys=_family(run).headline_keys))
+    return summary
+
+
+def _connect(cfg: RootConfig) -> None:
+    from cluster.capacity import check_capacity, check_shared_storage
+    from cluster.connection import connect
+
+    connect(cfg.cluster)
+    check_capacity(cfg.cluster)
+    check_shared_storage(Path(cfg.paths.root).resolve())
+
+
+def _family(run: Run) -> Family:
+    return get_family(run.cfg.model.family)
 
 
 def _worker_env() -> dict[str, str]:
@@ -133,25 +202,25 @@ def _worker_env() -> dict[str, str]:
     return {key: os.environ[key] for key in (CRASH_AT_STEP_ENV,) if key in os.environ}
 
 
-def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path, data: dict, datasets: dict,
-                  callbacks: list | None = None):
+def build_trainer(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    family = get_family(cfg.model.family)
+    cfg, family = run.cfg, _family(run)
     worker_env = _worker_env()
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": config, "data": data, "run_dir": str(run_dir), "run_name": run_name},
+        train_loop_config={"cfg": run.config, "data": data, "run_dir": str(run.run_dir),
+                           "run_name": run.run_dir.name},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling_workers(cfg.cluster), use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker=resources,
-                                               placement_strategy=cfg.cluster.placement_strategy),
+                                               placement_strategy=cfg.cluster.placement_strategy.value),
         run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=str(run_dir.parent),  # Ray Train's experiment directory is the run directory itself
+            name=run.run_dir.name,
+            storage_path=str(run.run_dir.parent),  # Ray Train's experiment directory is the run directory itself
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep_top_k, checkpoint_score_attribute=family.metric,
@@ -167,8 +236,7 @@ def build_trainer(cfg: RootConfig, *, config: dict, run_name: str, run_dir: Path
     )
 
 
-def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: dict,
-        callbacks: list | None = None) -> dict:
+def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) -> dict:
     """Train to completion (resuming from the run's latest checkpoint) and write summary.json and loss.png.
 
     Raises KeyboardInterrupt when the user pressed Ctrl-C: Ray Train's own SIGINT handler aborts the run
@@ -176,10 +244,8 @@ def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: 
     """
     from ray.train import TrainingFailedError
 
-    family = get_family(cfg.model.family)
-    config = OmegaConf.to_container(OmegaConf.structured(cfg))
-    trainer = build_trainer(cfg, config=config, run_name=run_name, run_dir=run_dir, data=data, datasets=datasets,
-                            callbacks=callbacks)
+    family, run_dir = _family(run), run.run_dir
+    trainer = build_trainer(run, data=data, datasets=datasets, callbacks=callbacks)
     record = partial(outputs.write_summary, run_dir, metric=family.metric, mode=family.metric_mode,
                      summary_keys=family.summary_keys)
     try:
@@ -194,7 +260,7 @@ def fit(cfg: RootConfig, *, run_name: str, run_dir: Path, data: dict, datasets: 
         raise KeyboardInterrupt from exit_request
     best = _best_checkpoint_path(result, metric=family.metric, mode=family.metric_mode)
     latest = result.checkpoint.path if result.checkpoint else None
-    if outputs.last_logged_step(run_dir) < cfg.trainer.max_steps:
+    if outputs.last_logged_step(run_dir) < run.cfg.trainer.max_steps:
         if outputs.stop_requested(run_dir):  # a sweep's scheduler ended this trial early (trainers/sweep.py)
             summary = record(status="stopped", best_checkpoint=best, latest_checkpoint=latest)
             outputs.plot_losses(run_dir)
@@ -213,3 +279,13 @@ def _best_checkpoint_path(result, *, metric: str, mode: str) -> str | None:
         return result.checkpoint.path if result.checkpoint else None
     pick = min if mode == "min" else max
     return pick(scored)[1]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def plan(cfg: RootConfig):
+    """The launch plan (cluster/plan.py) for `cfg`, sized with its model family and every strategy."""
+    from cluster.plan import build_plan
+    from trainers.strategies import all_strategies
+
+    return build_plan(cfg, family=get_family(cfg.model.family), strategies=all_strategies())

@@ -58,9 +58,12 @@ class Dimension:
 def parse_space(sweep, *, family: str, config: dict) -> list[Dimension]:
     """The sweep's dimensions for this model family: `family_space[family]`, then `space` on top. Every key
     must exist in `config` (the resolved config as a plain dict) and hold a value, not a section."""
-    unknown = set(sweep.family_space) - {"llm", "ranker"}
+    from trainers.families import all_families
+
+    unknown = set(sweep.family_space) - set(all_families())
     if unknown:
-        raise ValueError(f"sweep.family_space.{sorted(unknown)[0]}: not a model family; use llm or ranker")
+        raise ValueError(f"sweep.family_space.{sorted(unknown)[0]}: not a model family; use "
+                         f"{' or '.join(sorted(all_families()))}")
     entries = _flatten(sweep.family_space.get(family) or {}, prefix=f"sweep.family_space.{family}")
     entries.update(_flatten(sweep.space or {}, prefix="sweep.space"))
     dimensions = [_parse_dimension(key, source, spec, config=config) for key, (source, spec) in entries.items()]

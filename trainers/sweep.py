@@ -1,5 +1,5 @@
-"""Ray Tune sweeps (DESIGN.md 2.7): each trial is a driver function that builds the same TorchTrainer as a plain
-run (trainers/run.py) and passes its evaluations on to Tune through TuneReportCallback.
+"""Ray Tune sweeps (DESIGN.md 2.7): each trial is a driver function that runs the same recipe as a plain run
+(trainers/run.py: train) and passes its evaluations on to Tune through TuneReportCallback.
 
 Layout: `<paths.root>/sweeps/<exp>-sweep-<hash8>/` is Tune's experiment directory. Each trial's training run
 (config.yaml, manifest.json, metrics.jsonl, summary.json, checkpoints) is `<sweep_dir>/<trial_id>/`, which is
@@ -13,17 +13,14 @@ import math
 import time
 from pathlib import Path
 
-from omegaconf.errors import OmegaConfBaseException
-
-from conf.schema import RootConfig, config_from_dict
+from conf.schema import RootConfig, SweepScheduler, SweepSearcher
 from trainers import outputs, sweep_report
+from trainers.config import config_from_dict
 from trainers.families import get_family
 from trainers.search_space import Dimension, check_candidates, parse_space, with_values
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = ("fifo", "asha")
-SEARCHERS = ("random", "optuna")
 # A trial's own actor only launches and watches its Train run: a quarter CPU lets Tune place it anywhere.
 TRIAL_DRIVER_CPUS = 0.25
 # CPUs no trial may take, so that Ray Data read tasks can always be scheduled next to the training workers.
@@ -54,21 +51,14 @@ def metric_and_mode(cfg: RootConfig) -> tuple[str, str]:
     if metric not in family.sweep_metrics:
         raise ValueError(f"sweep.metric={metric!r} is not a validation metric of model.family={cfg.model.family}; "
                          f"use one of {', '.join(family.sweep_metrics)}")
-    mode = cfg.sweep.mode or family.sweep_metrics[metric]
-    if mode not in ("min", "max"):
-        raise ValueError(f"sweep.mode={mode!r} is not one of min, max")
-    return metric, mode
+    return metric, str(cfg.sweep.mode or family.sweep_metrics[metric])
 
 
 def validate_sweep(cfg: RootConfig, *, config: dict, check_trial) -> list[Dimension]:
     """Every sweep setting and every dimension of the space, checked before Ray starts. `check_trial(cfg)`
-    is what a plain run checks (trainers.run.validate_config); it runs on the config with each dimension at
-    each end of its range or at each of its choices."""
+    is what a plain run checks of its config (trainers.run.check_config); it runs on the config with each
+    dimension at each end of its range or at each of its choices."""
     sweep = cfg.sweep
-    if sweep.scheduler not in SCHEDULERS:
-        raise ValueError(f"sweep.scheduler={sweep.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    if sweep.searcher not in SEARCHERS:
-        raise ValueError(f"sweep.searcher={sweep.searcher!r} is not one of {', '.join(SEARCHERS)}")
     if sweep.num_samples < 1 or sweep.max_concurrent_trials < 0:
         raise ValueError(f"sweep.num_samples must be at least 1 and sweep.max_concurrent_trials at least 0 "
                          f"(0 = as many as fit), got {sweep.num_samples} and {sweep.max_concurrent_trials}")
@@ -76,17 +66,17 @@ def validate_sweep(cfg: RootConfig, *, config: dict, check_trial) -> list[Dimens
         raise ValueError(f"cluster.num_workers={cfg.cluster.num_workers}: a sweep's trials need a fixed number of "
                          "workers (trials that resize would not be compared like for like)")
     metric_and_mode(cfg)
-    if sweep.scheduler == "asha":
+    if sweep.scheduler == SweepScheduler.asha:
         _check_asha(cfg)
     dimensions = parse_space(sweep, family=cfg.model.family, config=config)
     for dimension in dimensions:
-        if dimension.kind == "grid" and sweep.searcher != "random":
+        if dimension.kind == "grid" and sweep.searcher != SweepSearcher.random:
             raise ValueError(f"{dimension.source}: grid dimensions need sweep.searcher=random; "
                              f"{sweep.searcher} samples its own points (use choice)")
-        if dimension.key == "trainer.max_steps" and sweep.scheduler == "asha":
+        if dimension.key == "trainer.max_steps" and sweep.scheduler == SweepScheduler.asha:
             raise ValueError(f"{dimension.source}: ASHA compares trials at the same step, so every trial must "
                              "have the same trainer.max_steps")
-    check_candidates(dimensions, config, check=lambda trial_config: check_trial(_typed(trial_config)))
+    check_candidates(dimensions, config, check=lambda trial_config: check_trial(config_from_dict(trial_config)))
     return dimensions
 
 
@@ -107,7 +97,7 @@ def check_model_candidates(dimensions: list[Dimension], config: dict, *, data: d
     import torch
 
     def build(trial_config: dict) -> None:
-        cfg = _typed(trial_config)
+        cfg = config_from_dict(trial_config)
         get_family(cfg.model.family).build_model(cfg.model, data=data, device=torch.device("meta"))
 
     check_candidates([d for d in dimensions if d.key.startswith("model.")], config, check=build)
@@ -115,13 +105,6 @@ def check_model_candidates(dimensions: list[Dimension], config: dict, *, data: d
 
 def grace_period(cfg: RootConfig) -> int:
     return cfg.sweep.grace_period or cfg.trainer.eval_every_n_steps
-
-
-def _typed(config: dict) -> RootConfig:
-    try:
-        return config_from_dict(config)
-    except OmegaConfBaseException as err:  # a value of the wrong type for its key
-        raise ValueError(str(err).splitlines()[0]) from err
 
 
 # ------------------------------------------------------------------------------------------------ resources
@@ -176,10 +159,7 @@ def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.connection import REPO_ROOT
-    from datasets.pipeline import build_ray_datasets
-    from datasets.prepare import prepare_data
-    from trainers.run import check_data_fits, fit
+    from trainers.run import Run, train
 
     config = with_values(base_config, params)
     cfg = config_from_dict(config)
@@ -187,13 +167,10 @@ def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: 
     if _report_ended_run(run_dir, metric=get_family(cfg.model.family).metric):
         return
     outputs.clear_stop_request(run_dir)  # a trial that runs has not been stopped (a resumed sweep reruns it)
-    prepared = prepare_data(cfg)  # the driver prepared the base data; only swept data keys build anything here
-    check_data_fits(cfg, train_rows=prepared.train_rows, val_rows=prepared.val_rows)
-    outputs.write_run_files(run_dir, config=config, experiment=experiment, data_fingerprint=prepared.fingerprint,
-                            repo=REPO_ROOT)
-    datasets = build_ray_datasets(prepared, in_memory_limit_mb=cfg.data.in_memory_limit_mb)
-    fit(cfg, run_name=run_dir.name, run_dir=run_dir, data=prepared.to_dict(), datasets=datasets,
-        callbacks=[TuneReportCallback()])
+    # The driver prepared the base data; only swept data keys build anything here. The sweep's driver has
+    # connected to Ray and checked the cluster already.
+    train(Run(cfg=cfg, config=config, experiment=experiment, run_dir=run_dir), connect=False,
+          callbacks=[TuneReportCallback()])
 
 
 def _report_ended_run(run_dir: Path, *, metric: str) -> bool:
@@ -296,7 +273,7 @@ def _build_or_restore_tuner(cfg: RootConfig, *, config: dict, dimensions: list[D
 def _build_searcher(cfg: RootConfig, *, at_once: int):
     """Tune applies TuneConfig.max_concurrent_trials to Searchers (Optuna) but not to the random/grid
     generator, which takes its own limit."""
-    if cfg.sweep.searcher == "optuna":
+    if cfg.sweep.searcher == SweepSearcher.optuna:
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=cfg.sweep.seed)
@@ -310,7 +287,7 @@ def _build_scheduler(cfg: RootConfig, *, sweep_dir: Path):
 
     from trainers.sweep_scheduler import SelfStoppingASHA
 
-    if cfg.sweep.scheduler == "fifo":
+    if cfg.sweep.scheduler == SweepScheduler.fifo:
         return FIFOScheduler()
     # Trials report at evaluations, and "step" is the optimizer step of each report.
     return SelfStoppingASHA(sweep_dir=sweep_dir, time_attr="step", max_t=cfg.trainer.max_steps,

@@ -5,11 +5,9 @@ import logging
 import os
 from pathlib import Path
 
-from conf.schema import LoggerConfig
+from conf.schema import LoggerConfig, LoggerName
 
 logger = logging.getLogger(__name__)
-
-LOGGER_NAMES = ("none", "wandb")
 
 
 def _step_of(line: str) -> float:
@@ -64,10 +62,9 @@ class Tracker:
     """Fans rank-0 metrics out to metrics.jsonl and the configured logger."""
 
     def __init__(self, cfg: LoggerConfig, *, run_dir: Path, run_name: str, config: dict, resume_step: int):
-        if cfg.name not in LOGGER_NAMES:
-            raise ValueError(f"logger.name={cfg.name!r} is not one of {', '.join(LOGGER_NAMES)}")
         self.file = MetricsFile(run_dir / "metrics.jsonl", resume_step=resume_step)
-        self.wandb = WandbSink(cfg, run_dir=run_dir, run_name=run_name, config=config) if cfg.name == "wandb" else None
+        wanted = cfg.name == LoggerName.wandb
+        self.wandb = WandbSink(cfg, run_dir=run_dir, run_name=run_name, config=config) if wanted else None
 
     def log(self, metrics: dict) -> None:
         self.file.log(metrics)

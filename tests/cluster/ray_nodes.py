@@ -2,6 +2,7 @@
 its own raylet, loopback ports and process group (so a test can kill one node the way a machine dies)."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -10,8 +11,11 @@ import time
 from pathlib import Path
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-# Ray 2.60 clusters started with `ray start` use token authentication; clients and joining nodes need the mode set.
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+# Ray 2.60 clusters started with `ray start` use token authentication; clients and joining nodes need the mode set,
+# and `ray start` needs a token: a token of the test session's own, so the tests do not depend on a
+# ~/.ray/auth_token being on the machine (a new machine has none).
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16)}
 # Notice a dead node in about 3 s instead of 30 (GCS health checks: period x failure threshold).
 FAST_NODE_DEATH = '{"health_check_period_ms":1000,"health_check_failure_threshold":3}'
 

@@ -3,14 +3,14 @@
 import pytest
 from omegaconf import OmegaConf
 
-from cluster.capacity import scaling_workers, worker_range
+from conf.derived import scaling_workers, worker_range
 from conf.schema import ClusterConfig
-from tests.helpers import TINY_OVERRIDES, compose_config
-from trainers.run import validate_config
+from tests.helpers import TINY_OVERRIDES, compose_config, composition_error
+from trainers.run import check_config
 
 
 def _validated(*overrides: str) -> None:
-    validate_config(OmegaConf.to_object(compose_config([*TINY_OVERRIDES, *overrides])))
+    check_config(OmegaConf.to_object(compose_config([*TINY_OVERRIDES, *overrides])))
 
 
 def test_a_fixed_count_and_an_elastic_range():
@@ -38,7 +38,8 @@ def test_elastic_runs_need_a_strategy_whose_checkpoints_load_at_any_size():
         _validated("cluster.num_workers=[1,2]", "strategy=zero3")
 
 
-def test_an_unknown_placement_strategy_is_refused():
+def test_an_unknown_placement_strategy_is_refused_at_composition():
     _validated("cluster.placement_strategy=SPREAD")
-    with pytest.raises(ValueError, match="cluster.placement_strategy='SCATTER' is not one of PACK, SPREAD"):
-        _validated("cluster.placement_strategy=SCATTER")
+    message = composition_error([*TINY_OVERRIDES, "cluster.placement_strategy=SCATTER"])
+    assert "cluster.placement_strategy" in message
+    assert "Invalid value 'SCATTER', expected one of [PACK, SPREAD, STRICT_PACK, STRICT_SPREAD]" in message

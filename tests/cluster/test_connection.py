@@ -1,6 +1,7 @@
 import pytest
 
-from cluster.connection import REPO_ROOT, build_runtime_env, local_cpu_count, resolve_address
+from cluster.connection import REPO_ROOT, build_runtime_env, local_cpu_count
+from conf.derived import resolve_address
 from conf.schema import ClusterConfig
 
 

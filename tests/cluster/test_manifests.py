@@ -121,7 +121,7 @@ def test_every_launch_command_shown_composes():
     """Each command a manifest or preset shows must compose with Hydra, name an existing experiment and cluster
     preset, and pass the checks launch.py makes before it starts anything."""
     from launch import stages_of
-    from trainers.run import validate_config
+    from trainers.run import check_config
 
     commands = shown_commands()
     assert len(commands) >= 10
@@ -133,7 +133,7 @@ def test_every_launch_command_shown_composes():
         assert groups.get("cluster", "local") in PRESETS, f"{where}: {overrides}"
         cfg = compose_config(overrides)
         if {"train", "sweep"} & set(stages_of(cfg)):
-            validate_config(cfg)
+            check_config(cfg)
         if cfg.cluster.node.gpus and cfg.cluster.name != "gpu_node":  # a cluster whose nodes share a mount
             assert cfg.plan or cfg.paths.root.startswith(SHARED_MOUNT + "/"), \
                 f"{where}: {overrides} must put paths.root under {SHARED_MOUNT}, which every node mounts"

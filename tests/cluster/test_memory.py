@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from cluster.activations import llm_activations, ranker_activations
-from cluster.memory import GB, ZERO3_SUB_GROUP, MemoryEstimate, ModelShape, model_states
+from cluster.memory import GB, MemoryEstimate, ModelShape
 from conf.schema import LLMConfig, RankerConfig
+from trainers.strategies import model_states
+from trainers.strategies.zero import ZERO3_SUB_GROUP
 
 # Llama 3 8B as Meta ships it (128k vocabulary); its largest layer is the 128256 x 4096 embedding.
 LLAMA3_8B, LLAMA3_LARGEST = 8_030_261_248, 128_256 * 4096
@@ -53,7 +55,7 @@ def test_zero2_offload_keeps_only_the_bf16_model_on_the_gpu(total, largest, gpus
 
     _, expected = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus, num_nodes=nodes,
                                                         cpu_offload=True)
-    states = model_states("zero2", shape=shape(total, largest), world=gpus * nodes, offload_optimizer=True)
+    states = model_states("zero2", shape=shape(total, largest), world=gpus * nodes, zero_offload_optimizer=True)
     assert states.params + states.grads + states.optimizer + states.step_grads == pytest.approx(expected, rel=0.05)
     assert states.host == pytest.approx(16 * total / (gpus * nodes))  # fp32 master, moments, fp32 grads
 
@@ -83,7 +85,7 @@ def test_zero3_offload_matches_deepspeeds_estimate(total, largest, gpus, nodes):
 
     _, expected, largest_layer_memory = estimate_zero3_model_states_mem_needs(
         total, largest, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=True, cpu_offload_params=False)
-    states = model_states("zero3", shape=shape(total, largest), world=gpus * nodes, offload_optimizer=True)
+    states = model_states("zero3", shape=shape(total, largest), world=gpus * nodes, zero_offload_optimizer=True)
     assert states.params + states.grads + states.optimizer + largest_layer_memory == pytest.approx(expected,
                                                                                                    rel=0.05)
 
@@ -169,7 +171,7 @@ def test_llm_activation_formula_matches_a_measured_forward(mode, compute, residu
 
     from trainers import llm
     from trainers.families import get_family
-    from trainers.strategies import apply_activation_checkpointing
+    from trainers.strategies.common import apply_activation_checkpointing
 
     torch.manual_seed(0)
     vocab, seq, micro = 2048, 128, 2

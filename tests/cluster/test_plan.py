@@ -8,9 +8,10 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from cluster.plan import build_plan, format_plan, plan_data
+from cluster.plan import format_plan
 from tests.helpers import REPO_ROOT, compose_config
 from trainers.families import get_family
+from trainers.run import plan as build_plan
 
 LLM_8B = ["+exp=llm_8b_zero3", "cluster=gpu_node"]
 RANKER_LARGE = ["+exp=ranker_dlrm_large", "cluster=gpu_node"]
@@ -31,7 +32,8 @@ def overrides_of(suggestion: str) -> list[str]:
 def test_the_8b_preset_fits_on_one_node_with_hand_checkable_flops():
     cfg = config(LLM_8B)
     plan = build_plan(cfg)
-    family, data = get_family("llm"), plan_data(cfg)
+    family = get_family("llm")
+    data = family.plan_data(cfg.model, cfg.data)
     assert plan.fits, plan.verdict
     assert plan.verdict.startswith("fits: ") and "(zero3, 8 x H100-SXM-80GB)" in plan.verdict
     assert plan.shape.total == family.count_parameters(cfg.model, data=data) == 7_241_732_096
@@ -71,7 +73,7 @@ def test_activations_without_checkpointing_suggest_checkpointing_or_a_smaller_mi
 
 def test_the_large_ranker_is_planned_from_its_hash_buckets_without_data(tmp_path):
     cfg = config([*RANKER_LARGE, f"paths.root={tmp_path}"])
-    data = plan_data(cfg)
+    data = get_family("ranker").plan_data(cfg.model, cfg.data)
     assert data["table_sizes"] == list(cfg.data.hash_buckets) and data["num_dense"] == 13
     plan = build_plan(cfg)
     assert plan.shape.total == 11_394_368_897 and plan.shape.embedding == 89_000_000 * 128

@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from conf.schema import ClickLogDataConfig
+from datasets.click_encoding import NUM_CATEGORICAL, NUM_DENSE
 from datasets.clicklog import (
-    NUM_CATEGORICAL,
-    NUM_DENSE,
     draw_features,
     planted_logit_parts,
     planted_model,
     prepare_clicklog,
 )
-from trainers.metrics import roc_auc
+from datasets.metrics import roc_auc
 
 CARDS = [200, 100, 1000, 500, 50, 10, 500, 150, 3, 1000, 200, 1000, 300,
          20, 300, 600, 10, 200, 150, 4, 1000, 15, 15, 600, 50, 600]
@@ -111,7 +110,6 @@ def test_prepared_data_is_reused_and_keyed_by_settings(prepared, tmp_path):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"cardinalities": [10] * 25}, "data.cardinalities must be 26"),
     ({"val_fraction": 1.0}, "data.val_fraction must be between 0 and 1"),
-    ({"source": "kaggle"}, "data.source='kaggle' is not one of synthetic, criteo_tsv"),
     ({"rows": 1}, "data.rows must be at least 2"),
     ({"source": "criteo_tsv", "path": None}, "needs data.path"),
     ({"zipf_exponent": 0.0}, "data.zipf_exponent must be positive"),

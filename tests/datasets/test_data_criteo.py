@@ -8,15 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 
 import datasets.criteo as criteo
-from datasets.clicklog import MISSING_BUCKET, NUM_CATEGORICAL, NUM_DENSE
-from datasets.criteo import (
-    COLUMN_NAMES,
-    convert_criteo_tsv,
+from datasets.click_encoding import (
+    MISSING_BUCKET,
+    NUM_CATEGORICAL,
+    NUM_DENSE,
     hash_to_buckets,
     hex_to_uint64,
-    list_input_files,
     transform_dense,
 )
+from datasets.criteo import COLUMN_NAMES, convert_criteo_tsv, list_input_files
 
 BUCKETS = [1000] * 24 + [2, 50]  # C25 has one bucket besides "missing"
 SETTINGS = dict(hash_buckets=BUCKETS, val_fraction=0.25, max_rows=None, rows_per_shard=32, seed=7)

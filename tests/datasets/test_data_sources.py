@@ -119,13 +119,6 @@ def test_text_dir_path_must_be_a_directory(tmp_path):
         iter_documents(TextDataConfig(source="text_dir", path=str(file)))
 
 
-def test_unknown_source_names_key_and_allowed_values():
-    with pytest.raises(ValueError, match="data.source='web'") as error:
-        iter_documents(TextDataConfig(source="web"))
-
-    assert "['parquet', 'stdlib', 'text_dir']" in str(error.value)
-
-
 def test_non_positive_max_chars_is_rejected():
     with pytest.raises(ValueError, match="data.max_chars"):
         iter_documents(TextDataConfig(source="stdlib", max_chars=0))

@@ -175,11 +175,6 @@ def test_val_fraction_outside_range_is_rejected(tmp_path, fraction):
         prepare_text(replace(STDLIB, val_fraction=fraction), cache_root=tmp_path, max_seq_len=64)
 
 
-def test_unknown_source_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="data.source='web'"):
-        prepare_text(replace(STDLIB, source="web"), cache_root=tmp_path, max_seq_len=64)
-
-
 def test_missing_path_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="data.path=.*does not exist"):
         prepare_text(TextDataConfig(source="text_dir", path=str(tmp_path / "no")), cache_root=tmp_path, max_seq_len=256)

@@ -8,10 +8,10 @@ import sys
 import pytest
 import yaml
 
-from conf.schema import config_from_dict
 from serve.evaluate import evaluate_on_run_data
 from serve.export import EXPORT_INFO_FILE, WEIGHTS_FILE, export_checkpoint, load_export
 from tests.helpers import LLM_STRATEGY_RUNS, RANKER_REFERENCE_RUN, REPO_ROOT, read_metrics
+from trainers.config import config_from_dict
 
 
 def export_best(run_dir, out_dir):

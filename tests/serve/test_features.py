@@ -9,8 +9,8 @@ import pytest
 
 import datasets.clicklog as clicklog
 from conf.schema import ClickLogDataConfig
-from datasets.clicklog import NUM_CATEGORICAL, NUM_DENSE, prepare_clicklog
-from datasets.criteo import CATEGORICAL_NAMES, DENSE_NAMES, HASH_FUNCTION
+from datasets.click_encoding import CATEGORICAL_NAMES, DENSE_NAMES, HASH_FUNCTION, NUM_CATEGORICAL, NUM_DENSE
+from datasets.clicklog import prepare_clicklog
 from serve.features import FeatureEncoder, FeatureError, FeatureSpecError
 
 CRITEO_BUCKETS = [1000] * 20 + [2, 3, 50, 10_000, 2**31, 7]

@@ -69,10 +69,10 @@ def test_scores_are_the_exported_models_click_probabilities(endpoint):
 
 
 def test_the_sample_request_printed_by_the_serve_stage_is_accepted(endpoint):
-    from serve.deploy import sample_request
+    from serve.deploy import replica_class
 
     url, export_dir = endpoint
-    route, body = sample_request(ServeConfig(), family="ranker", model=MODEL, export_dir=export_dir)
+    route, body = replica_class("ranker").sample_request(ServeConfig(), model=MODEL, fetch_export=lambda: export_dir)
     status, answer, _ = request(url + route, body, headers=AUTH)
     assert status == 200 and len(answer["scores"]) == len(body["candidates"]), answer
 

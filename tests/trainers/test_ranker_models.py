@@ -69,5 +69,3 @@ def test_meta_build_allocates_nothing_until_initialized():
 def test_bottom_mlp_must_end_at_the_embedding_width():
     with pytest.raises(ValueError, match=r"model.bottom_mlp=\[64, 32\] must end with model.embedding_dim=16"):
         build_ranker(RankerConfig(bottom_mlp=[64, 32]), num_dense=13, table_sizes=TABLES)
-    with pytest.raises(ValueError, match="model.arch='wide' is not one of dlrm, dcn"):
-        build_ranker(RankerConfig(arch="wide"), num_dense=13, table_sizes=TABLES)

@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conf.schema import RankerConfig, StrategyConfig, TrainerConfig
+from conf.schema import RankerConfig, TrainerConfig
 from trainers import optim
 from trainers.ranker import build_ranker
 from trainers.strategies import build_strategy
+from trainers.strategies.fsdp import FSDPConfig
 
 TABLES = [1001, 7] + [5] * 24
 
@@ -24,7 +25,7 @@ def shard_on_meta(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = build_ranker(RankerConfig(), num_dense=13, table_sizes=TABLES, device="meta")
-    strategy = build_strategy(StrategyConfig(name="fsdp"), device=torch.device("cpu"), precision="fp32",
+    strategy = build_strategy(FSDPConfig(), device=torch.device("cpu"), precision="fp32",
                               accum_steps=1, grad_clip=1.0, micro_batch_size=8)
     trainer = TrainerConfig(lr=0.01, warmup_steps=1)
     strategy.setup(model, blocks=model.tables, weight_decay=0.0, activation_checkpointing=False,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conf.schema import RankerConfig
+from datasets.metrics import logloss, roc_auc
 from tests.helpers import RANKER_REFERENCE_RUN, read_metrics, run_ranker, train_losses
 from trainers.loop import CRASH_AT_STEP_ENV
-from trainers.metrics import logloss, roc_auc
 from trainers.ranker import build_ranker
 
 RTOL = 1e-4

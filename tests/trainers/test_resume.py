@@ -9,7 +9,7 @@ prepared shards), so "the same final loss" is checked as exact equality of every
 
 import pytest
 
-from tests.helpers import read_metrics, run_training, train_losses
+from tests.helpers import CRASH_AT_STEP, LLM_STRATEGY_RUNS, read_metrics, run_training, train_losses
 from trainers.loop import CRASH_AT_STEP_ENV
 
 # Long enough (about 5 s of training) for a kill from outside to land mid-run.
@@ -58,21 +58,20 @@ def test_rerunning_a_finished_run_does_not_train_again(uninterrupted_run, data_c
 
 
 @pytest.fixture(scope="module")
-def short_ddp_losses(ray_session, data_cache, tmp_path_factory):
-    return train_losses(run_training(tmp_path_factory.mktemp("short_ddp"), data_cache, ["strategy=ddp"]))
+def short_ddp_losses(trained_runs):
+    return train_losses(trained_runs("llm-ddp", LLM_STRATEGY_RUNS["ddp"]))
 
 
 # FSDP2's sharded restore is tested through a crash in tests/trainers/test_ranker_training.py.
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_sharded_strategies_restore_their_checkpoints(strategy, short_ddp_losses, data_cache, tmp_path,
-                                                      monkeypatch):
+def test_sharded_strategies_restore_their_checkpoints(strategy, short_ddp_losses, trained_runs):
     """A crash after the step-3 checkpoint: the sharded state (DCP or ZeRO partitions) must load back.
 
-    Compared with the uninterrupted DDP run at the parity tolerance (test_strategy_parity.py).
+    Compared with the uninterrupted DDP run at the parity tolerance (test_strategy_parity.py). The crashed runs
+    are the shared ones the parity and export tests read (tests/helpers.py: CRASH_AT_STEP).
     """
-    monkeypatch.setenv(CRASH_AT_STEP_ENV, "5")
-
-    run_dir = run_training(tmp_path, data_cache, [f"strategy={strategy}"])
+    assert CRASH_AT_STEP[f"llm-{strategy}"] == 5
+    run_dir = trained_runs(f"llm-{strategy}", LLM_STRATEGY_RUNS[strategy])
 
     assert (run_dir / ".crash_injected_at_5").exists()
     losses = train_losses(run_dir)

@@ -7,9 +7,9 @@ import pickle
 import pytest
 
 from tests.helpers import compose_config
-from trainers.checkpointing import _AllowListUnpickler
 from trainers.optim import lr_multiplier
 from trainers.outputs import config_hash, run_name
+from trainers.safe_loading import _AllowListUnpickler
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():

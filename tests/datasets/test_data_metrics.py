@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainers.metrics import binary_metrics, calibration, logloss, roc_auc
+from datasets.metrics import binary_metrics, calibration, logloss, roc_auc
 
 
 def brute_force_auc(scores: np.ndarray, labels: np.ndarray) -> float:

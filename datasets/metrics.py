@@ -2,6 +2,8 @@
 
 AUC is computed exactly from ranks, so it must see every prediction at once: the training loop gathers all
 workers' predictions before calling it, because the mean of per-worker AUCs is not the AUC of the union.
+It lives in datasets/, below trainers/, because data preparation uses it too: synthetic click logs record the
+Bayes-optimal AUC and logloss of their planted probabilities with the same functions that score a model.
 """
 
 import numpy as np

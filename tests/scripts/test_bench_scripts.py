@@ -1,0 +1,156 @@
+"""Every scripts/bench_*.py, run as a user runs it but at its smallest size, must finish and print its figures.
+
+Nothing else runs these scripts, so they rot unseen: bench_overhead.py's torchrun leg once broke when a
+function it calls changed signature, and README's figures could no longer be reproduced. Each script starts
+its own embedded Ray (address="local" with explicit CPUs) in a subprocess, beside any Ray this session runs;
+RAY_ADDRESS is dropped from the environment so that none of them joins another cluster instead.
+
+The figures themselves are not judged here (a 2-core machine under a test suite gives any number), only that
+each is printed and sane: positive rates, no failed requests, and where the script compares two ways of doing
+the same work, that they agree. The scripts run side by side: each spends much of its time starting Ray,
+importing and waiting (for replicas, for an autoscaler), which overlaps well on two cores.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS_DIR = REPO_ROOT / "scripts"
+# Generous: a leg starts Ray, Ray Train and worker processes, which on 2 busy cores can take minutes.
+TIMEOUT_S = 900
+
+# The smallest run of each script (its defaults are the README's full-size runs).
+SMOKE_ARGS = {
+    # 3 steps: step 1 is start-up, step 2 the one-step steady state, step 3 evaluates and checkpoints.
+    "bench_overhead.py": ["--steps", "3", "--warmup-steps", "1",
+                          "--overrides", "data.max_chars=400000", "data.seq_len=64", "data.val_fraction=0.2"],
+    # 12 steps is the least the script takes (a log window after warmup, before the last step).
+    "bench_ranker.py": ["--steps", "12", "--warmup-steps", "1", "--rows", "20000", "--global-batch", "256",
+                        "--micro-batch", "128"],
+    "bench_sweep.py": ["--trials", "1", "--steps", "2", "--workers", "1"],
+    # Long enough per load level that a request completes while the other scripts load both cores.
+    "bench_serve.py": ["--seconds", "1.5", "--warmup-s", "0.5", "--concurrency", "1", "--batch-concurrency", "1",
+                       "--autoscale-concurrency", "4", "--autoscale-hold-s", "0.5", "--autoscale-timeout", "15",
+                       "--candidates", "4", "--max-tokens", "2"],
+}
+NUMBER = r"([-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?)"
+
+
+# Each smoke run: (script, its arguments).
+RUNS = {
+    "overhead": ("bench_overhead.py", SMOKE_ARGS["bench_overhead.py"]),
+    "ranker": ("bench_ranker.py", SMOKE_ARGS["bench_ranker.py"]),
+    # --breakdown is a mode of its own (bare steps outside Ray, and DDP in spawned processes).
+    "ranker_breakdown": ("bench_ranker.py", ["--breakdown", "--global-batch", "32", "--micro-batch", "16"]),
+    "sweep": ("bench_sweep.py", SMOKE_ARGS["bench_sweep.py"]),
+    "serve": ("bench_serve.py", SMOKE_ARGS["bench_serve.py"]),
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """Every smoke run, started together: {run: (exit code, stdout and stderr)}."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    processes, logs = {}, {}
+    for run, (name, args) in RUNS.items():
+        out = tmp_path_factory.mktemp(run)
+        logs[run] = out / "output.log"  # a file, not a pipe: a full pipe would stall a chatty script
+        with logs[run].open("w") as log:
+            processes[run] = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / name), *args, "--out", str(out)],
+                                              cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return {run: (process.wait(timeout=TIMEOUT_S), logs[run].read_text()) for run, process in processes.items()}
+
+
+def output_of(outputs: dict, run: str) -> str:
+    """A smoke run's output, after checking it exited 0."""
+    code, output = outputs[run]
+    assert code == 0, f"{RUNS[run][0]} exited with {code}:\n{output[-6000:]}"
+    return output
+
+
+def figure(output: str, pattern: str) -> float:
+    """The number that `pattern`'s NUMBER group matches in the output (commas as thousands separators)."""
+    match = re.search(pattern, output)
+    assert match, f"no line matching {pattern!r} in the output:\n{output[-4000:]}"
+    return float(match.group(1).replace(",", ""))
+
+
+def results_json(output: str) -> dict:
+    """The results.json whose path the script printed last ("results: <path>")."""
+    paths = re.findall(r"results: (\S+results\.json)", output)
+    assert paths, f"no 'results: <path>' line in the output:\n{output[-4000:]}"
+    return json.loads(Path(paths[-1]).read_text())
+
+
+def test_every_bench_script_has_a_smoke_run():
+    scripts = sorted(path.name for path in SCRIPTS_DIR.glob("bench_*.py"))
+    assert scripts == sorted(SMOKE_ARGS), "add the new script's smallest run to SMOKE_ARGS"
+
+
+def test_bench_overhead(outputs):
+    output = output_of(outputs, "overhead")
+    assert "steady state: steps 2..2" in output
+    labels = ("seconds to first step", "steady-state tokens/s", r"mean step \(ms\)", r"wall, spawn to exit \(s\)")
+    for label in labels:
+        assert figure(output, rf"{label}\s+{NUMBER}\s+[\d,.]+") > 0  # the ray train column
+        assert figure(output, rf"{label}\s+[\d,.]+\s+{NUMBER}") > 0  # the torchrun column
+    # Both legs train the same rows from the same weights with the same optimizer: the losses must agree.
+    assert figure(output, rf"train_loss at step 3\s+[\d.]+\s+[\d.]+\s+\(relative difference {NUMBER}\)") < 1e-3
+    assert figure(output, rf"ratio ray/torchrun steady-state tokens/s: {NUMBER}") > 0
+    results = results_json(output)
+    assert set(results["legs"]) == {"ray", "torchrun"}
+    assert all(leg["tokens_per_s"] > 0 for leg in results["legs"].values())
+
+
+def test_bench_ranker(outputs):
+    output = output_of(outputs, "ranker")
+    for workers in (1, 2):
+        assert figure(output, rf"\n\s+{workers}\s+{NUMBER}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+%") > 0  # samples/s
+    assert figure(output, rf"scaling ratio \(2 workers / 1 worker\): {NUMBER}") > 0
+    report = results_json(output)["report"]
+    for workers in ("1", "2"):
+        assert report[workers]["samples_per_s"] > 0 and 0 <= report[workers]["data_wait_frac"] < 1
+
+
+def test_bench_ranker_breakdown(outputs):
+    output = output_of(outputs, "ranker_breakdown")
+    for label in ("1 process, 16 rows", "1 process, 32 rows", "2 processes, DDP over gloo, 16 rows each"):
+        assert figure(output, rf"{label}: {NUMBER} ms/step") > 0
+
+
+def test_bench_sweep(outputs):
+    output = output_of(outputs, "sweep")
+    assert figure(output, rf"1 trials, 1 at a time: wall {NUMBER} s") > 0
+    assert math.isfinite(figure(output, rf"overhead per trial: {NUMBER} s"))
+    for phase in ("schedule", "startup", "training", "teardown"):
+        assert figure(output, rf"\n\s+{phase}\s+{NUMBER}") >= 0
+    results = results_json(output)
+    assert len(results["trials"]) == 1 and results["trials"][0]["training"] > 0
+
+
+def test_bench_serve(outputs):
+    output = output_of(outputs, "serve")
+    for family in ("llm", "ranker"):
+        assert figure(output, rf"\n{family}\s+1\s+{NUMBER}\s+[\d.]+\s+[\d.]+\s+0\n") > 0  # req/s, and 0 errors
+        assert figure(output, rf"{family} in-process p50: {NUMBER} ms") > 0
+        assert math.isfinite(figure(output, rf"{family} serve overhead .*?: {NUMBER} ms"))
+    assert figure(output, rf"ranker dynamic batching at concurrency 1: .*: x{NUMBER}") > 0
+    # Whether a second replica comes up within the smoke run's short timeout depends on the machine's load.
+    assert re.search(r"autoscaling 1 -> 2 replicas on a step to concurrency 4: second replica asked for after "
+                     r"(\d+\.\d s|never \(timed out\))", output), output[-4000:]
+    results = results_json(output)
+    for family in ("llm", "ranker"):
+        (level,) = results["load"][family]
+        assert level["requests"] > 0 and level["errors"] == 0, level
+    assert results["batching"]["unbatched"]["errors"] == 0

@@ -1,0 +1,142 @@
+"""Data-parallel strategies: one module each, one record (StrategySpec) per strategy, looked up by name.
+
+A strategy is everything that differs between DDP, FSDP2, HSDP and DeepSpeed ZeRO: how it wraps a model and
+steps, how it saves and loads training state, how a checkpoint it wrote becomes full tensors for export, and
+what it costs in memory and traffic. Every model family goes through the same calls, so a family never imports
+strategy code:
+
+    strategy = build_strategy(cfg.strategy, device=..., precision=..., accum_steps=..., ...)
+    strategy.setup(model, blocks=family.blocks(model), build_optimizer=..., build_scheduler=...)
+    for each micro-batch:
+        with strategy.micro_step(is_last=...):
+            loss = family.loss(strategy.model, batch)
+            strategy.backward(loss)      # the micro-batch's mean loss; scaling for accumulation happens here
+    grad_norm = strategy.step()          # clip, optimizer and schedule step; norm (a tensor) before clipping
+
+Adding a strategy is one module in this package that declares `SPECS`, its YAML in conf/strategy/ (which is
+what makes `strategy=NAME` and `strategy.name=NAME` valid) and its tests. Nothing outside this package
+switches on a strategy's name: the checkpoint manager (trainers/checkpointing.py), export, the memory model
+and the launch plan (cluster/) and the run's checks read the record.
+"""
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from cluster.memory import ModelShape, ModelStates
+from conf.schema import Precision, StrategyConfig
+from trainers.discovery import Registry
+
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class Strategy(Protocol):
+    """What the training loop and the checkpoint manager call on a strategy object."""
+
+    model: nn.Module  # the wrapped model: what forward runs on
+
+    def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer: OptimizerFactory,
+              build_scheduler: SchedulerFactory, weight_decay: float, activation_checkpointing: bool) -> None: ...
+
+    def micro_step(self, *, is_last: bool) -> AbstractContextManager: ...
+
+    def autocast(self) -> AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> torch.Tensor: ...
+
+    def current_lr(self) -> float: ...
+
+    def unwrapped_model(self) -> nn.Module: ...
+
+    def save_state(self, directory: Path, *, rank: int) -> None:
+        """Write this rank's part of the model, optimizer and schedule state into `directory`."""
+
+    def load_state(self, directory: Path) -> None:
+        """Load them from a checkpoint directory that every rank's part was merged into."""
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How a strategy's part of a checkpoint is laid out, and how to read it back whole without any process
+    group (export)."""
+
+    name: str  # recorded in export.json: ddp, fsdp (DCP) or deepspeed
+    marker: str  # the file or directory it writes: how a checkpoint that does not name its strategy is read
+    # (checkpoint directory, {name: tensor shaped like the plain model's}) -> full tensors under those names
+    consolidate: Callable[[Path, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """Everything Slipway knows about one strategy."""
+
+    name: str
+    summary: str  # one line, for listings and errors
+    schema: type[StrategyConfig]  # its options (conf/strategy/NAME.yaml names it first in its defaults)
+    build: Callable[..., Strategy]  # (cfg, *, device, precision, accum_steps, grad_clip, micro_batch_size)
+    checkpoint: CheckpointFormat
+    meta_init: bool  # can build the model on the meta device and materialize only its shards
+    elastic: bool  # its checkpoints load at another world size (Ray Train V2 elastic runs)
+    # Per-GPU bytes of what training keeps besides activations; see cluster/memory.py for the parts.
+    # (cfg, *, shape, world, precision, accum_steps, checkpointing) -> ModelStates
+    model_states: Callable[..., ModelStates]
+    # Bytes each worker sends per optimizer step: (cfg, *, params, world, accum_steps, precision) -> bytes
+    communication_bytes: Callable[..., float]
+    # Of those, what crosses nodes when a run spans several: (cfg, *, params, world, accum_steps, precision,
+    # workers_per_node) -> bytes. None: all of it (a ring over every worker runs at its slowest link).
+    network_bytes: Callable[..., float] | None = None
+    # bf16 compute under autocast over fp32 weights (DDP): what comes from the embeddings stays fp32
+    autocast_over_fp32: bool = False
+    startup_note: str = "peak: the whole fp32 model, built on each worker"  # the plan's start-up row
+    # The plan's note when start-up is the peak of the whole run.
+    startup_peak_note: str = "start-up is the peak: the whole fp32 model is built on each worker before it is wrapped"
+    plan_notes: Callable[[StrategyConfig], list[str]] = lambda cfg: []  # caveats the plan prints
+    # (cfg, world): raises ValueError when the strategy cannot train on `world` workers with these options
+    check_world: Callable[[StrategyConfig, int], None] = lambda cfg, world: None
+
+
+_REGISTRY = Registry(__name__, key="strategy.name")
+
+
+def all_strategies() -> dict[str, StrategySpec]:
+    return dict(_REGISTRY.records)
+
+
+def get_strategy(name: str) -> StrategySpec:
+    return _REGISTRY.get(name)
+
+
+def checkpoint_formats() -> dict[str, CheckpointFormat]:
+    return {spec.checkpoint.name: spec.checkpoint for spec in all_strategies().values()}
+
+
+def build_strategy(cfg: StrategyConfig, *, device: torch.device, precision: Precision, accum_steps: int,
+                   grad_clip: float, micro_batch_size: int) -> Strategy:
+    """The strategy object that `cfg.name` names, with `cfg`'s options."""
+    return get_strategy(cfg.name).build(cfg, device=device, precision=precision, accum_steps=accum_steps,
+                                        grad_clip=grad_clip, micro_batch_size=micro_batch_size)
+
+
+def default_options(name: str) -> StrategyConfig:
+    """A strategy's options at their defaults (what the plan assumes for a strategy it suggests)."""
+    return get_strategy(name).schema(name=name)
+
+
+def model_states(name: str, *, shape: ModelShape, world: int, precision: str = "bf16", accum_steps: int = 1,
+                 checkpointing: bool = False, **options) -> ModelStates:
+    """Per-GPU model-state bytes of strategy `name` with `options` (its schema's fields) set."""
+    spec = get_strategy(name)
+    known = {field.name for field in fields(spec.schema)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"strategy {name} has no option {', '.join(unknown)}; it has {', '.join(sorted(known))}")
+    return spec.model_states(spec.schema(name=name, **options), shape=shape, world=world,
+                             precision=Precision(precision), accum_steps=accum_steps, checkpointing=checkpointing)
