@@ -86,11 +86,13 @@ LLM_STRATEGY_RUNS = {
     "fsdp": ["strategy=fsdp", "cluster.num_workers=2"],
     "zero2": ["strategy=zero2", "cluster.num_workers=2"],
     "zero3": ["strategy=zero3", "cluster.num_workers=2"],
+    # 4 gloo workers as a 2x2 mesh: 2 replicas of 2-way shard groups (half a CPU each on the 4-CPU test Ray)
+    "hsdp": ["strategy=hsdp", "strategy.hsdp_shard_size=2", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"],
 }
 RANKER_REFERENCE_RUN = ["strategy=ddp", "cluster.num_workers=1"]
 # The sharded runs crash once, after their step-3 checkpoint (the test-only hook), and go on from it: the parity,
 # export and serving tests read them as any finished run, and tests/trainers/test_resume.py checks the restore.
-CRASH_AT_STEP = {"llm-zero2": 5, "llm-zero3": 5}
+CRASH_AT_STEP = {"llm-zero2": 5, "llm-zero3": 5, "llm-hsdp": 5}
 
 
 def assert_output_contract(stdout: str, stderr: str, *, root: Path) -> Path:

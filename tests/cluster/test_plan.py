@@ -107,6 +107,33 @@ def test_an_elastic_run_is_planned_at_its_maximum():
     assert plan.setup.workers == 16 and plan.nodes == 2
 
 
+def test_hsdp_is_planned_per_shard_group_and_sends_only_the_replica_all_reduce_across_nodes():
+    """HSDP's per-GPU memory is that of its shard group, not the world; across nodes only the all-reduce of the
+    gradient shard leaves a node, where FSDP over every GPU runs its collectives at the network's speed."""
+    two_nodes = [*LLM_8B, "cluster.num_workers=16", "cluster.max_nodes=2"]
+    hsdp = plan_for([*two_nodes, "strategy=hsdp", "strategy.hsdp_shard_size=8"])
+    one_node_fsdp = plan_for([*LLM_8B, "strategy=fsdp", "trainer.micro_batch_size=2", "cluster.num_workers=8"])
+    fsdp = plan_for([*two_nodes, "strategy=fsdp"])
+    assert hsdp.fits and hsdp.nodes == 2
+    shard_group = one_node_fsdp.memory.states
+    assert (hsdp.memory.states.params, hsdp.memory.states.optimizer) == (shard_group.params, shard_group.optimizer)
+    assert hsdp.memory.states.params == 2 * fsdp.memory.states.params  # sharded 8 ways, not 16
+    across = 2 * 4 * hsdp.shape.total / 8 * (2 - 1) / 2  # fp32 ring all-reduce of the 1/8 shard over 2 replicas
+    within = hsdp.throughput.comm_bytes - across
+    assert hsdp.throughput.comm_s == pytest.approx(within / 450e9 + across / 50e9)
+    assert fsdp.throughput.comm_s == pytest.approx(fsdp.throughput.comm_bytes / 50e9)
+    assert hsdp.throughput.comm_s < fsdp.throughput.comm_s / 5
+
+
+def test_hsdp_needs_a_shard_size_that_divides_the_workers():
+    from trainers.run import check_config
+
+    with pytest.raises(ValueError, match="hsdp_shard_size=3 must be at least 1 and divide cluster.num_workers=8"):
+        check_config(config([*LLM_8B, "strategy=hsdp", "strategy.hsdp_shard_size=3"]))
+    plan = plan_for([*LLM_8B, "strategy=ddp"])
+    assert not any("strategy=hsdp" in s and "cluster.num_workers=3" in s for s in plan.suggestions)
+
+
 def test_a_gpu_cluster_must_describe_its_gpus():
     plan = plan_for([*LLM_8B, "cluster.node.gpus=0"])
     assert not plan.fits and "cluster.node.gpus" in plan.verdict

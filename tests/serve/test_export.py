@@ -38,6 +38,20 @@ def test_export_reproduces_the_trained_models_validation_loss(strategy, trained_
     assert metrics["val_loss"] == pytest.approx(reported(run_dir, step, "val_loss"), rel=1e-6)
 
 
+def test_an_hsdp_export_gathers_every_shard_group_and_reproduces_the_loss(trained_runs, tmp_path):
+    """HSDP on 2 replicas of 2-way shard groups: DCP stores each replicated shard once, in files from all 4
+    ranks; export reads them back whole and reproduces what the run reported."""
+    run_dir = trained_runs("llm-hsdp", LLM_STRATEGY_RUNS["hsdp"])
+    export_dir, step = export_best(run_dir, tmp_path / "export")
+    checkpoint = json.loads((export_dir / EXPORT_INFO_FILE).read_text())["checkpoint"]
+    assert len(list((run_dir / checkpoint.rsplit("/", 1)[1] / "dcp").glob("*.distcp"))) == 4
+    info = json.loads((export_dir / EXPORT_INFO_FILE).read_text())
+    assert info["strategy"] == "fsdp" and info["trained_with"] == "hsdp"  # FSDP2's DCP format, written by HSDP
+    run_cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    metrics = evaluate_on_run_data(load_export(export_dir), run_cfg, rows=None)
+    assert metrics["val_loss"] == pytest.approx(reported(run_dir, step, "val_loss"), rel=1e-6)
+
+
 def test_ranker_export_reproduces_the_reported_auc(trained_runs, tmp_path):
     run_dir = trained_runs("ranker-reference", RANKER_REFERENCE_RUN, ranker=True)
     export_dir, step = export_best(run_dir, tmp_path / "export")

@@ -63,7 +63,7 @@ def short_ddp_losses(trained_runs):
 
 
 # FSDP2's sharded restore is tested through a crash in tests/trainers/test_ranker_training.py.
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "hsdp"])
 def test_sharded_strategies_restore_their_checkpoints(strategy, short_ddp_losses, trained_runs):
     """A crash after the step-3 checkpoint: the sharded state (DCP or ZeRO partitions) must load back.
 

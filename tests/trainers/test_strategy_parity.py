@@ -23,9 +23,9 @@ def single_process_losses(trained_runs):
 # ZeRO-1 is left out to keep the suite's time: DeepSpeed runs stages 1 and 2 through the same optimizer class
 # (stage 2 adds gradient partitioning), and our code treats every stage alike but for the stage number.
 @pytest.mark.parametrize("strategy, extra", [
-    ("ddp", []), ("fsdp", []), ("zero2", []), ("zero3", []),
+    ("ddp", []), ("fsdp", []), ("zero2", []), ("zero3", []), ("hsdp", []),
     ("fsdp", ["trainer.activation_checkpointing=true"]),  # recomputation must not change the numbers
-], ids=["ddp", "fsdp", "zero2", "zero3", "fsdp-activation-checkpointing"])
+], ids=["ddp", "fsdp", "zero2", "zero3", "hsdp-2x2", "fsdp-activation-checkpointing"])
 def test_two_workers_match_single_process(strategy, extra, single_process_losses, trained_runs, ray_session,
                                           data_cache, tmp_path):
     if extra:
