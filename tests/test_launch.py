@@ -21,19 +21,23 @@ def test_cfg_job_prints_the_resolved_config():
     assert "preset: tiny" in result.stdout and "name: zero3" in result.stdout
 
 
-@pytest.mark.parametrize("exp, override, named", [
+BAD_CONFIGS = [
     ("llm_tiny", "trainer.lrr=1", "trainer.lrr"),
     ("llm_tiny", "trainer.max_steps=abc", "trainer.max_steps"),
     ("llm_tiny", "strategy=zero4", "zero4"),
     ("llm_tiny", "model.cross_layers=2", "model.cross_layers"),  # a ranker key on an LLM
     ("ranker_dlrm", "model.n_heads=4", "model.n_heads"),  # and the other way round
     ("ranker_dlrm", "data.rows=many", "data.rows"),
-])
-def test_bad_config_fails_at_composition_naming_the_key(exp, override, named):
-    result = launch(f"+exp={exp}", override)
-    assert result.returncode != 0
-    assert named in result.stdout + result.stderr
-    assert "Started a local Ray" not in result.stdout + result.stderr
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CONFIGS)), ids=[named for _, _, named in BAD_CONFIGS])
+def test_bad_config_fails_at_composition_naming_the_key(index, bad_input_outcomes):
+    returncode, output = bad_input_outcomes[len(BAD_INPUTS) + index]
+    named = BAD_CONFIGS[index][2]
+    assert returncode != 0
+    assert named in output
+    assert "Started a local Ray" not in output
 
 
 BAD_INPUTS = [
@@ -52,15 +56,16 @@ BAD_INPUTS = [
 
 @pytest.fixture(scope="module")
 def bad_input_outcomes(tmp_path_factory) -> list[tuple[int, str]]:
-    """Every BAD_INPUTS command, started together: each spends seconds importing before it fails, and the
-    imports of ten processes overlap on two cores better than they run one after another."""
+    """Every BAD_INPUTS command, then every BAD_CONFIGS one, started together: each spends seconds importing
+    before it fails, and the imports of sixteen processes overlap on two cores better than they run one after
+    another."""
     root = tmp_path_factory.mktemp("bad_input")
-    processes = []
-    for index, (overrides, _) in enumerate(BAD_INPUTS):
-        exp = [] if any(item.startswith("+exp=") for item in overrides) else ["+exp=llm_tiny"]
-        processes.append(subprocess.Popen(
-            [sys.executable, "launch.py", *exp, f"paths.root={root / str(index)}", *overrides], cwd=REPO_ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    commands = [([] if any(item.startswith("+exp=") for item in overrides) else ["+exp=llm_tiny"]) + overrides
+                for overrides, _ in BAD_INPUTS]
+    commands += [[f"+exp={exp}", override] for exp, override, _ in BAD_CONFIGS]
+    processes = [subprocess.Popen([sys.executable, "launch.py", f"paths.root={root / str(index)}", *command],
+                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for index, command in enumerate(commands)]
     return [(process.wait(timeout=180), process.stdout.read()) for process in processes]
 
 

@@ -132,20 +132,22 @@ def check_memory_fits(cfg: RootConfig, *, data: dict) -> None:
     (plan=true sizes them)."""
     import psutil
 
-    from cluster.memory import count_shape
+    from cluster.memory import ModelShape
 
     if cfg.cluster.use_gpu or resolve_address(cfg.cluster):
         return
     workers = worker_range(cfg.cluster)[1]
-    family = get_family(cfg.model.family)
-    shape = count_shape(family, cfg.model, data=data)
+    params = get_family(cfg.model.family).count_parameters(cfg.model, data=data)
+    # What stays resident (weights, gradients, optimizer states) depends only on the parameter count; counting
+    # it from the config spares the driver building the model (the first meta-device build costs about 1 s).
+    shape = ModelShape(total=params, embedding=0, largest_layer=0, largest_block=0)
     states = get_strategy(cfg.strategy.name).model_states(
         cfg.strategy, shape=shape, world=workers, precision=Precision.fp32, accum_steps=1, checkpointing=False)
     needed = states.resident * workers
     available = psutil.virtual_memory().total
     if needed > available:
         raise ValueError(
-            f"model.preset={cfg.model.preset} has {shape.total / 1e9:.2f}B parameters: weights, gradients and "
+            f"model.preset={cfg.model.preset} has {params / 1e9:.2f}B parameters: weights, gradients and "
             f"Adam state on {workers} CPU worker(s) with strategy={cfg.strategy.name} need about "
             f"{needed / 2**30:.0f} GiB, more than this machine's {available / 2**30:.0f} GiB; run it with "
             f"cluster=gpu_node, or shrink the model (for rankers, data.hash_buckets)"

@@ -40,7 +40,7 @@ SMOKE_ARGS = {
     "bench_sweep.py": ["--trials", "1", "--steps", "2", "--workers", "1"],
     # Long enough per load level that a request completes while the other scripts load both cores.
     "bench_serve.py": ["--seconds", "1.5", "--warmup-s", "0.5", "--concurrency", "1", "--batch-concurrency", "1",
-                       "--autoscale-concurrency", "4", "--autoscale-hold-s", "0.5", "--autoscale-timeout", "15",
+                       "--autoscale-concurrency", "4", "--autoscale-hold-s", "0.5", "--autoscale-timeout", "8",
                        "--candidates", "4", "--max-tokens", "2"],
 }
 NUMBER = r"([-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?)"
@@ -58,12 +58,15 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory) -> dict[str, tuple[int, str]]:
-    """Every smoke run, started together: {run: (exit code, stdout and stderr)}."""
+def outputs(tmp_path_factory, data_cache) -> dict[str, tuple[int, str]]:
+    """Every smoke run, started together: {run: (exit code, stdout and stderr)}. bench_overhead's corpus is the
+    tiny runs' own (tests/helpers.py), prepared once in the session's data cache for both."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     processes, logs = {}, {}
     for run, (name, args) in RUNS.items():
+        if run == "overhead":
+            args = [*args, f"paths.data_cache={data_cache}"]
         out = tmp_path_factory.mktemp(run)
         logs[run] = out / "output.log"  # a file, not a pipe: a full pipe would stall a chatty script
         with logs[run].open("w") as log:
