@@ -24,8 +24,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainers.checkpointing import MODEL_CONFIG_FILE, checkpoint_format, consolidated_state_dict, recorded_strategy
+from trainers.checkpointing import MODEL_CONFIG_FILE, checkpoint_format, recorded_strategy
 from trainers.families import Family, get_family
+from trainers.strategies import CheckpointFormat
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,12 @@ def build_model_from_config(model_config: dict, *, device: str | torch.device = 
 
 # ------------------------------------------------------------------------------ consolidating the shards
 
-def consolidated_from_checkpoint(checkpoint_dir: Path, *, model_config: dict) -> dict[str, torch.Tensor]:
-    """Every parameter of the checkpoint, full and in fp32, under the plain model's names."""
-    checkpoint_format(checkpoint_dir)  # first, so a checkpoint without weights is named as such
+def consolidated_from_checkpoint(checkpoint_dir: Path, *, model_config: dict,
+                                 stored: CheckpointFormat) -> dict[str, torch.Tensor]:
+    """Every parameter of the checkpoint, full and in fp32, under the plain model's names, read offline (no
+    process group) in the format the checkpoint is `stored` in (trainers/checkpointing.py: checkpoint_format)."""
     template = build_model_from_config(model_config, device="meta").state_dict()
-    state = consolidated_state_dict(checkpoint_dir, template=template)
+    state = stored.consolidate(checkpoint_dir, template)
     _check_matches(state, template, source=checkpoint_dir)
     return {name: state[name].detach().to(torch.float32).contiguous() for name in template}
 
@@ -110,7 +112,8 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, *, info: dict) -> Pat
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     model_config = read_model_config(checkpoint_dir)
-    state = consolidated_from_checkpoint(checkpoint_dir, model_config=model_config)
+    stored = checkpoint_format(checkpoint_dir)  # first, so a checkpoint without weights is named as such
+    state = consolidated_from_checkpoint(checkpoint_dir, model_config=model_config, stored=stored)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"family": model_config["family"]})
     shutil.copyfile(checkpoint_dir / MODEL_CONFIG_FILE, out_dir / MODEL_CONFIG_FILE)
@@ -118,7 +121,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, *, info: dict) -> Pat
         shutil.copyfile(checkpoint_dir / name, out_dir / name)
     # "strategy" names the checkpoint format the weights came from (ddp, fsdp, deepspeed); "trained_with" the
     # strategy that wrote it, where the checkpoint records it
-    info = {**info, "checkpoint": str(checkpoint_dir), "strategy": checkpoint_format(checkpoint_dir).name,
+    info = {**info, "checkpoint": str(checkpoint_dir), "strategy": stored.name,
             "trained_with": recorded_strategy(checkpoint_dir),
             "parameters": sum(t.numel() for t in state.values())}
     (out_dir / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

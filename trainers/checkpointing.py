@@ -93,8 +93,9 @@ def recorded_strategy(checkpoint_dir: Path) -> str | None:
 
 
 def checkpoint_format(checkpoint_dir: Path) -> CheckpointFormat:
-    """The format of a checkpoint's strategy part: the recorded strategy's, or (in checkpoints written before
-    the strategy was recorded) the format whose marker is there. A checkpoint without it is refused by name."""
+    """The format of a checkpoint's strategy part, whose `consolidate` reads it back whole for export: the
+    recorded strategy's, or (in checkpoints written before the strategy was recorded) the format whose marker
+    is there. A checkpoint without it is refused by name."""
     checkpoint_dir = Path(checkpoint_dir)
     recorded = recorded_strategy(checkpoint_dir)
     candidates = [get_strategy(recorded).checkpoint] if recorded else list(checkpoint_formats().values())
@@ -107,12 +108,6 @@ def checkpoint_format(checkpoint_dir: Path) -> CheckpointFormat:
     expected = [f"{found.marker} ({', '.join(users[found.marker])})" for found in candidates]
     listed = expected[0] if len(expected) == 1 else f"{', '.join(expected[:-1])} or {expected[-1]}"
     raise ValueError(f"{checkpoint_dir} holds no model weights: expected {listed}")
-
-
-def consolidated_state_dict(checkpoint_dir: Path, *, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every parameter of the checkpoint, full, under the names of `template` (the plain model's state dict,
-    e.g. built on the meta device); read offline, with no process group."""
-    return checkpoint_format(checkpoint_dir).consolidate(Path(checkpoint_dir), template)
 
 
 # ------------------------------------------------------------------------------------ Ray Train reporting

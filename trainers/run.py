@@ -15,17 +15,15 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from cluster.connection import REPO_ROOT
 from conf.derived import is_elastic, resolve_address, scaling_workers, worker_range
 from conf.schema import Precision, RootConfig
 from trainers import outputs
 from trainers.families import Family, get_family
 from trainers.loop import CRASH_AT_STEP_ENV, train_loop
-from trainers.strategies import get_strategy
+from trainers.strategies import all_strategies, get_strategy
 
 logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass(frozen=True)
 class Run:
@@ -88,8 +86,6 @@ def _check_worker_counts(cfg: RootConfig) -> None:
                    "workers)" if low != high else "")
             )
     if is_elastic(cfg.cluster) and not strategy.elastic:
-        from trainers.strategies import all_strategies
-
         elastic = [name for name, spec in all_strategies().items() if spec.elastic]
         raise ValueError(
             f"cluster.num_workers={cfg.cluster.num_workers} (elastic) needs strategy={' or '.join(elastic)}, not "

@@ -130,8 +130,15 @@ def test_hsdp_needs_a_shard_size_that_divides_the_workers():
 
     with pytest.raises(ValueError, match="hsdp_shard_size=3 must be at least 1 and divide cluster.num_workers=8"):
         check_config(config([*LLM_8B, "strategy=hsdp", "strategy.hsdp_shard_size=3"]))
-    plan = plan_for([*LLM_8B, "strategy=ddp"])
-    assert not any("strategy=hsdp" in s and "cluster.num_workers=3" in s for s in plan.suggestions)
+    from trainers.strategies import get_strategy
+    from trainers.strategies.hsdp import HSDPConfig
+
+    # What the plan asks before it sizes a candidate (cluster/plan.py: _trains_on): 9 workers are 3 replicas of 3,
+    # 8 workers cannot be split that way.
+    hsdp = get_strategy("hsdp")
+    hsdp.check_world(HSDPConfig(hsdp_shard_size=3), 9)
+    with pytest.raises(ValueError, match="hsdp_shard_size=3"):
+        hsdp.check_world(HSDPConfig(hsdp_shard_size=3), 8)
 
 
 def test_a_gpu_cluster_must_describe_its_gpus():
