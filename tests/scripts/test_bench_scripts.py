@@ -39,7 +39,7 @@ SMOKE_ARGS = {
                         "--micro-batch", "128"],
     "bench_sweep.py": ["--trials", "1", "--steps", "2", "--workers", "1"],
     # Long enough per load level that a request completes while the other scripts load both cores.
-    "bench_serve.py": ["--seconds", "1.5", "--warmup-s", "0.5", "--concurrency", "1", "--batch-concurrency", "1",
+    "bench_serve.py": ["--seconds", "2", "--warmup-s", "2", "--concurrency", "1", "--batch-concurrency", "1",
                        "--autoscale-concurrency", "4", "--autoscale-hold-s", "0.5", "--autoscale-timeout", "8",
                        "--candidates", "4", "--max-tokens", "2"],
 }
