@@ -51,6 +51,7 @@ def stages_of(cfg: RootConfig) -> list[str]:
 
 def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]]:
     """Run the config's stages; returns what each produced, e.g. [("run_dir", path), ("endpoint", url)]."""
+    from conf.derived import check_serve
     from trainers.run import check_config
 
     # Derived once: the typed config (with secrets, for the stages) and the plain one, redacted once (for run
@@ -60,7 +61,9 @@ def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]
     config = redacted(plain)
     stages = stages_of(cfg)
     if {"train", "sweep"} & set(stages):
-        check_config(cfg)
+        check_config(cfg)  # the serve block included
+    else:
+        check_serve(cfg)  # promote, canary, rollback or serve alone: e.g. serve.refresh_s=0 is a busy loop
     if cfg.plan:
         return [("plan", plan(cfg))]
     if cfg.submit:

@@ -52,6 +52,23 @@ def submitted_job_env_vars() -> dict[str, str] | None:
     return (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
 
 
+# Files that hold credentials never ship to a cluster, whatever cluster.runtime_env_excludes and .gitignore say
+# (Ray applies .gitignore too, but a repo may lack one, or un-ignore a file with '!'). Patterns are
+# gitignore-style, relative to the repo, as Ray matches `excludes`.
+CREDENTIAL_EXCLUDES = (
+    ".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", ".netrc", "_netrc",
+    ".git-credentials", ".pypirc", ".npmrc", "credentials", "credentials.json", "*-credentials.json",
+    "service-account*.json", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".aws/", ".ssh/", ".kube/", ".docker/",
+    ".gcloud/", ".config/gcloud/", ".config/wandb/", "wandb/settings", "kubeconfig", "*.kubeconfig",
+)
+
+
+def working_dir_excludes(cfg: ClusterConfig) -> list[str]:
+    """What is left out of the repo shipped as working_dir: the user's excludes, then every credential file."""
+    return list(cfg.runtime_env_excludes) + [pattern for pattern in CREDENTIAL_EXCLUDES
+                                             if pattern not in cfg.runtime_env_excludes]
+
+
 def build_runtime_env(cfg: ClusterConfig, *, remote: bool, env_vars: dict[str, str],
                       job_env_vars: dict[str, str] | None = None) -> dict:
     if job_env_vars is not None:
@@ -59,7 +76,7 @@ def build_runtime_env(cfg: ClusterConfig, *, remote: bool, env_vars: dict[str, s
         # any of the job's fields or env vars again: add only the env vars the job lacks.
         return {"env_vars": {name: value for name, value in env_vars.items() if name not in job_env_vars}}
     if remote:
-        return {"working_dir": str(REPO_ROOT), "excludes": list(cfg.runtime_env_excludes), "env_vars": env_vars}
+        return {"working_dir": str(REPO_ROOT), "excludes": working_dir_excludes(cfg), "env_vars": env_vars}
     # Locally the workers see this filesystem; putting the repo on their path is enough.
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     return {"env_vars": {"PYTHONPATH": path, **env_vars}}

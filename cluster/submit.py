@@ -17,6 +17,7 @@ import time
 from urllib.parse import urlsplit
 
 from cluster.connection import RAY_TRAIN_ENV_DEFAULTS, build_runtime_env
+from conf.derived import SECRET_KEYS
 from conf.schema import ClusterConfig
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def submit_job(cluster: ClusterConfig, *, overrides: list[str], experiment: str)
     key, url = jobs_api_url(cluster)
     client = connect_jobs_api(url, key=key)
     entrypoint = build_entrypoint(overrides)
-    runtime_env = build_job_runtime_env(cluster)
+    runtime_env = build_job_runtime_env(cluster, secrets=secret_env_vars(overrides))
     logger.info("submitting to %s: %s", url, entrypoint)
     job_id = _submit(client, entrypoint=entrypoint, runtime_env=runtime_env, metadata={"experiment": experiment},
                      url=url)
@@ -168,8 +169,11 @@ def _logger_level(name: str, level: int):
 
 def build_entrypoint(overrides: list[str]) -> str:
     """This command for the cluster: the same overrides, minus submitting and the Jobs API address (the job's
-    driver joins the cluster through the RAY_ADDRESS that the job supervisor sets)."""
-    kept = [override for override in overrides if _override_key(override) not in ("submit", "cluster.address")]
+    driver joins the cluster through the RAY_ADDRESS that the job supervisor sets). A secret given on the
+    command line becomes a reference to the environment variable it travels in (secret_env_vars): the
+    entrypoint is shown by the dashboard, `ray job list` and the job's own log."""
+    kept = [_secret_as_reference(override) for override in overrides
+            if _override_key(override) not in ("submit", "cluster.address")]
     return shlex.join(["python", "launch.py", *kept, "cluster.address=null"])
 
 
@@ -177,10 +181,49 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~").strip()
 
 
-def build_job_runtime_env(cluster: ClusterConfig) -> dict:
-    """The repo as working_dir, and the environment the run needs on every process of the job."""
+def _override_value(override: str) -> str:
+    return override.split("=", 1)[1] if "=" in override else ""
+
+
+def _env_reference(value: str) -> str | None:
+    """The variable that `${oc.env:NAME}` (or `${oc.env:NAME,default}`) reads, else None."""
+    match = re.fullmatch(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)(,[^}]*)?\}", value.strip())
+    return match.group(1) if match else None
+
+
+def _secret_as_reference(override: str) -> str:
+    key = _override_key(override)
+    if key not in SECRET_KEYS or _env_reference(_override_value(override)):
+        return override
+    prefix = override.split("=", 1)[0]
+    return f"{prefix}=${{oc.env:{SECRET_KEYS[key]}}}"
+
+
+def secret_env_vars(overrides: list[str]) -> dict[str, str]:
+    """The environment variables that carry this command's secrets to the job: a literal value under the
+    variable its key reads on the cluster (SECRET_KEYS), a `${oc.env:NAME}` reference as NAME's value here."""
+    carried = {}
+    for override in overrides:
+        key, value = _override_key(override), _override_value(override)
+        if key not in SECRET_KEYS or not value:
+            continue
+        name = _env_reference(value)
+        if name is None:
+            carried[SECRET_KEYS[key]] = value
+        elif os.environ.get(name):
+            carried[name] = os.environ[name]
+        else:
+            raise ValueError(f"{key}={value}: the environment variable {name} is not set here, so the job "
+                             f"could not read it either; export {name}=<the secret> and submit again")
+    return carried
+
+
+def build_job_runtime_env(cluster: ClusterConfig, *, secrets: dict[str, str] | None = None) -> dict:
+    """The repo as working_dir, and the environment the run needs on every process of the job (secrets
+    included, as variables: never on the command line)."""
     env_vars = {name: os.environ.get(name, default) for name, default in RAY_TRAIN_ENV_DEFAULTS.items()}
     env_vars.update({name: os.environ[name] for name in PASSED_ENV_VARS if os.environ.get(name)})
+    env_vars.update(secrets or {})
     logger.info("job environment: %s", ", ".join(sorted(env_vars)))  # names only: some are secrets
     return build_runtime_env(cluster, remote=True, env_vars=env_vars)
 

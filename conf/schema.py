@@ -4,9 +4,12 @@ Hydra merges the YAML files of conf/ into these dataclasses, so an unknown key, 
 a key's choices fails at composition, before Ray starts, with a message that names the key. The schemas of the
 model, data and strategy groups are chosen per file (a family's, a kind of data's, a strategy's own options);
 trainers/config.py registers them and rebuilds the typed config from the plain one, after which no
-DictConfig travels further. Values derived from the config alone are in conf/derived.py.
+DictConfig travels further. Values derived from the config alone are in conf/derived.py, except the step
+counts left null, which freezing the config fills in (fill_derived_steps, below), and the numeric keys' ranges
+are conf/derived.py's BOUNDS.
 """
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -81,6 +84,12 @@ class SweepScheduler(StrEnum):
 class SweepSearcher(StrEnum):
     random = "random"  # random draws (and grid points)
     optuna = "optuna"  # TPE
+
+
+class ResumePolicy(StrEnum):
+    auto = "auto"
+    fresh = "fresh"
+    anyway = "anyway"
 
 
 class MetricMode(StrEnum):
@@ -176,7 +185,9 @@ class TrainerConfig:
     micro_batch_size: int = 4  # sequences per forward pass on one worker
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
+    # Step counts left null are derived from max_steps when the config is frozen (fill_derived_steps), so that a
+    # shortened run (trainer.max_steps=24) keeps sensible intervals; a value you set is checked as set.
+    warmup_steps: int | None = None  # null = a tenth of max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -185,7 +196,8 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     activation_checkpointing: bool = False
     log_every_n_steps: int = 10
-    eval_every_n_steps: int = 50
+    # null = a quarter of max_steps (with sweep.scheduler=asha, max_steps / reduction_factor^2: two rungs)
+    eval_every_n_steps: int | None = None
     eval_batches: int = 4  # eval batches (micro_batch_size x workers rows) per evaluation; 0 = all
     torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU share
 
@@ -201,7 +213,11 @@ class StrategyConfig:
 @dataclass
 class CheckpointConfig:
     enabled: bool = True  # false only for throughput checks: nothing is saved, so nothing can resume
-    every_n_steps: int = 50
+    # A rerun resumes its run directory's checkpoints (auto) unless they were trained on other data or another
+    # tokenizer, which is refused; fresh sets the old directory aside and starts at step 0; anyway resumes
+    # regardless of what changed.
+    resume: ResumePolicy = ResumePolicy.auto
+    every_n_steps: int | None = None  # null = at every evaluation (trainer.eval_every_n_steps)
     keep_top_k: int = 2  # ranked by val_loss; the latest checkpoint is always kept for resuming
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
 
@@ -243,8 +259,10 @@ class ClusterConfig:
     # The cluster adds nodes on demand (cluster launcher or KubeRay autoscaler): a run may ask for more workers
     # than are up now, and Ray Train waits for them instead of the capacity check refusing the run.
     autoscaling: bool = False
-    # With autoscaling: how long Ray Train waits for the workers' nodes to come up before it counts a failure
-    # (Ray Train's own default, 60 s, is shorter than a GPU node takes to boot).
+    # How long a run waits for its workers to be placed (nodes to come up, a busy cluster to free resources)
+    # before it fails, naming what it asked for: a placement that can never be met must not wait forever.
+    # With autoscaling it is Ray Train's wait per attempt (its own default, 60 s, is shorter than a GPU node
+    # takes to boot); without, Ray Train retries every 60 s until this has passed.
     scale_up_timeout_s: float = 900.0
     max_nodes: int = 1  # worker nodes the autoscaler may add; plan=true checks num_workers against it
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -285,7 +303,7 @@ class SweepConfig:
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources fit at once
     metric: str | None = None  # None = the model family's (val_loss for llm, auc for ranker)
     mode: MetricMode | None = None  # None = the metric's natural direction
-    grace_period: int | None = None  # asha: steps before a trial can be stopped; None = trainer.eval_every_n_steps
+    grace_period: int | None = None  # asha: steps before a trial can be stopped; null = the first evaluation
     reduction_factor: float = 2.0  # asha: keep the best 1/reduction_factor of trials at each rung
     seed: int = 0  # the searcher's random state: the same sweep draws the same trials
     space: dict[str, Any] = field(default_factory=dict)  # for every family; wins over family_space
@@ -313,7 +331,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # localhost only unless you say otherwise
     port: int = 8000
     route_prefix: str = "/"  # where this model's API lives; give each model its own to serve several at once
-    api_key: str | None = None  # set: every request needs `Authorization: Bearer <api_key>`
+    api_key: str | None = None  # set: every request but GET /healthz needs `Authorization: Bearer <api_key>`
     block: bool = True  # stage=serve keeps serving until Ctrl-C; false returns once the endpoint answers
     refresh_s: float = 2.0  # how often the router re-reads the registry's aliases (rollback from anywhere)
     # Replicas of each model deployment, autoscaled by Ray Serve
@@ -327,6 +345,10 @@ class ServeConfig:
     num_gpus: float = 0.0  # per replica; a fraction shares a GPU between replicas
     health_check_period_s: float = 5.0
     graceful_shutdown_timeout_s: float = 20.0  # in-flight requests get this long to finish on a swap or stop
+    # Requests waiting for a replica, per caller, beyond max_ongoing_requests per replica; more get 503 with
+    # Retry-After rather than an ever longer wait
+    max_queued_requests: int = 64
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read (256 Criteo rows: ~0.2 MiB)
     # LLM requests
     max_tokens_limit: int = 256  # the largest max_tokens a request may ask for
     sample_prompt: str = "def "  # printed with its completion once the endpoint is up
@@ -334,6 +356,13 @@ class ServeConfig:
     max_candidates: int = 256
     max_batch_size: int = 64  # candidates of many requests are scored together by @serve.batch
     batch_wait_timeout_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        # Checked at composition, before any stage runs: an empty key is an unset variable or a typo, and reading
+        # it as "auth off" would serve openly what the user meant to protect. No key at all is `null`.
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("serve.api_key is empty: set a key, or leave serve.api_key unset (null) to serve "
+                             "without authentication")
 
 
 # The model, data and strategy groups hold one schema per model family, kind of data and strategy: each YAML
@@ -358,3 +387,42 @@ class RootConfig:
     stage: str | None = None  # one stage: `stage=promote` is `stages=[promote]`
     plan: bool = False  # print the launch plan (memory, FLOPs, time, cost, fit) and start nothing
     submit: bool = False  # run this command on cluster.address through the Ray Jobs API and follow its logs
+
+    def __post_init__(self):
+        # Freezing the config (OmegaConf.to_object, on the driver and on every worker alike) fills the keys
+        # left null to be derived; the plain config keeps them null, so the run name does not change with them.
+        fill_derived_steps(self)
+
+
+# ------------------------------------------------------------------------------------------- step counts
+# Here rather than in conf/derived.py because freezing RootConfig calls it, and conf/derived.py imports this.
+# A run evaluates (and checkpoints) about EVALUATIONS_PER_RUN times and warms the learning rate up over
+# 1 / WARMUP_PARTS of its steps, however long it is.
+EVALUATIONS_PER_RUN = 4
+WARMUP_PARTS = 10
+
+
+def fill_derived_steps(cfg: RootConfig) -> None:
+    """Fill the step counts left null from trainer.max_steps (RootConfig.__post_init__ calls it when the config
+    is frozen). A default must never make a shortened run invalid (`sweep=asha trainer.max_steps=24` used to be
+    refused for a grace period of 50), so the defaults scale with the run; a value the user set stays as set
+    and is checked as such (trainers/run.py: check_config, trainers/sweep.py: validate_sweep)."""
+    trainer, sweep = cfg.trainer, cfg.sweep
+    steps = trainer.max_steps
+    if trainer.warmup_steps is None:
+        trainer.warmup_steps = max(0, steps // WARMUP_PARTS)
+    if trainer.eval_every_n_steps is None:
+        trainer.eval_every_n_steps = _derived_eval_interval(steps, sweep)
+    if cfg.checkpoint.every_n_steps is None:  # at evaluations: a checkpoint is ranked by the metric reported with it
+        cfg.checkpoint.every_n_steps = trainer.eval_every_n_steps
+    if sweep.scheduler == SweepScheduler.asha and sweep.grace_period is None:
+        sweep.grace_period = trainer.eval_every_n_steps  # a trial can be judged from its first evaluation on
+
+
+def _derived_eval_interval(steps: int, sweep: SweepConfig) -> int:
+    # With ASHA an evaluation lands on each rung (grace_period x reduction_factor^k) and two rungs come before
+    # the last step: grace = max_steps / reduction_factor^2. Otherwise EVALUATIONS_PER_RUN evaluations.
+    divisor = EVALUATIONS_PER_RUN
+    if sweep.scheduler == SweepScheduler.asha and sweep.reduction_factor > 1:
+        divisor = sweep.reduction_factor ** 2
+    return max(1, math.floor(steps / divisor))

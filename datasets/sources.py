@@ -98,7 +98,20 @@ def _iter_jsonl(path: Path, *, relative: str, field: str) -> Iterator[Document]:
                     f"{path}: line {line_number} has no string field {field!r} (data.column); "
                     f"expected one JSON object per line with the text in that field"
                 )
+            _check_encodable(text, path=path, where=f"line {line_number}", field=field)
             yield Document(doc_id=f"{relative}:{line_number}", text=text)
+
+
+def _check_encodable(text: str, *, path: Path, where: str, field: str) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 text holds: the tokenizer and the
+    parquet writer would fail on it much later, so the file and line are named now."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{path}: {where} field {field!r} (data.column) holds a lone surrogate {text[error.start]!r} at "
+            f"character {error.start} (an unpaired \\uD800-\\uDFFF escape); expected text that is valid Unicode"
+        ) from None
 
 
 def _iter_parquet(cfg: TextDataConfig) -> Iterator[Document]:

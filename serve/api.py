@@ -1,16 +1,21 @@
 """The HTTP API's request checks and response shapes, free of Ray and FastAPI so they test in isolation.
 
 Errors follow the OpenAI API's shape, `{"error": {"message", "type", "param", "code"}}`, so OpenAI clients show
-them as they would show OpenAI's own; `param` names the offending field.
+them as they would show OpenAI's own; `param` names the offending field. A streamed answer that fails after its
+first chunk ends with one such error as its last event (the status line was sent long before).
 """
 
 import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serve.generation import MAX_STOP_STRINGS
+
+# Our bodies nest three levels at most; a limit far below Python's recursion limit means no later step (an error
+# message quoting a value, pickling it to a replica) can hit RecursionError on what the parser accepted.
+MAX_JSON_DEPTH = 16
 
 
 @dataclass
@@ -19,6 +24,7 @@ class RequestError(Exception):
     message: str
     param: str | None = None
     type: str = "invalid_request_error"
+    headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
@@ -29,14 +35,56 @@ def error_from_dict(error: dict, *, status: int = 400) -> RequestError:
     return RequestError(status, error["message"], error.get("param"))
 
 
+def check_content_length(value: str | None, *, limit: int) -> None:
+    """Refuse a body by its declared size, before a byte of it is read (serve.max_body_bytes)."""
+    if value is not None and value.isdigit() and int(value) > limit:
+        raise body_too_large(limit, declared=int(value))
+
+
+def body_too_large(limit: int, *, declared: int | None = None) -> RequestError:
+    size = f" of {declared} bytes" if declared is not None else ""
+    return RequestError(413, f"the request body{size} is over the limit of {limit} bytes (serve.max_body_bytes)",
+                        "body")
+
+
 def parse_json_object(body: bytes) -> dict:
+    too_deep = RequestError(400, f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep", "body")
     try:
         payload = json.loads(body)
+    except RecursionError:  # Python's parser recurses per level: thousands of "[" exhaust its stack
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as err:
         raise RequestError(400, f"the request body is not valid JSON: {err}", "body") from None
+    if _deeper_than(payload, MAX_JSON_DEPTH):
+        raise too_deep
     if not isinstance(payload, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(payload).__name__}", "body")
     return payload
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether arrays and objects in `value` nest more than `limit` levels; a loop, not recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _check_text(text: str, key: str) -> str:
+    """JSON's \\ud800 escapes can spell a lone UTF-16 surrogate, which Python keeps in a str but which is not
+    text: a tokenizer (or any UTF-8 encoder) refuses it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(400, f"{key} holds a lone UTF-16 surrogate (\\u{ord(text[err.start]):04x} at character "
+                                f"{err.start}), which is not valid Unicode: send surrogates in pairs", key) from None
+    return text
 
 
 def _number(payload: dict, key: str, default: float, *, low: float, high: float, low_open: bool = False) -> float:
@@ -72,7 +120,7 @@ def _prompt(payload: dict) -> str:
         raise RequestError(400, f"prompt must be a string, got {type(prompt).__name__}", "prompt")
     if not prompt:
         raise RequestError(400, "prompt must not be empty", "prompt")
-    return prompt
+    return _check_text(prompt, "prompt")
 
 
 def _stop(payload: dict) -> list[str]:
@@ -82,7 +130,7 @@ def _stop(payload: dict) -> list[str]:
         raise RequestError(400, f"stop must be a non-empty string or a list of them, got {json.dumps(stop)}", "stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError(400, f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
-    return stops
+    return [_check_text(s, "stop") for s in stops]
 
 
 def check_model_field(payload: dict, *, served: str) -> None:
@@ -157,6 +205,11 @@ def stream_event(chunk: dict, *, request_id: str, served: str, version: int) -> 
             "choices": [{"index": 0, "text": chunk["text"], "finish_reason": chunk["finish_reason"],
                          "logprobs": None}]}
     return f"data: {json.dumps(body)}\n\n"
+
+
+def stream_error_event(error: RequestError) -> str:
+    """The last event of a stream that failed after it started: OpenAI's clients raise it as an APIError."""
+    return f"data: {json.dumps(error.body())}\n\n"
 
 
 STREAM_DONE = "data: [DONE]\n\n"

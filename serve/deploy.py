@@ -1,13 +1,17 @@
-"""Deploy a registry model as a Ray Serve application: one router (the HTTP ingress) and one autoscaled
-model deployment whose replicas hold the versions the registry's aliases name.
+"""Deploy a registry model as a Ray Serve application: one router (the HTTP ingress) and two autoscaled model
+deployments of the family's replica class, one for the production alias and one for the canary alias. Apart, a
+canary that fails its health checks gets only its own replicas restarted; the router then stops sending it
+traffic (serve/router.py).
 
     python launch.py stage=serve serve.model=llm_tiny
 """
 
+import errno
 import importlib
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -21,6 +25,7 @@ from trainers.families import get_family
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
+RETRY_AFTER_S = 1.0  # what a 503 for a full queue tells clients: queues of short requests drain within seconds
 
 
 def replica_class(family: str) -> type:
@@ -38,7 +43,8 @@ def serve_settings(serve_cfg: ServeConfig, *, model: str, family: str) -> dict:
             "registry": str(Registry(serve_cfg.registry).uri),
             "api_key": serve_cfg.api_key, "refresh_s": serve_cfg.refresh_s,
             "max_tokens_limit": serve_cfg.max_tokens_limit, "max_candidates": serve_cfg.max_candidates,
-            "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s}
+            "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
+            "max_body_bytes": serve_cfg.max_body_bytes}
 
 
 def _check_serve_config(serve_cfg: ServeConfig) -> None:
@@ -53,20 +59,46 @@ def _check_serve_config(serve_cfg: ServeConfig) -> None:
         raise ValueError(f"serve.route_prefix={serve_cfg.route_prefix!r} must start with '/'")
     if not 1 <= serve_cfg.port <= 65535:
         raise ValueError(f"serve.port={serve_cfg.port} is not a TCP port")
+    if serve_cfg.max_queued_requests < 1:
+        raise ValueError(f"serve.max_queued_requests={serve_cfg.max_queued_requests} must be at least 1: an unbounded "
+                         "queue turns overload into ever longer waits instead of a 503 that clients can retry")
+    if serve_cfg.max_body_bytes < 1024:
+        raise ValueError(f"serve.max_body_bytes={serve_cfg.max_body_bytes} must be at least 1024")
 
 
 def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
-    """The Serve application graph: Router -> the family's model deployment (serve/replicas.py)."""
+    """The Serve application graph: Router -> the family's production and canary deployments (serve/replicas.py).
+    The production deployment comes first among the router's arguments and keeps its name `<family>_replica`."""
     from ray import serve
 
     from serve.router import Router
 
     _check_serve_config(serve_cfg)
     settings = serve_settings(serve_cfg, model=model, family=family)
-    replicas = serve.deployment(replica_class(family)).options(
-        name=f"{family}_replica",
-        autoscaling_config={"min_replicas": serve_cfg.min_replicas, "max_replicas": serve_cfg.max_replicas,
-                            "initial_replicas": max(serve_cfg.min_replicas, 1),
+    replicas = _replica_deployment(serve_cfg, family=family, name=f"{family}_replica",
+                                   min_replicas=serve_cfg.min_replicas, initial_replicas=max(serve_cfg.min_replicas, 1))
+    # The canary scales to zero while there is none; the router's warm-up call brings up its first replica.
+    canary = _replica_deployment(serve_cfg, family=family, name=f"{family}_canary", min_replicas=0,
+                                 initial_replicas=0)
+    # The router only parses and forwards: a sliver of a CPU, and enough concurrency for streamed answers. The
+    # proxy counts a burst of arrivals as queued until each is assigned, so the router's queue is as deep as
+    # its concurrency: it refuses only when it is really full, and the replicas' queue refuses in OpenAI's shape.
+    concurrency = max(64, 4 * serve_cfg.max_ongoing_requests)
+    router = serve.deployment(Router).options(name="router", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+                                              max_ongoing_requests=concurrency,
+                                              **_queue_options(max(concurrency, serve_cfg.max_queued_requests)))
+    return router.bind(replicas.bind({**settings, "role": "production"}), canary.bind({**settings, "role": "canary"}),
+                       settings=settings)
+
+
+def _replica_deployment(serve_cfg: ServeConfig, *, family: str, name: str, min_replicas: int,
+                        initial_replicas: int):
+    from ray import serve
+
+    return serve.deployment(replica_class(family)).options(
+        name=name,
+        autoscaling_config={"min_replicas": min_replicas, "max_replicas": serve_cfg.max_replicas,
+                            "initial_replicas": initial_replicas,
                             "target_ongoing_requests": serve_cfg.target_ongoing_requests,
                             "upscale_delay_s": serve_cfg.upscale_delay_s,
                             "downscale_delay_s": serve_cfg.downscale_delay_s},
@@ -75,11 +107,17 @@ def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
         user_config={"preload_aliases": True},  # Serve awaits each replica's reconfigure() before it serves
         health_check_period_s=serve_cfg.health_check_period_s,
         graceful_shutdown_timeout_s=serve_cfg.graceful_shutdown_timeout_s,
+        **_queue_options(serve_cfg.max_queued_requests),
     )
-    # The router only parses and forwards: a sliver of a CPU, and enough concurrency for streamed answers.
-    router = serve.deployment(Router).options(name="router", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
-                                              max_ongoing_requests=max(64, 4 * serve_cfg.max_ongoing_requests))
-    return router.bind(replicas.bind(settings), settings=settings)
+
+
+def _queue_options(depth: int) -> dict:
+    """A bounded queue at each caller: beyond it the router's handle raises BackPressureError (the router answers
+    503 in OpenAI's shape) and the proxy answers 503 itself for the router; both say when to retry."""
+    from ray.serve.config import BackpressureConfig
+
+    return {"max_queued_requests": depth,
+            "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S)}
 
 
 def production_version(registry: Registry, model: str) -> tuple[int, str]:
@@ -115,6 +153,8 @@ def _start_serve(serve_cfg: ServeConfig) -> None:
     from ray import serve
     from ray.serve.context import _get_global_client
 
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        _check_port_free(serve_cfg)
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
     running = _get_global_client().http_config
     if (running.host, running.port) != (serve_cfg.host, serve_cfg.port):
@@ -123,6 +163,33 @@ def _start_serve(serve_cfg: ServeConfig) -> None:
             f"{serve_cfg.host} serve.port={serve_cfg.port} cannot change that while it runs: use those values or "
             f"shut Serve down first (serve shutdown)"
         )
+
+
+def _check_port_free(serve_cfg: ServeConfig) -> None:
+    """Refuse a port that another program listens on, before Serve starts: its proxy could not bind there, and
+    the sample request (with the API key) would go to that program. Checked on the head node, where the proxy
+    runs (a local Ray's head is this machine)."""
+    import ray
+
+    probe = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_bind_error)
+    problem = ray.get(probe.remote(serve_cfg.host, serve_cfg.port), timeout=60)
+    if problem == "in use":
+        raise ValueError(f"serve.port={serve_cfg.port}: another program already listens on {serve_cfg.host}:"
+                         f"{serve_cfg.port}; choose a free serve.port or stop that program")
+    if problem:
+        raise ValueError(f"serve.host={serve_cfg.host} serve.port={serve_cfg.port}: cannot listen there on the head "
+                         f"node: {problem}")
+
+
+def _bind_error(host: str, port: int) -> str | None:
+    """None if (host, port) can be bound now, "in use" if something listens there, else the OS's reason."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            return "in use" if err.errno == errno.EADDRINUSE else str(err)
+    return None
 
 
 # ----------------------------------------------------------------------------------- the serve stage
@@ -134,6 +201,19 @@ def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: floa
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def _check_serving(url: str, *, model: str) -> None:
+    """Our router answers the endpoint's /healthz (open, so no key is sent): whatever answers otherwise is not
+    ours and must not receive the sample request and its API key."""
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            health = json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as err:
+        health = f"{type(err).__name__}: {err}"
+    if not isinstance(health, dict) or health.get("model") != model:
+        raise ValueError(f"{url}/healthz is not answered by Slipway's router for {model} (got {str(health)[:200]}): "
+                         f"another program may listen on serve.port; not sending the sample request there")
 
 
 def _curl(url: str, body: dict, *, api_key: str | None) -> str:
@@ -150,6 +230,7 @@ def _print_sample(serve_cfg: ServeConfig, *, url: str, model: str) -> None:
     # (and hash) it again.
     route, body = replica.sample_request(
         serve_cfg, model=model, fetch_export=lambda: registry.fetch(model, version, cache_dir=replica_cache_dir()))
+    _check_serving(url, model=model)
     answer = post_json(url + route, body, api_key=serve_cfg.api_key)
     shown = replica.describe_sample(body, answer, url=url, model=model)
     hint = "\n  (first: export SLIPWAY_API_KEY=<the serve.api_key you set>)" if serve_cfg.api_key else ""

@@ -68,10 +68,19 @@ def evaluate_model(loaded: LoadedModel, batches) -> dict[str, float]:
     return family.eval_metrics({key: torch.cat(values).numpy() for key, values in outputs.items()})
 
 
-def evaluate_on_run_data(loaded: LoadedModel, run_cfg: RootConfig, *, rows: int | None) -> dict[str, float]:
-    """Metrics on the held-out split the run trained against (prepared again if the cache lost it)."""
+def evaluate_on_run_data(loaded: LoadedModel, run_cfg: RootConfig, *, rows: int | None,
+                         trained_on: str | None = None) -> dict[str, float]:
+    """Metrics on the held-out split the run trained against (prepared again if the cache lost it). With
+    `trained_on` (the run's data fingerprint), data that changed since (edited files under data.path) is
+    refused: the gate would score the checkpoint on rows it may have trained on, or with other token ids."""
     family = get_family(run_cfg.model.family)
     prepared = family.prepare_data(run_cfg.model, run_cfg.data, cache_root=Path(run_cfg.paths.data_cache).resolve())
+    if trained_on and prepared.fingerprint != trained_on:
+        raise ValueError(
+            f"the run's data changed since it trained (data fingerprint {trained_on[:12]} -> "
+            f"{prepared.fingerprint[:12]}): its held-out split is not the one the run held out. Train again on "
+            "this data (checkpoint.resume=fresh), or restore the data the run trained on"
+        )
     count = training_eval_rows(run_cfg) if rows is None else rows
     batches = held_out_batches(Path(prepared.val_dir), columns=prepared.columns("val"), rows=count)
     return evaluate_model(loaded, batches)

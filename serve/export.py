@@ -26,6 +26,7 @@ from torch import nn
 
 from trainers.checkpointing import MODEL_CONFIG_FILE, checkpoint_format, recorded_strategy
 from trainers.families import Family, get_family
+from trainers.safe_loading import check_plain_name
 from trainers.strategies import CheckpointFormat
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,12 @@ def read_model_config(directory: Path) -> dict:
         raise FileNotFoundError(f"{path} does not exist: expected a checkpoint or export directory")
     config = json.loads(path.read_text())
     try:
-        get_family(config.get("family"))
+        family = get_family(config.get("family"))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+    for key in family.asset_keys:  # names that export copies and serving opens: they stay inside the directory
+        if key in config:
+            check_plain_name(config[key], source=path, field=key)
     return config
 
 

@@ -14,6 +14,9 @@ from datasets.tokenizer import EOS_TOKEN
 from trainers.llm import KVCache, Transformer, build_kv_cache
 
 MAX_STOP_STRINGS = 4  # the OpenAI API's limit, which clients already respect
+# Below this temperature sampling is greedy: logits / 1e-40 overflow float32 to inf and softmax gives NaN, and
+# long before that the distribution is a point mass on the argmax anyway (vLLM draws the line at the same place).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 # What a byte-level decoder shows for bytes that are not (yet) a whole UTF-8 character.
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -21,7 +24,7 @@ REPLACEMENT_CHAR = "\ufffd"
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy (argmax)
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) means greedy (argmax)
     top_p: float = 1.0  # nucleus: sample among the most likely tokens holding this much probability
     stop: list[str] = field(default_factory=list)  # generation ends before the first occurrence of any
     seed: int | None = None  # None draws a fresh seed per request
@@ -174,7 +177,7 @@ def check_request(model: Transformer, prompt_ids: list[int], params: SamplingPar
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, *, generator: torch.Generator) -> int:
     """One token id from `logits` (vocab,): argmax at temperature 0, else a draw from the nucleus."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW_TEMPERATURE:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1:

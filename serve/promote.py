@@ -2,13 +2,14 @@
 `production` alias; and the alias moves that undo or share it (rollback, canary).
 
 Every candidate that is exported becomes an immutable registry version (the same weights twice are one
-version), so a challenger the gate refused can still be canaried or promoted later with `serve.force=true`.
-The gate's decision, with both numbers, goes into the model's history whatever it was.
+version, also when two promoters race), so a challenger the gate refused can still be canaried or promoted later
+with `serve.force=true`. The gate's decision, with both numbers, goes into the model's history whatever it was.
+Deciding and moving production is one step (see `promote_version`), and a non-finite score never passes the gate.
 """
 
-import hashlib
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from conf.schema import RootConfig
 from serve.evaluate import evaluate_on_run_data
 from serve.export import WEIGHTS_FILE, export_checkpoint, load_export
-from serve.registry import Registry
+from serve.registry import AliasMoved, Registry
 from trainers import outputs
 from trainers.config import config_from_dict
 from trainers.families import Family, get_family
@@ -26,6 +27,8 @@ from trainers.families import Family, get_family
 logger = logging.getLogger(__name__)
 
 PRODUCTION, CANARY = "production", "canary"
+# How often a promoter gates again when another one moved production while it was scoring.
+GATE_ATTEMPTS = 5
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Candidate:
     run_cfg: RootConfig
     step: int
     trained_metrics: dict  # what training logged at the checkpoint's evaluation
+    data_fingerprint: str | None = None  # the prepared data the run trained on (manifest.json), when recorded
 
 
 # ------------------------------------------------------------------------------------- finding the best
@@ -56,16 +60,10 @@ def best_candidate(source: Path) -> Candidate:
     run_cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     metric = get_family(run_cfg.model.family).metric
     logged = [row for row in outputs.read_metrics(run_dir) if row.get("step") == step and metric in row]
+    manifest = run_dir / "manifest.json"
+    fingerprint = json.loads(manifest.read_text()).get("data_fingerprint") if manifest.exists() else None
     return Candidate(checkpoint=checkpoint, run_dir=run_dir, run_cfg=run_cfg, step=step,
-                     trained_metrics=logged[-1] if logged else {})
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+                     trained_metrics=logged[-1] if logged else {}, data_fingerprint=fingerprint)
 
 
 def _version_metadata(candidate: Candidate, *, experiment: str) -> dict:
@@ -75,13 +73,6 @@ def _version_metadata(candidate: Candidate, *, experiment: str) -> dict:
             "step": candidate.step, "family": candidate.run_cfg.model.family,
             "strategy": candidate.run_cfg.strategy.name, "config_hash": manifest.get("config_hash"),
             "data_fingerprint": manifest.get("data_fingerprint"), "trained_metrics": candidate.trained_metrics}
-
-
-def _existing_version(registry: Registry, model: str, weights_sha: str) -> int | None:
-    for record in registry.versions(model):
-        if record["files"].get(WEIGHTS_FILE, {}).get("sha256") == weights_sha:
-            return record["version"]
-    return None
 
 
 # --------------------------------------------------------------------------------------------- the gate
@@ -96,16 +87,35 @@ class GateDecision:
 
     def to_event(self, *, challenger: int, production: int | None, min_improvement: float, forced: bool) -> dict:
         return {"event": "gate", "challenger": challenger, "production": production, "metric": self.metric,
-                "challenger_value": self.challenger_value, "production_value": self.production_value,
+                "challenger_value": _json_number(self.challenger_value),
+                "production_value": _json_number(self.production_value),
                 "min_improvement": min_improvement, "decision": "promoted" if self.promote or forced else "refused",
                 "forced": forced and not self.promote, "reason": self.reason}
 
 
+def _json_number(value: float | None) -> float | str | None:
+    # NaN and infinity are not JSON; as text ("nan", "inf") every reader of the history can still load them.
+    return value if value is None or math.isfinite(value) else str(value)
+
+
 def decide(*, metric: str, mode: str, challenger: float, production: float | None,
            min_improvement: float) -> GateDecision:
-    """Promote when there is no production yet, or when the challenger is better by more than the margin."""
+    """Promote when there is no production yet, or when the challenger is better by more than the margin.
+
+    A non-finite score is never compared. A challenger scoring NaN or an infinity (a diverged model, a broken
+    evaluation) is refused, also when there is no production yet. A non-finite production score is refused too,
+    whatever its direction: "beats NaN" is undefined, and even a loss of +inf in production usually means the
+    evaluation broke rather than the model, so a person checks and promotes with serve.force=true.
+    """
+    if not math.isfinite(challenger):
+        return GateDecision(False, f"challenger {metric} is {challenger}: a non-finite score never passes the gate "
+                                   "(the model diverged or its evaluation broke)", metric, challenger, production)
     if production is None:
         return GateDecision(True, "no production version yet", metric, challenger, None)
+    if not math.isfinite(production):
+        return GateDecision(False, f"production {metric} is {production} on this split, so no challenger can be "
+                                   "compared with it; check both models and promote with serve.force=true if this "
+                                   "challenger should replace it", metric, challenger, production)
     gain = (production - challenger) if mode == "min" else (challenger - production)
     better = gain > min_improvement
     verdict = "beats" if better else "does not beat"
@@ -122,10 +132,14 @@ def _assets_match(registry: Registry, model: str, a: int, b: int, *, family: Fam
 
 
 def _score(registry: Registry, model: str, version: int, candidate: Candidate, *, rows: int | None,
-           cache_dir: Path) -> float:
-    metric = get_family(candidate.run_cfg.model.family).metric
-    loaded = load_export(registry.fetch(model, version, cache_dir=cache_dir))
-    return evaluate_on_run_data(loaded, candidate.run_cfg, rows=rows)[metric]
+           cache_dir: Path, scores: dict[int, float]) -> float:
+    # Versions are immutable, so a version scored on these rows once keeps its score for a later attempt.
+    if version not in scores:
+        metric = get_family(candidate.run_cfg.model.family).metric
+        loaded = load_export(registry.fetch(model, version, cache_dir=cache_dir))
+        scores[version] = evaluate_on_run_data(loaded, candidate.run_cfg, rows=rows,
+                                               trained_on=candidate.data_fingerprint)[metric]
+    return scores[version]
 
 
 # ---------------------------------------------------------------------------------------------- promote
@@ -137,43 +151,67 @@ def promote(serve_cfg, *, model: str, source: Path, experiment: str, cache_dir: 
     candidate = best_candidate(source)
     logger.info("promoting %s step %d from %s", candidate.checkpoint.name, candidate.step, candidate.run_dir)
     version = _register(registry, model, candidate, experiment=experiment)
-    production = registry.resolve(model, PRODUCTION)
-    if production == version:
-        logger.info("%s v%d is already production; nothing to do", model, version)
-        return {"event": "gate", "challenger": version, "production": production, "decision": "unchanged"}
-    decision = _gate(registry, model, version, production, candidate, serve_cfg=serve_cfg, cache_dir=cache_dir)
-    event = registry.record(model, decision.to_event(challenger=version, production=production,
-                                                     min_improvement=serve_cfg.min_improvement,
-                                                     forced=serve_cfg.force))
-    logger.info("eval gate: %s", decision.reason)
-    if decision.promote or serve_cfg.force:
-        reason = serve_cfg.reason or f"promoted from {candidate.run_dir.name} step {candidate.step}: {decision.reason}"
-        registry.move_alias(model, PRODUCTION, version, reason=reason,
-                            details={"forced": serve_cfg.force and not decision.promote})
-        logger.info("%s production -> v%d%s", model, version, " (forced)" if not decision.promote else "")
-    else:
-        logger.warning("%s v%d not promoted; production stays v%d (serve.force=true overrides the gate)", model,
-                       version, production)
-    return event
+    return promote_version(registry, model, version, candidate, serve_cfg=serve_cfg, cache_dir=cache_dir)
+
+
+def promote_version(registry: Registry, model: str, version: int, candidate: Candidate, *, serve_cfg,
+                    cache_dir: Path) -> dict:
+    """Gate registered `version` against production and make it production if it passes (or serve.force).
+
+    Deciding and moving are one step: the move is a compare-and-set on the production the gate compared against,
+    and the decision is recorded with it under the registry's lock. A promoter that finds production moved while
+    it was scoring (another promoter won) is gated again against the new production, up to GATE_ATTEMPTS times;
+    scoring stays outside the lock, which the compare-and-set makes safe. So of two promoters that both beat
+    production, production ends on the better one. Returns the gate's history event.
+    """
+    scores: dict[int, float] = {}
+    for _ in range(GATE_ATTEMPTS):
+        production = registry.resolve(model, PRODUCTION)
+        if production == version:
+            logger.info("%s v%d is already production; nothing to do", model, version)
+            return {"event": "gate", "challenger": version, "production": production, "decision": "unchanged"}
+        decision = _gate(registry, model, version, production, candidate, serve_cfg=serve_cfg, cache_dir=cache_dir,
+                         scores=scores)
+        logger.info("eval gate: %s", decision.reason)
+        event = decision.to_event(challenger=version, production=production,
+                                  min_improvement=serve_cfg.min_improvement, forced=serve_cfg.force)
+        if not (decision.promote or serve_cfg.force):
+            logger.warning("%s v%d not promoted; production stays v%s (serve.force=true overrides the gate)", model,
+                           version, production)
+            return registry.record(model, event)
+        try:
+            return _move_production(registry, model, version, candidate, decision, event, serve_cfg=serve_cfg)
+        except AliasMoved as moved:
+            logger.warning("%s production moved from v%s to v%s while v%d was gated; gating again against v%s",
+                           model, moved.expected, moved.current, version, moved.current)
+    raise ValueError(f"{model} production moved {GATE_ATTEMPTS} times while v{version} was being gated (now "
+                     f"v{registry.resolve(model, PRODUCTION)}): other promoters are busy; rerun this stage=promote")
+
+
+def _move_production(registry: Registry, model: str, version: int, candidate: Candidate, decision: GateDecision,
+                     event: dict, *, serve_cfg) -> dict:
+    reason = serve_cfg.reason or f"promoted from {candidate.run_dir.name} step {candidate.step}: {decision.reason}"
+    moved = registry.move_alias(model, PRODUCTION, version, reason=reason, expected=event["production"],
+                                details={"forced": serve_cfg.force and not decision.promote}, preceded_by=event)
+    logger.info("%s production -> v%d%s", model, version, " (forced)" if not decision.promote else "")
+    return {"at": moved["at"], **event, "lock_token": moved["lock_token"], "seq": moved["preceded_by"]}
 
 
 def _register(registry: Registry, model: str, candidate: Candidate, *, experiment: str) -> int:
     with tempfile.TemporaryDirectory(prefix="slipway-export-") as tmp:
         export_dir = export_checkpoint(candidate.checkpoint, Path(tmp) / "export",
                                        info={"step": candidate.step, "source_run": str(candidate.run_dir)})
-        existing = _existing_version(registry, model, _sha256(export_dir / WEIGHTS_FILE))
-        if existing is not None:
-            logger.info("these weights are already registered as %s v%d", model, existing)
-            return existing
-        record = registry.register(model, export_dir, metadata=_version_metadata(candidate, experiment=experiment))
+        # The same weights twice are one version, checked again under the registry's lock at commit.
+        record = registry.register(model, export_dir, metadata=_version_metadata(candidate, experiment=experiment),
+                                   dedupe_file=WEIGHTS_FILE)
     return record["version"]
 
 
 def _gate(registry: Registry, model: str, version: int, production: int | None, candidate: Candidate, *,
-          serve_cfg, cache_dir: Path) -> GateDecision:
+          serve_cfg, cache_dir: Path, scores: dict[int, float]) -> GateDecision:
     family = get_family(candidate.run_cfg.model.family)
     rows = serve_cfg.eval_rows
-    challenger_value = _score(registry, model, version, candidate, rows=rows, cache_dir=cache_dir)
+    challenger_value = _score(registry, model, version, candidate, rows=rows, cache_dir=cache_dir, scores=scores)
     if production is None:
         return decide(metric=family.metric, mode=family.metric_mode, challenger=challenger_value, production=None,
                       min_improvement=serve_cfg.min_improvement)
@@ -181,34 +219,64 @@ def _gate(registry: Registry, model: str, version: int, production: int | None, 
         return GateDecision(False, f"production v{production} reads data differently (another tokenizer or "
                                    f"feature spec), so its {family.metric} on this held-out split is not comparable",
                             family.metric, challenger_value, None)
-    production_value = _score(registry, model, production, candidate, rows=rows, cache_dir=cache_dir)
+    production_value = _score(registry, model, production, candidate, rows=rows, cache_dir=cache_dir,
+                              scores=scores)
     return decide(metric=family.metric, mode=family.metric_mode, challenger=challenger_value,
                   production=production_value, min_improvement=serve_cfg.min_improvement)
 
 
 # ------------------------------------------------------------------------------------- rollback, canary
 
+def production_stack(registry: Registry, model: str) -> list[int]:
+    """The versions production held, oldest first, as rollback walks them back.
+
+    Replayed from the history's production moves: a promotion (or any move that is not a rollback, e.g. an
+    explicit serve.to_version) pushes its version, a rollback (marked {"rollback": true}) pops, and removing
+    production empties the stack. So repeated rollbacks go v3 -> v2 -> v1 and never return to a version that a
+    rollback left. A history written before rollbacks were marked reads its rollbacks as pushes.
+    """
+    stack: list[int] = []
+    for event in registry.history(model):
+        if event.get("event") != "alias" or event.get("alias") != PRODUCTION:
+            continue
+        target = event.get("to")
+        if target is None:
+            stack = []
+            continue
+        if event.get("rollback") and stack:
+            stack.pop()
+        if not stack or stack[-1] != target:  # also mends a history that disagrees (e.g. a skipped torn event)
+            stack.append(target)
+    return stack
+
+
 def previous_production(registry: Registry, model: str) -> int | None:
-    """The version production held before its current one, from the alias history."""
-    current = registry.resolve(model, PRODUCTION)
-    for event in reversed(registry.history(model)):
-        if event.get("event") == "alias" and event.get("alias") == PRODUCTION and event.get("to") == current:
-            return event.get("from")
-    return None
+    """The version a rollback returns production to: the one below the current version on production's stack."""
+    current, stack = registry.resolve(model, PRODUCTION), production_stack(registry, model)
+    if not stack or stack[-1] != current:
+        logger.warning("%s history does not end on production v%s; name the version with serve.to_version=N",
+                       model, current)
+        return None
+    return stack[-2] if len(stack) > 1 else None
 
 
 def rollback(serve_cfg, *, model: str) -> dict:
-    """Move production to serve.to_version, or back to the version it held before."""
+    """Move production to serve.to_version (a push on its stack), or back to the version it held before (a pop).
+
+    The move expects production where it was read: if another writer moved it meanwhile, nothing changes and the
+    error names the new production."""
     registry = Registry(serve_cfg.registry)
     current = registry.resolve(model, PRODUCTION)
     if current is None:
         raise ValueError(f"{model} has no production version to roll back; promote one first (stage=promote)")
-    target = serve_cfg.to_version if serve_cfg.to_version is not None else previous_production(registry, model)
+    explicit = serve_cfg.to_version is not None
+    target = serve_cfg.to_version if explicit else previous_production(registry, model)
     if target is None:
         raise ValueError(f"{model} production v{current} has no earlier version to return to; name one with "
                          f"serve.to_version=N (stage=registry lists them)")
     reason = serve_cfg.reason or f"rollback from v{current}"
-    event = registry.move_alias(model, PRODUCTION, target, reason=reason)
+    event = registry.move_alias(model, PRODUCTION, target, reason=reason, expected=current,
+                                details=None if explicit else {"rollback": True})
     logger.info("%s production: v%d -> v%d (%s)", model, current, target, reason)
     return event
 

@@ -2,33 +2,59 @@
 
 Layout under the registry root, per model::
 
-    <model>/versions/000001/      the export's files, then version.json (written last: its presence = committed)
-    <model>/aliases.json          {"production": {"version": 3, "moved_at": ..., "reason": ...}, ...}
+    <model>/versions/000001/      claim.json (created first), the export's files, then version.json (written last,
+                                  under the lock: its presence = committed)
+    <model>/aliases.json          {"production": {"version": 3, "moved_at": ..., "reason": ..., "lock_token": 7}}
     <model>/history/00000001.json one immutable event per file, numbered in order
-    <model>/lock/<uuid>.json      entries of the per-model lock (see `_acquire_lock`)
+    <model>/fence.json            the last fencing token handed out with the lock
+    <model>/lock/                 the per-model lock: held.json on a local or NFS path, <uuid>.json on S3 or GCS
 
-The same code serves a local directory and an object store, so nothing relies on an atomic create or a
-rename; a local filesystem only gets the extra of rename-over-target for whole-file writes.
+Commits, alias moves and history events are written under the per-model lock, fenced by its token; the lock's
+protocol per store and the synced writes beneath it are in serve/registry_store.py. On a local path, claims of
+version numbers and history numbers are exclusive creates too, so nothing that must exclude trusts a listing.
+
+- A torn file (zero-length, half a JSON) is named: a version or history file is skipped by listings with a
+  warning and is an error where it was asked for by name; a torn aliases.json is always an error (read as "no
+  aliases" it would silently mean "no production").
+- Registering with `dedupe_file` makes the same weights one version: checked again under the lock at commit, so
+  two registrations racing each other cannot both commit.
+- File names read from version.json are plain names (no separator, not '.', '..' or empty), checked before any
+  file they name is opened.
 """
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import socket
 import tempfile
-import time
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from serve.registry_store import (
+    HeldLock,
+    RegistryError,
+    create_exclusively,
+    delete_quietly,
+    digest_stream,
+    held_lock,
+    is_local,
+    iso,
+    json_bytes,
+    list_dir,
+    local_path,
+    open_output,
+    read_json,
+    resolve_filesystem,
+    utc_now,
+    write_atomically,
+)
+from trainers.safe_loading import is_plain_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +62,33 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 VERSION_RECORD = "version.json"
 CLAIM_RECORD = "claim.json"
 RESERVED_EXPORT_NAMES = frozenset({VERSION_RECORD, CLAIM_RECORD})
-RESERVED_VERSION_KEYS = frozenset({"version", "model", "created_at", "files"})
-RESERVED_EVENT_KEYS = frozenset({"seq", "event", "alias", "from", "to", "at", "reason", "version", "moved_at"})
-COPY_CHUNK_BYTES = 8 << 20
+RESERVED_VERSION_KEYS = frozenset({"version", "model", "created_at", "files", "lock_token"})
+RESERVED_EVENT_KEYS = frozenset({"seq", "event", "alias", "from", "to", "at", "reason", "version", "moved_at",
+                                 "lock_token", "preceded_by"})
+# Read when a Registry is made without its own values, so a caller (or a test) can change the defaults.
+LOCK_TIMEOUT_S = 30.0
+LOCK_LEASE_S = 60.0
 
 
-class RegistryError(ValueError):
-    """A registry's content is not what it claims to be (a missing or altered file of a committed version)."""
+class AliasMoved(RegistryError):
+    """A compare-and-set alias move found the alias somewhere other than where its caller expected it."""
+
+    def __init__(self, model: str, alias: str, *, expected: int | None, current: int | None) -> None:
+        self.model, self.alias, self.expected, self.current = model, alias, expected, current
+        super().__init__(f"serve registry: model {model!r} alias {alias!r} is at {_describe(current)}, not at "
+                         f"{_describe(expected)} as this move expected; another writer moved it first")
 
 
-class RegistryLockTimeout(TimeoutError):
-    """The per-model lock stayed held by someone else for longer than the registry's lock timeout."""
+class _AnyVersion:
+    def __repr__(self) -> str:
+        return "ANY_VERSION"
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+ANY_VERSION = _AnyVersion()  # move_alias(expected=ANY_VERSION): move wherever the alias is now
 
 
-def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds")
-
-
-def _json_bytes(document: Any) -> bytes:
-    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+def _describe(version: int | None) -> str:
+    return "no version" if version is None else f"v{version}"
 
 
 def _version_name(number: int) -> str:
@@ -78,155 +108,7 @@ def _check_version_number(value: object, *, key: str) -> int:
     return value
 
 
-def resolve_filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and root path for a URI; a plain path is made absolute against the current directory."""
-    text = os.fspath(uri)
-    if "://" in text:
-        filesystem, root = pafs.FileSystem.from_uri(text)
-        return filesystem, root.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(text).resolve())
-
-
-# --- filesystem primitives -------------------------------------------------------------------------------------
-
-def _is_local(filesystem: pafs.FileSystem) -> bool:
-    return isinstance(filesystem, pafs.LocalFileSystem)
-
-
-def _stream_bytes(stream, data: bytes) -> None:
-    # Chunked so that a failure half-way behaves like a real interrupted upload (and tests can make one).
-    for start in range(0, len(data), COPY_CHUNK_BYTES):
-        stream.write(data[start:start + COPY_CHUNK_BYTES])
-
-
-def _open_output(filesystem: pafs.FileSystem, path: str):
-    # Object stores need no parent directory, local disks do; creating it only on demand saves a request per
-    # write on object stores.
-    try:
-        return filesystem.open_output_stream(path)
-    except FileNotFoundError:
-        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        return filesystem.open_output_stream(path)
-
-
-def _write_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a whole file so that readers see either the old content or the new one, never a part.
-
-    An object store publishes an upload only when its stream closes, so a direct write is already atomic. A
-    local file is visible while being written, so it goes to a hidden temporary name in the same directory and
-    is renamed over the target (a rename within one directory is atomic). Listings skip names starting with '.'.
-    """
-    if not _is_local(filesystem):
-        with _open_output(filesystem, path) as stream:
-            _stream_bytes(stream, data)
-        return
-    parent, name = path.rsplit("/", 1)
-    staging = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with _open_output(filesystem, staging) as stream:
-            _stream_bytes(stream, data)
-        filesystem.move(staging, path)
-    except BaseException:
-        _delete_quietly(filesystem, staging)
-        raise
-
-
-def _read_json(filesystem: pafs.FileSystem, path: str) -> Any:
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read())
-
-
-def _delete_quietly(filesystem: pafs.FileSystem, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        filesystem.delete_file(path)
-
-
-def _list_dir(filesystem: pafs.FileSystem, path: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
-    selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
-    return [info for info in filesystem.get_file_info(selector) if not info.base_name.startswith(".")]
-
-
-def _digest_stream(source, sink=None) -> dict:
-    sha256, size = hashlib.sha256(), 0
-    while chunk := source.read(COPY_CHUNK_BYTES):
-        sha256.update(chunk)
-        size += len(chunk)
-        if sink is not None:
-            sink.write(chunk)
-    return {"sha256": sha256.hexdigest(), "bytes": size}
-
-
-# --- the lock --------------------------------------------------------------------------------------------------
-
-def _lock_entry_expiry(filesystem: pafs.FileSystem, info: pafs.FileInfo, *, lease_s: float) -> datetime | None:
-    """When a lock entry stops counting; None when it is already gone (released between listing and reading)."""
-    try:
-        expiry = datetime.fromisoformat(_read_json(filesystem, info.path)["expires_at"])
-        return expiry if expiry.tzinfo else expiry.replace(tzinfo=UTC)  # a zone-less stamp is taken as UTC
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError):
-        # An unreadable entry cannot say when it expires: give it one lease from its modification time.
-        written = info.mtime if isinstance(info.mtime, datetime) else _utc_now()
-        return written + timedelta(seconds=lease_s)
-
-
-def _other_live_entries(filesystem: pafs.FileSystem, lock_dir: str, *, own: str, lease_s: float) -> list[str]:
-    live = []
-    for info in _list_dir(filesystem, lock_dir):
-        if info.base_name == own or not info.base_name.endswith(".json"):
-            continue
-        expiry = _lock_entry_expiry(filesystem, info, lease_s=lease_s)
-        if expiry is None:
-            continue
-        if expiry < _utc_now():
-            logger.warning("Removing stale registry lock entry %s (expired %s; its holder likely crashed)",
-                           info.path, _iso(expiry))
-            _delete_quietly(filesystem, info.path)
-            continue
-        live.append(info.base_name)
-    return live
-
-
-def _acquire_lock(filesystem: pafs.FileSystem, lock_dir: str, *, lease_s: float, timeout_s: float) -> str:
-    """Take the lock in `lock_dir`; returns the path of our entry, whose deletion releases it.
-
-    Why this excludes without an atomic create: each contender first writes its own entry, then lists the
-    directory, and holds the lock only if no other live entry is listed. If A listed and saw only itself, B's
-    entry was not yet written when A listed, so B lists after that, while A's entry still exists: B sees A and
-    backs off. Two contenders may both back off, so the retry waits a random, growing time. This needs listings
-    that show every completed write (true of local disks, S3 and GCS), and clocks that agree to well within a
-    lease, because an entry past its expires_at is taken for a crashed holder's and removed.
-    """
-    holder = uuid.uuid4().hex
-    own_name = f"{holder}.json"
-    deadline, backoff_s = time.monotonic() + timeout_s, 0.01
-    while True:
-        now = _utc_now()
-        entry = {"holder": holder, "pid": os.getpid(), "host": socket.gethostname(), "acquired_at": _iso(now),
-                 "expires_at": _iso(now + timedelta(seconds=lease_s))}
-        _write_atomically(filesystem, f"{lock_dir}/{own_name}", _json_bytes(entry))
-        others = _other_live_entries(filesystem, lock_dir, own=own_name, lease_s=lease_s)
-        if not others:
-            return f"{lock_dir}/{own_name}"
-        _delete_quietly(filesystem, f"{lock_dir}/{own_name}")
-        if time.monotonic() >= deadline:
-            raise RegistryLockTimeout(f"serve registry: could not take the lock in {lock_dir} within {timeout_s}s; "
-                                      f"held by entries {sorted(others)} (they expire after their lease)")
-        time.sleep(random.uniform(0.01, backoff_s))
-        backoff_s = min(0.1, backoff_s * 1.5)
-
-
-@contextlib.contextmanager
-def _held_lock(filesystem: pafs.FileSystem, lock_dir: str, *, lease_s: float, timeout_s: float) -> Iterator[None]:
-    entry = _acquire_lock(filesystem, lock_dir, lease_s=lease_s, timeout_s=timeout_s)
-    try:
-        yield
-    finally:
-        _delete_quietly(filesystem, entry)
-
-
-# --- export files and checksums --------------------------------------------------------------------------------
+# --- export files, records and checksums -----------------------------------------------------------------------
 
 def _export_files(export_dir: Path) -> list[Path]:
     if not export_dir.is_dir():
@@ -263,12 +145,27 @@ def _check_extra_fields(fields: dict | None, *, key: str) -> dict:
     return fields
 
 
+def _check_version_record(record: Any, path: str, *, model: str, number: int) -> dict:
+    """A version.json as read: its own number, and files that are plain names with a checksum each."""
+    where = f"serve registry: model {model!r} version {number}"
+    if not isinstance(record, dict) or record.get("version") != number or not isinstance(record.get("files"), dict):
+        raise RegistryError(f"{where}: {path} is not a version record of this version")
+    for name, entry in record["files"].items():
+        if not is_plain_file_name(name):
+            raise RegistryError(f"{where}: {path} lists file {name!r}, which is not a plain file name (no path "
+                                "separator, not '.', '..' or empty); refusing to open it")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            raise RegistryError(f"{where}: {path} gives file {name!r} no sha256 and size ({entry!r})")
+    return record
+
+
 def _verify_files(filesystem: pafs.FileSystem, directory: str, record: dict) -> None:
     """Raise RegistryError unless every file listed in a version record is present with its recorded checksum."""
     for name, expected in record["files"].items():
         try:
             with filesystem.open_input_stream(f"{directory}/{name}") as source:
-                actual = _digest_stream(source)
+                actual = digest_stream(source)
         except FileNotFoundError as error:
             raise _missing_file(record, name, directory=directory) from error
         _check_digest(record, name, expected=expected, actual=actual)
@@ -286,67 +183,105 @@ def _check_digest(record: dict, name: str, *, expected: dict, actual: dict) -> N
                             f"{expected['bytes']} bytes; got sha256 {actual['sha256']}, {actual['bytes']} bytes)")
 
 
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as source:
+        return digest_stream(source)["sha256"]
+
+
 class Registry:
-    """Model versions, aliases and history kept under one root on a local disk or an object store.
+    """Model versions, aliases and history kept under one root on a local disk, NFS, S3 or GCS.
 
     `uri` is a local path (relative paths are resolved now) or a pyarrow filesystem URI (file://, s3://, gs://).
     `filesystem`, when given, is used instead of deriving one from `uri`, which is then a path inside it.
+    Lock timeout and lease default to the module's LOCK_TIMEOUT_S and LOCK_LEASE_S.
     """
 
     def __init__(self, uri: str | os.PathLike, *, filesystem: pafs.FileSystem | None = None,
-                 lock_timeout_s: float = 30.0, lock_lease_s: float = 60.0) -> None:
+                 lock_timeout_s: float | None = None, lock_lease_s: float | None = None) -> None:
         text = os.fspath(uri)
         if filesystem is None:
             filesystem, root = resolve_filesystem(text)
         else:
             root = text.rstrip("/")
         # A plain local path becomes absolute, so the URI means the same in Serve replicas with another cwd.
-        self.uri = text if "://" in text or not _is_local(filesystem) else root
+        self.uri = text if "://" in text or not is_local(filesystem) else root
         self.filesystem = filesystem
         self.root = root
-        self.lock_timeout_s = lock_timeout_s
-        self.lock_lease_s = lock_lease_s
+        self.lock_timeout_s = LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
+        self.lock_lease_s = LOCK_LEASE_S if lock_lease_s is None else lock_lease_s
 
     # --- reading ---------------------------------------------------------------------------------------------
 
     def models(self) -> list[str]:
         """Names of the models with at least one committed version, sorted."""
-        names = [info.base_name for info in _list_dir(self.filesystem, self.root)
+        names = [info.base_name for info in list_dir(self.filesystem, self.root)
                  if info.type == pafs.FileType.Directory and NAME_PATTERN.fullmatch(info.base_name)]
         return [name for name in sorted(names) if self._committed_numbers(self._model_dir(name))]
 
     def versions(self, model: str) -> list[dict]:
-        """Committed version records of `model`, oldest first (claimed but never committed numbers are skipped)."""
-        model_dir = self._model_dir(model)
-        return [self._read_version(model_dir, number) for number in self._committed_numbers(model_dir)]
+        """Committed version records of `model`, oldest first. Claimed but never committed numbers are skipped, and
+        so, with a warning naming the file, is a version.json that is torn or fails its checks."""
+        model_dir, records = self._model_dir(model), []
+        for number in self._committed_numbers(model_dir):
+            try:
+                records.append(self._read_version(model, number))
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except RegistryError as error:
+                logger.warning("Skipping a version that cannot be trusted: %s", error)
+        return records
 
     def version(self, model: str, number: int) -> dict:
-        """The record of one committed version; ValueError naming the committed versions when it is not one."""
-        model_dir = self._model_dir(model)
+        """The record of one committed version; ValueError naming the committed versions when it is not one,
+        RegistryError naming the file when its version.json is torn or fails its checks."""
         _check_version_number(number, key="version")
         try:
-            return self._read_version(model_dir, number)
+            return self._read_version(model, number)
         except FileNotFoundError:
             raise ValueError(f"serve registry: model {model!r} has no committed version {number}; committed "
-                             f"versions: {self._committed_numbers(model_dir)}") from None
+                             f"versions: {self._committed_numbers(self._model_dir(model))}") from None
 
     def aliases(self, model: str) -> dict:
-        """Every alias of `model` with its record ({"version", "moved_at", "reason", ...})."""
+        """Every alias of `model` with its record ({"version", "moved_at", "reason", ...}).
+
+        A torn aliases.json raises RegistryError naming it: read as "no aliases" it would mean "no production",
+        and the next move would write that guess over the file.
+        """
+        path = f"{self._model_dir(model)}/aliases.json"
         try:
-            return _read_json(self.filesystem, f"{self._model_dir(model)}/aliases.json")
+            aliases = read_json(self.filesystem, path)
         except FileNotFoundError:
             return {}
+        except RegistryError as error:
+            raise RegistryError(f"{error}. It cannot be read as 'no aliases'; the history ({self.root}/{model}/"
+                                "history, or stage=registry) holds every alias move: rewrite the file from the "
+                                "latest ones, or delete it to start with no aliases") from None
+        if not isinstance(aliases, dict) or not all(isinstance(record, dict) and isinstance(record.get("version"), int)
+                                                    for record in aliases.values()):
+            raise RegistryError(f"serve registry: {path} is not a map of alias records; rewrite it from the history "
+                                "(stage=registry) or delete it to start with no aliases")
+        return aliases
 
     def resolve(self, model: str, alias: str) -> int | None:
         """The version an alias points at, or None when the alias is not set."""
         return self.aliases(model).get(_check_name(alias, key="serve.alias"), {}).get("version")
 
     def history(self, model: str) -> list[dict]:
-        """Every recorded event of `model` in the order they happened."""
+        """Every recorded event of `model` in the order they happened; a torn event file is skipped with a warning
+        naming it (the events around it stand on their own)."""
         history_dir = f"{self._model_dir(model)}/history"
-        names = sorted((info.base_name for info in _list_dir(self.filesystem, history_dir)
-                        if re.fullmatch(r"\d+\.json", info.base_name)), key=lambda name: int(name.split(".")[0]))
-        return [_read_json(self.filesystem, f"{history_dir}/{name}") for name in names]
+        events = []
+        for name in sorted(self._history_names(history_dir), key=lambda name: int(name.split(".")[0])):
+            try:
+                event = read_json(self.filesystem, f"{history_dir}/{name}")
+            except RegistryError as error:
+                logger.warning("Skipping a history event that cannot be read: %s", error)
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+            else:
+                logger.warning("Skipping %s/%s: not an event record", history_dir, name)
+        return events
 
     def fetch(self, model: str, number: int, *, cache_dir: Path) -> Path:
         """A local directory holding version `number`'s files, each verified against its recorded sha256.
@@ -357,38 +292,46 @@ class Registry:
         """
         record = self.version(model, number)
         version_dir = f"{self._model_dir(model)}/versions/{_version_name(number)}"
-        if _is_local(self.filesystem):
+        if is_local(self.filesystem):
             _verify_files(self.filesystem, version_dir, record)
             return Path(version_dir)
         return self._download(record, version_dir, Path(cache_dir) / model / _version_name(number))
 
     # --- writing ---------------------------------------------------------------------------------------------
 
-    def register(self, model: str, export_dir: Path, *, metadata: dict) -> dict:
+    def register(self, model: str, export_dir: Path, *, metadata: dict, dedupe_file: str | None = None) -> dict:
         """Store the files of a local, flat export directory as the next version of `model`; returns its record.
 
-        The number is claimed under the lock, but the upload runs without it (large models take a while);
-        version.json is written last, so a crashed upload leaves a number that is never listed nor reused.
+        The number is claimed first and the upload runs without the lock (large models take a while); version.json
+        is written last, under the lock, so a crashed upload leaves a number that is never listed nor reused.
+        With `dedupe_file` (e.g. "model.safetensors"), a committed version whose file of that name has the same
+        sha256 is returned instead of a new version; checked before the upload and again under the lock at commit,
+        so two registrations of the same weights racing each other still make one version.
         """
         model_dir = self._model_dir(model)
         files = _export_files(Path(export_dir))
         _check_metadata(metadata)
-        number = self._claim_number(model_dir)
+        same = self._dedupe_target(files, dedupe_file)
+        if same and (existing := self._find_same_file(model, *same, other_than=None)):
+            return existing
+        number = self._claim_number(model)
         version_dir = f"{model_dir}/versions/{_version_name(number)}"
         checksums = {path.name: self._upload(path, f"{version_dir}/{path.name}") for path in files}
-        record = {**metadata, "version": number, "model": model, "created_at": _iso(_utc_now()), "files": checksums}
-        _write_atomically(self.filesystem, f"{version_dir}/{VERSION_RECORD}", _json_bytes(record))
-        logger.info("Registered %s version %d (%d files) in %s", model, number, len(files), self.uri)
-        with self._lock(model_dir):
-            self._append_event(model_dir, {"event": "register", "version": number})
-        return record
+        record = {**metadata, "version": number, "model": model, "created_at": iso(utc_now()), "files": checksums}
+        if same:
+            same = (same[0], checksums[same[0]]["sha256"])  # what was uploaded, should the file have changed since
+        return self._commit(model, record, same=same)
 
     def move_alias(self, model: str, alias: str, version: int | None, *, reason: str,
-                   details: dict | None = None, alias_fields: dict | None = None) -> dict:
+                   details: dict | None = None, alias_fields: dict | None = None,
+                   expected: int | None | _AnyVersion = ANY_VERSION, preceded_by: dict | None = None) -> dict:
         """Point `alias` at a committed version (None removes it) and record the move; returns the history event.
 
         `details` go into the event only; `alias_fields` (e.g. a canary's {"percent": 10}) are kept on the alias
-        record and in the event.
+        record and in the event. `expected` makes the move a compare-and-set: unless the alias is at that version
+        (None: unset) when the lock is held, AliasMoved is raised and nothing changes. `preceded_by` is an event
+        (e.g. the gate's decision) recorded just before the move under the same lock, so a decision and the move
+        it allowed are in the history together or not at all; the move's event names its seq as "preceded_by".
         """
         model_dir = self._model_dir(model)
         _check_name(alias, key="serve.alias")
@@ -398,18 +341,23 @@ class Registry:
             raise ValueError(f"reason: expected a non-empty string explaining the move, got {reason!r}")
         details = _check_extra_fields(details, key="details")
         alias_fields = _check_extra_fields(alias_fields, key="alias_fields")
-        with self._lock(model_dir):
-            committed = self._committed_numbers(model_dir)
-            if version is not None and version not in committed:
-                raise ValueError(f"version: model {model!r} has no committed version {version} to point alias "
-                                 f"{alias!r} at; committed versions: {committed}")
-            aliases, now = self.aliases(model), _iso(_utc_now())
-            previous = aliases.pop(alias, {}).get("version")
+        with self._lock(model) as lock:
             if version is not None:
-                aliases[alias] = {**alias_fields, "version": version, "moved_at": now, "reason": reason}
-            _write_atomically(self.filesystem, f"{model_dir}/aliases.json", _json_bytes(aliases))
-            event = self._append_event(model_dir, {**alias_fields, **details, "event": "alias", "alias": alias,
-                                                   "from": previous, "to": version, "at": now, "reason": reason})
+                self._check_committed(model, alias, version)
+            aliases, now = self.aliases(model), iso(utc_now())
+            previous = aliases.pop(alias, {}).get("version")
+            if expected is not ANY_VERSION and previous != expected:
+                raise AliasMoved(model, alias, expected=expected, current=previous)
+            if version is not None:
+                aliases[alias] = {**alias_fields, "version": version, "moved_at": now, "reason": reason,
+                                  "lock_token": lock.token}
+            write_atomically(self.filesystem, f"{model_dir}/aliases.json", json_bytes(aliases), fence=lock.check)
+            links = {}
+            if preceded_by is not None:
+                links["preceded_by"] = self._append_event(lock, model_dir, {"at": now, **preceded_by})["seq"]
+            event = self._append_event(lock, model_dir, {**alias_fields, **details, **links, "event": "alias",
+                                                         "alias": alias, "from": previous, "to": version, "at": now,
+                                                         "reason": reason})
         logger.info("Moved %s alias %r from version %s to %s: %s", model, alias, previous, version, reason)
         return event
 
@@ -420,54 +368,138 @@ class Registry:
             raise ValueError(f"event: expected a dict with a string 'event' field naming its kind, got {event!r}")
         if "seq" in event:
             raise ValueError("event.seq: the registry numbers events itself; remove the field")
-        with self._lock(model_dir):
-            return self._append_event(model_dir, event)
+        with self._lock(model) as lock:
+            return self._append_event(lock, model_dir, event)
 
     # --- internals -------------------------------------------------------------------------------------------
 
     def _model_dir(self, model: str) -> str:
         return f"{self.root}/{_check_name(model, key='serve.model')}"
 
-    def _lock(self, model_dir: str) -> contextlib.AbstractContextManager[None]:
-        return _held_lock(self.filesystem, f"{model_dir}/lock", lease_s=self.lock_lease_s,
+    def _lock(self, model: str) -> contextlib.AbstractContextManager[HeldLock]:
+        return held_lock(self.filesystem, self._model_dir(model), model=model, lease_s=self.lock_lease_s,
                           timeout_s=self.lock_timeout_s)
 
-    def _read_version(self, model_dir: str, number: int) -> dict:
-        return _read_json(self.filesystem, f"{model_dir}/versions/{_version_name(number)}/{VERSION_RECORD}")
+    def _exclusive(self) -> bool:
+        return local_path(self.filesystem, self.root) is not None
+
+    def _check_committed(self, model: str, alias: str, version: int) -> None:
+        try:
+            self._read_version(model, version)  # read by name: a listing may not show it yet on NFS
+        except FileNotFoundError:
+            raise ValueError(f"version: model {model!r} has no committed version {version} to point alias {alias!r} "
+                             f"at; committed versions: {self._committed_numbers(self._model_dir(model))}") from None
+
+    def _read_version(self, model: str, number: int) -> dict:
+        path = f"{self._model_dir(model)}/versions/{_version_name(number)}/{VERSION_RECORD}"
+        return _check_version_record(read_json(self.filesystem, path), path, model=model, number=number)
 
     def _committed_numbers(self, model_dir: str) -> list[int]:
         versions_dir = f"{model_dir}/versions/"
         numbers = []
-        for info in _list_dir(self.filesystem, versions_dir.rstrip("/"), recursive=True):
+        for info in list_dir(self.filesystem, versions_dir.rstrip("/"), recursive=True):
             parts = info.path.removeprefix(versions_dir).split("/")
             if len(parts) == 2 and parts[0].isdigit() and parts[1] == VERSION_RECORD:
                 numbers.append(int(parts[0]))
         return sorted(numbers)
 
-    def _claim_number(self, model_dir: str) -> int:
+    def _claimed_numbers(self, model_dir: str) -> list[int]:
+        return [int(info.base_name) for info in list_dir(self.filesystem, f"{model_dir}/versions")
+                if info.type == pafs.FileType.Directory and info.base_name.isdigit()]
+
+    def _claim_number(self, model: str) -> int:
         # Every directory counts, committed or not, so a number whose upload crashed is never handed out again.
-        with self._lock(model_dir):
-            claimed = [int(info.base_name) for info in _list_dir(self.filesystem, f"{model_dir}/versions")
-                       if info.type == pafs.FileType.Directory and info.base_name.isdigit()]
-            number = max(claimed, default=0) + 1
-            claim = {"version": number, "claimed_at": _iso(_utc_now()), "pid": os.getpid(),
-                     "host": socket.gethostname()}
-            _write_atomically(self.filesystem, f"{model_dir}/versions/{_version_name(number)}/{CLAIM_RECORD}",
-                              _json_bytes(claim))
+        model_dir = self._model_dir(model)
+        claim = {"claimed_at": iso(utc_now()), "pid": os.getpid(), "host": socket.gethostname()}
+        if self._exclusive():
+            # The listing is only a first guess (NFS may not show recent claims); the exclusive create decides.
+            number = max(self._claimed_numbers(model_dir), default=0) + 1
+            while not create_exclusively(self._claim_path(model_dir, number),
+                                          json_bytes({**claim, "version": number})):
+                number += 1
+            return number
+        with self._lock(model) as lock:
+            number = max(self._claimed_numbers(model_dir), default=0) + 1
+            write_atomically(self.filesystem, self._claim_path(model_dir, number),
+                              json_bytes({**claim, "version": number, "lock_token": lock.token}), fence=lock.check)
         return number
 
-    def _append_event(self, model_dir: str, event: dict) -> dict:
-        """Write the next numbered history file; the caller must hold the model's lock."""
+    def _claim_path(self, model_dir: str, number: int) -> str:
+        path = f"{model_dir}/versions/{_version_name(number)}/{CLAIM_RECORD}"
+        return local_path(self.filesystem, path) if self._exclusive() else path
+
+    def _dedupe_target(self, files: list[Path], dedupe_file: str | None) -> tuple[str, str] | None:
+        if dedupe_file is None:
+            return None
+        matches = [path for path in files if path.name == dedupe_file]
+        if not matches:
+            raise ValueError(f"dedupe_file: the export has no file {dedupe_file!r} (it has "
+                             f"{sorted(path.name for path in files)})")
+        return dedupe_file, _file_sha256(matches[0])
+
+    def _find_same_file(self, model: str, name: str, sha256: str, *, other_than: int | None) -> dict | None:
+        """A committed version (not `other_than`) whose file `name` has this sha256, if any."""
+        for number in self._numbers_to_compare(model, exact=other_than is not None):
+            if number == other_than:
+                continue
+            with contextlib.suppress(FileNotFoundError, RegistryError):  # not committed, or not to be trusted
+                record = self._read_version(model, number)
+                if record["files"].get(name, {}).get("sha256") == sha256:
+                    logger.info("These weights are already registered as %s version %d", model, number)
+                    return record
+        return None
+
+    def _numbers_to_compare(self, model: str, *, exact: bool) -> Iterator[int]:
+        """Version numbers that may be committed. `exact` (under the lock, at commit) must not miss one: on a local
+        path a listing may not show a version committed a moment ago (NFS), so every number up to the highest
+        claim is read by name, and claims beyond what the listing shows are followed; S3 and GCS list exactly."""
+        model_dir = self._model_dir(model)
+        if not (exact and self._exclusive()):
+            yield from self._committed_numbers(model_dir)
+            return
+        number, listed = 1, max(self._claimed_numbers(model_dir), default=0)
+        while number <= listed or self.filesystem.get_file_info(
+                f"{model_dir}/versions/{_version_name(number)}/{CLAIM_RECORD}").type == pafs.FileType.File:
+            yield number
+            number += 1
+
+    def _commit(self, model: str, record: dict, *, same: tuple[str, str] | None) -> dict:
+        model_dir, number = self._model_dir(model), record["version"]
+        version_dir = f"{model_dir}/versions/{_version_name(number)}"
+        with self._lock(model) as lock:
+            if same and (existing := self._find_same_file(model, *same, other_than=number)):
+                for name in record["files"]:  # the claim stays, so the number is never reused
+                    delete_quietly(self.filesystem, f"{version_dir}/{name}")
+                return existing
+            record = {**record, "lock_token": lock.token}
+            write_atomically(self.filesystem, f"{version_dir}/{VERSION_RECORD}", json_bytes(record),
+                              fence=lock.check)
+            self._append_event(lock, model_dir, {"event": "register", "version": number})
+        logger.info("Registered %s version %d (%d files) in %s", model, number, len(record["files"]), self.uri)
+        return record
+
+    def _history_names(self, history_dir: str) -> list[str]:
+        return [info.base_name for info in list_dir(self.filesystem, history_dir)
+                if re.fullmatch(r"\d+\.json", info.base_name)]
+
+    def _append_event(self, lock: HeldLock, model_dir: str, event: dict) -> dict:
+        """Write the next numbered history file, fenced by `lock` (which the caller holds)."""
         history_dir = f"{model_dir}/history"
-        numbers = [int(info.base_name.split(".")[0]) for info in _list_dir(self.filesystem, history_dir)
-                   if re.fullmatch(r"\d+\.json", info.base_name)]
-        stored = {"at": _iso(_utc_now()), **event, "seq": max(numbers, default=0) + 1}
-        _write_atomically(self.filesystem, f"{history_dir}/{stored['seq']:08d}.json", _json_bytes(stored))
-        return stored
+        seq = max((int(name.split(".")[0]) for name in self._history_names(history_dir)), default=0) + 1
+        while True:
+            stored = {"at": iso(utc_now()), **event, "lock_token": lock.token, "seq": seq}
+            path = f"{history_dir}/{seq:08d}.json"
+            if not self._exclusive():  # the listing is exact there
+                write_atomically(self.filesystem, path, json_bytes(stored), fence=lock.check)
+                return stored
+            # A listing may lag on NFS: the exclusive create finds the numbers it did not show.
+            if create_exclusively(local_path(self.filesystem, path), json_bytes(stored), fence=lock.check):
+                return stored
+            seq += 1
 
     def _upload(self, local_path: Path, remote_path: str) -> dict:
-        with open(local_path, "rb") as source, _open_output(self.filesystem, remote_path) as sink:
-            return _digest_stream(source, sink)
+        with open(local_path, "rb") as source, open_output(self.filesystem, remote_path) as sink:
+            return digest_stream(source, sink)
 
     def _download(self, record: dict, version_dir: str, target: Path) -> Path:
         local = pafs.LocalFileSystem()
@@ -486,7 +518,7 @@ class Registry:
                 try:
                     with self.filesystem.open_input_stream(f"{version_dir}/{name}") as source, \
                             open(staging / name, "wb") as sink:
-                        actual = _digest_stream(source, sink)
+                        actual = digest_stream(source, sink)
                 except FileNotFoundError as error:
                     raise _missing_file(record, name, directory=version_dir) from error
                 _check_digest(record, name, expected=expected, actual=actual)

@@ -6,6 +6,9 @@ the few most recently used versions (production, canary and the one being swappe
 therefore never a redeploy: in-flight requests finish on the model object they started with, new ones go to
 the new version, and the router warms a version on a replica before sending traffic to it.
 
+The canary runs in a deployment of its own (settings["role"] is "production" or "canary", see serve/deploy.py):
+a canary that fails its health check gets its own replicas restarted, never those serving production.
+
 Request errors that only a loaded model can detect (a prompt longer than its context, an unknown feature) come
 back as `{"error": {"message", "param"}}` answers rather than exceptions, so the router can turn them into 4xx.
 
@@ -68,18 +71,18 @@ class _VersionedReplica:
         self.loaded: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
 
     async def reconfigure(self, config: dict) -> None:
-        """Load the versions the aliases route to before this replica takes traffic. Serve awaits this before a
-        replica counts as running (build_app passes a user_config for that). Multiplexed routing sends a
-        version's requests only to replicas that hold it, and to others only when those are full, so a replica
-        the autoscaler adds would otherwise stay idle."""
+        """Load the version this deployment's alias (its role) routes to before this replica takes traffic.
+        Serve awaits this before a replica counts as running (build_app passes a user_config for that).
+        Multiplexed routing sends a version's requests only to replicas that hold it, and to others only when
+        those are full, so a replica the autoscaler adds would otherwise stay idle."""
+        alias = self.settings["role"]
         aliases = await asyncio.to_thread(Registry(self.settings["registry"]).aliases, self.settings["model"])
-        for alias in ("production", "canary"):
-            if alias not in aliases:
-                continue
-            try:
-                await self.get_model(str(aliases[alias]["version"]))
-            except Exception:  # e.g. a version failing its checksums: the router keeps serving the one it has
-                logger.exception("could not load the %s version; this replica serves the others", alias)
+        if alias not in aliases:
+            return
+        try:
+            await self.get_model(str(aliases[alias]["version"]))
+        except Exception:  # e.g. a version failing its checksums: the router keeps serving the one it has
+            logger.exception("could not load the %s version; this replica serves the others", alias)
 
     async def _load(self, model_id: str):
         version = int(model_id)
@@ -91,9 +94,16 @@ class _VersionedReplica:
         return await self.get_model(serve.get_multiplexed_model_id())
 
     async def warm(self) -> int:
-        """Load the version this call is tagged with; the router calls it before routing traffic there."""
-        await self.current()
-        return int(serve.get_multiplexed_model_id())
+        """Load the version this call is tagged with and check that it computes finite outputs. The router calls
+        it before routing traffic to a version, and every serve.refresh_s on the canary while there is one."""
+        loaded = await self.current()
+        await asyncio.to_thread(self._check, loaded)
+        return loaded.version
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose loaded versions stop producing finite outputs."""
+        for loaded in list(self.loaded.values()):
+            self._check(loaded)
 
 
 # --------------------------------------------------------------------------------------------------- LLM
@@ -107,6 +117,14 @@ class LoadedLLM:
 
 class LLMReplica(_VersionedReplica):
     ROUTES = ("/v1/completions",)
+
+    def __init__(self, settings: dict):
+        super().__init__(settings)
+        # Tokens actually computed: with requests' completion_tokens it shows whether generation stops when the
+        # client that asked for it has gone away.
+        self.generated_tokens = metrics.Counter(
+            "slipway_generated_tokens", description="Completion tokens generated, including those of requests "
+            "whose client went away", tag_keys=("model", "version"))
 
     @staticmethod
     def sample_request(serve_cfg, *, model: str, fetch_export) -> tuple[str, dict]:
@@ -147,40 +165,62 @@ class LLMReplica(_VersionedReplica):
         return prompt_ids, params
 
     async def complete(self, request: dict) -> dict:
-        from serve.generation import generate
-
         llm = await self.current()
         prepared = self._prepare(llm, request)
         if isinstance(prepared, dict):
             return prepared
-        result = await asyncio.to_thread(generate, llm.export.model, llm.tokenizer, *prepared)
-        return {"text": result.text, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens, "version": llm.version}
+        pieces = [chunk async for chunk in self._chunks(llm, *prepared)]
+        last = pieces[-1]
+        return {"text": "".join(chunk.text for chunk in pieces), "finish_reason": last.finish_reason,
+                "prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                "version": llm.version}
 
     async def complete_stream(self, request: dict):
         """First an answer saying whether the request was accepted (so the router can still send a 400), then
         one dict per chunk of text."""
-        from serve.generation import generate_stream
-
         llm = await self.current()
         prepared = self._prepare(llm, request)
         if isinstance(prepared, dict):
             yield prepared
             return
         yield {"accepted": True, "version": llm.version}
-        chunks = generate_stream(llm.export.model, llm.tokenizer, *prepared)
-        done = object()
-        while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+        async for chunk in self._chunks(llm, *prepared):
             yield {"text": chunk.text, "finish_reason": chunk.finish_reason, "prompt_tokens": chunk.prompt_tokens,
                    "completion_tokens": chunk.completion_tokens}
 
-    def check_health(self) -> None:
-        """Serve restarts a replica whose loaded models stop producing finite logits."""
-        for version, llm in list(self.loaded.items()):
-            with torch.no_grad():
-                logits = llm.export.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
-            if not torch.isfinite(logits).all():
-                raise RuntimeError(f"version {version} produced non-finite logits")
+    async def _chunks(self, llm: LoadedLLM, prompt_ids: list[int], params):
+        """generate_stream's chunks, each computed in a thread (the event loop stays free for other requests).
+
+        Ray Serve cancels a request whose client disconnects: the CancelledError arrives at an await here, so
+        generation stops after the token in flight instead of running on to max_tokens for nobody."""
+        from serve.generation import generate_stream
+
+        chunks = generate_stream(llm.export.model, llm.tokenizer, prompt_ids, params)
+        loop, step, counted = asyncio.get_running_loop(), None, 0
+        tags = {"model": self.settings["model"], "version": str(llm.version)}
+        try:
+            while True:
+                step = loop.run_in_executor(None, next, chunks, None)
+                # shield: on cancellation the step still finishes in its thread, and closes the generator below
+                chunk = await asyncio.shield(step)
+                if chunk is None:
+                    return
+                if chunk.completion_tokens > counted:  # a chunk may only release text held back earlier
+                    self.generated_tokens.inc(chunk.completion_tokens - counted, tags=tags)
+                    counted = chunk.completion_tokens
+                yield chunk
+        finally:
+            if step is not None and not step.done():  # a generator cannot be closed while it runs
+                step.add_done_callback(lambda _: chunks.close())
+            else:
+                chunks.close()
+
+    @staticmethod
+    def _check(llm: LoadedLLM) -> None:
+        with torch.no_grad():
+            logits = llm.export.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
+        if not torch.isfinite(logits).all():
+            raise RuntimeError(f"version {llm.version} produced non-finite logits")
 
 
 # ------------------------------------------------------------------------------------------------ ranker
@@ -274,12 +314,12 @@ class RankerReplica(_VersionedReplica):
         with torch.no_grad():
             return torch.sigmoid(model(dense, sparse).float()).cpu().numpy()
 
-    def check_health(self) -> None:
-        for version, ranker in list(self.loaded.items()):
-            tables = len(ranker.encoder.categorical_names)
-            device = replica_device()
-            dense = torch.zeros(1, len(ranker.encoder.dense_names), device=device)
-            with torch.no_grad():
-                logits = ranker.export.model(dense, torch.zeros(1, tables, dtype=torch.long, device=device))
-            if not torch.isfinite(logits).all():
-                raise RuntimeError(f"version {version} produced non-finite scores")
+    @staticmethod
+    def _check(ranker: LoadedRanker) -> None:
+        tables = len(ranker.encoder.categorical_names)
+        device = replica_device()
+        dense = torch.zeros(1, len(ranker.encoder.dense_names), device=device)
+        with torch.no_grad():
+            logits = ranker.export.model(dense, torch.zeros(1, tables, dtype=torch.long, device=device))
+        if not torch.isfinite(logits).all():
+            raise RuntimeError(f"version {ranker.version} produced non-finite scores")

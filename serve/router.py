@@ -4,10 +4,21 @@ The router follows the registry rather than its own config: a thread re-reads th
 `serve.refresh_s`, so `stage=rollback`, `stage=promote` or `stage=canary` from any machine that sees the
 registry changes what is served within seconds, with no redeploy. Before a new version takes traffic the
 router warms it on a replica, so the swap never sends a request to a version that cannot load.
+
+The canary has a deployment of its own (serve/deploy.py). A second thread warms it every `serve.refresh_s`
+(load, then a forward pass that must give finite outputs); only a canary that passed its last check gets
+traffic, and a canary call that fails is answered by production instead. A broken canary therefore costs
+its share of requests nothing but latency, and never the production replicas.
+
+Refusals, whatever their cause, are OpenAI-shaped JSON: a body over serve.max_body_bytes gets 413 before it is
+read, a full queue (serve.max_queued_requests) 503 with Retry-After, and an unexpected failure 500.
 """
 
+import asyncio
 import hmac
+import json
 import logging
+import math
 import random
 import threading
 import time
@@ -17,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError
 
 from serve import api
 from serve.registry import Registry
@@ -26,6 +38,15 @@ logger = logging.getLogger(__name__)
 app = FastAPI(title="Slipway", docs_url=None, redoc_url=None)
 
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+CANARY_CHECK_TIMEOUT_S = 60.0  # the first check also scales the canary up from zero replicas and loads it
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote a client's string, and a lone surrogate in it
+    cannot be encoded as UTF-8 (Starlette's JSONResponse would fail with a 500)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -67,18 +88,29 @@ class _Metrics:
             self.errors.inc(tags={**tags, "status": str(status)})
 
 
+def _overloaded(err: BackPressureError) -> api.RequestError:
+    retry_after = max(1, math.ceil(err.retry_after_s or 1))
+    return api.RequestError(503, f"{err.message} The server is at capacity (serve.max_queued_requests); retry "
+                                 f"after {retry_after} s", None, type="server_error",
+                            headers={"retry-after": str(retry_after)})
+
+
+# Whatever the router's methods use must be defined above this line: serve.ingress copies the class with the
+# module's globals as they are when the decorator runs.
 @serve.ingress(app)
 class Router:
-    def __init__(self, replicas, *, settings: dict):
-        self.replicas = replicas
+    def __init__(self, replicas, canary_replicas, *, settings: dict):
+        self.replicas, self.canary_replicas = replicas, canary_replicas
         self.settings = settings
         self.model = settings["model"]
         self.registry = Registry(settings["registry"])
         self.routes = routes_from_aliases(self.registry.aliases(self.model), model=self.model)
+        self.healthy_canary: int | None = None  # the canary version that passed its last check
         self.metrics = _Metrics()
         self.random = random.Random()
         self._stop = threading.Event()
         threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
+        threading.Thread(target=self._watch_canary, name="canary-watcher", daemon=True).start()
 
     # ------------------------------------------------------------------------ following the registry
 
@@ -87,15 +119,32 @@ class Router:
             try:
                 routes = routes_from_aliases(self.registry.aliases(self.model), model=self.model)
                 if routes != self.routes:
-                    self._warm(routes)
+                    if routes.production != self.routes.production:
+                        self._warm(self.replicas, routes.production, timeout_s=600)
                     logger.info("%s routes: %s -> %s", self.model, self.routes, routes)
                     self.routes = routes
             except Exception:  # an unreadable registry or a version that fails to load keeps the current routes
                 logger.exception("could not switch to the registry's aliases; still serving %s", self.routes)
 
-    def _warm(self, routes: Routes) -> None:
-        for version in {routes.production, routes.canary} - {None}:
-            self.replicas.options(multiplexed_model_id=str(version)).warm.remote().result(timeout_s=600)
+    def _watch_canary(self) -> None:
+        """Check the canary on its own deployment every refresh; traffic goes only to a canary that passed."""
+        while not self._stop.wait(self.settings["refresh_s"]):
+            canary, healthy = self.routes.canary, None
+            if canary is not None:
+                try:
+                    self._warm(self.canary_replicas, canary, timeout_s=CANARY_CHECK_TIMEOUT_S)
+                    healthy = canary
+                except Exception as err:
+                    if self.healthy_canary is not None:
+                        logger.warning("canary v%d failed its check; production takes its traffic: %s", canary, err)
+            if healthy is not None and healthy != self.healthy_canary:
+                logger.info("canary v%d passed its check; it takes %g%% of the traffic", healthy,
+                            self.routes.canary_percent)
+            self.healthy_canary = healthy
+
+    @staticmethod
+    def _warm(replicas, version: int, *, timeout_s: float) -> None:
+        replicas.options(multiplexed_model_id=str(version)).warm.remote().result(timeout_s=timeout_s)
 
     def __del__(self):
         self._stop.set()
@@ -104,31 +153,81 @@ class Router:
 
     def _check_auth(self, request: Request) -> None:
         key = self.settings.get("api_key")
-        if not key:
+        if key is None:
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise api.RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <serve.api_key>'",
                                    "authorization", type="authentication_error")
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 by its Content-Length before a byte is read, or (sent chunked, without a
+        length) as soon as it grows past the limit: a 50 MB body is never copied to the router or parsed on
+        its event loop, which every other request shares."""
+        limit = self.settings["max_body_bytes"]
+        api.check_content_length(request.headers.get("content-length"), limit=limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise api.body_too_large(limit)
+        return bytes(body)
+
     async def _answer(self, request: Request, route: str, handler) -> JSONResponse | StreamingResponse:
-        """Run `handler(payload, version)`, turning request errors into 4xx and recording metrics."""
+        """Run `handler(payload, version, canary)`, turning every failure into an OpenAI-shaped answer and
+        recording metrics."""
         started, version, status = time.perf_counter(), None, 500
         try:
             self._check_auth(request)
-            payload = api.parse_json_object(await request.body())
-            version = self.routes.pick(self.random.random())
-            response = await handler(payload, version)
+            payload = api.parse_json_object(await self._read_body(request))
+            version, canary = self._pick()
+            response = await handler(payload, version, canary)
             status = response.status_code
             return response
         except api.RequestError as err:
             status = err.status
-            return JSONResponse(err.body(), status_code=err.status)
+            return AsciiJSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        except BackPressureError as err:
+            status = 503
+            error = _overloaded(err)
+            return AsciiJSONResponse(error.body(), status_code=503, headers=error.headers)
+        except Exception:
+            logger.exception("%s failed", route)
+            error = api.RequestError(500, "the server failed to answer this request; see the serve logs",
+                                     type="server_error")
+            return AsciiJSONResponse(error.body(), status_code=500)
         finally:
             self.metrics.record(model=self.model, version=version, route=route, status=status, started=started)
 
-    def _handle(self, version: int):
-        return self.replicas.options(multiplexed_model_id=str(version))
+    def _pick(self) -> tuple[int, bool]:
+        """This request's version, and whether it is the canary (a canary that failed its check gets none)."""
+        routes = self.routes
+        version = routes.pick(self.random.random())
+        if version != routes.production and version == self.healthy_canary:
+            return version, True
+        return routes.production, False
+
+    def _handle(self, version: int, *, canary: bool = False):
+        replicas = self.canary_replicas if canary else self.replicas
+        return replicas.options(multiplexed_model_id=str(version))
+
+    async def _call(self, method: str, version: int, canary: bool, *args):
+        """One replica call; a failing canary call is answered by production and benches the canary until it
+        passes its next check."""
+        try:
+            return await getattr(self._handle(version, canary=canary), method).remote(*args)
+        except (BackPressureError, asyncio.CancelledError):
+            raise
+        except Exception:
+            if not canary:
+                raise
+            self._bench_canary(version)
+        return await getattr(self._handle(self.routes.production), method).remote(*args)
+
+    def _bench_canary(self, version: int) -> None:
+        logger.exception("canary v%d failed a request; production answers it, and the canary's traffic until it "
+                         "passes its next check", version)
+        self.healthy_canary = None
 
     def _require(self, route: str) -> None:
         if route not in self.settings["routes"]:
@@ -138,15 +237,21 @@ class Router:
     # ------------------------------------------------------------------------------------ routes
 
     @app.get("/v1/models")
-    async def list_models(self) -> dict:
+    async def list_models(self, request: Request):
+        try:
+            self._check_auth(request)
+        except api.RequestError as err:
+            return AsciiJSONResponse(err.body(), status_code=err.status)
         routes = self.routes
         return {"object": "list", "data": [{
             "id": self.model, "object": "model", "owned_by": "slipway", "family": self.settings["family"],
             "production_version": routes.production, "canary_version": routes.canary,
-            "canary_percent": routes.canary_percent}]}
+            "canary_percent": routes.canary_percent,
+            "canary_healthy": routes.canary is not None and routes.canary == self.healthy_canary}]}
 
     @app.get("/healthz")
     async def health(self) -> dict:
+        """Open without the API key, for load balancers' and Kubernetes' probes; it shows no more than this."""
         return {"status": "ok", "model": self.model, "production_version": self.routes.production}
 
     @app.post("/v1/completions")
@@ -157,42 +262,69 @@ class Router:
     async def rank(self, request: Request):
         return await self._answer(request, "/v1/rank", self._rank)
 
-    async def _complete(self, payload: dict, version: int):
+    async def _complete(self, payload: dict, version: int, canary: bool):
         self._require("/v1/completions")
         params = api.parse_completion(payload, served=self.model, max_tokens_limit=self.settings["max_tokens_limit"])
         request_id = api.completion_id()
         if params["stream"]:
-            return await self._stream(params, version, request_id=request_id)
-        result = await self._handle(version).complete.remote(params)
+            return await self._stream(params, version, canary, request_id=request_id)
+        result = await self._call("complete", version, canary, params)
         if "error" in result:
             raise api.error_from_dict(result["error"])
         body = api.completion_body(result, request_id=request_id, served=self.model, version=result["version"])
-        return JSONResponse(body, headers={"x-model-version": str(result["version"])})
+        return AsciiJSONResponse(body, headers={"x-model-version": str(result["version"])})
 
-    async def _stream(self, params: dict, version: int, *, request_id: str) -> StreamingResponse:
-        chunks = self._handle(version).options(stream=True).complete_stream.remote(params)
-        first = await chunks.__anext__()
+    async def _open_stream(self, params: dict, version: int, canary: bool):
+        """The replica's stream and its first answer (accepted, or a 4xx); a canary that fails before it
+        accepts hands the request to production."""
+        chunks = self._handle(version, canary=canary).options(stream=True).complete_stream.remote(params)
+        try:
+            return chunks, await chunks.__anext__()
+        except (BackPressureError, asyncio.CancelledError):
+            raise
+        except Exception:
+            if not canary:
+                raise
+            self._bench_canary(version)
+        return await self._open_stream(params, self.routes.production, False)
+
+    async def _stream(self, params: dict, version: int, canary: bool, *, request_id: str) -> StreamingResponse:
+        chunks, first = await self._open_stream(params, version, canary)
         if "error" in first:
             raise api.error_from_dict(first["error"])
         served_version = first["version"]
-
-        async def events():
-            async for chunk in chunks:
-                yield api.stream_event(chunk, request_id=request_id, served=self.model, version=served_version)
-            yield api.STREAM_DONE
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(self._events(chunks, request_id=request_id, version=served_version),
+                                 media_type="text/event-stream",
                                  headers={"x-model-version": str(served_version), "cache-control": "no-cache"})
 
-    async def _rank(self, payload: dict, version: int):
+    async def _events(self, chunks, *, request_id: str, version: int):
+        """The SSE body. The 200 is sent by now, so a failure can only be told as a last event, OpenAI-style;
+        a client that goes away cancels this generator, and with it the replica's generation."""
+        finished = False
+        try:
+            async for chunk in chunks:
+                yield api.stream_event(chunk, request_id=request_id, served=self.model, version=version)
+            finished = True
+        except Exception:
+            logger.exception("a streamed completion of v%d failed after it started", version)
+            error = api.RequestError(500, "generation failed after the stream started; the text so far is "
+                                          "incomplete", type="server_error")
+            yield api.stream_error_event(error)
+            return
+        finally:
+            if not finished:
+                chunks.cancel()
+        yield api.STREAM_DONE
+
+    async def _rank(self, payload: dict, version: int, canary: bool):
         self._require("/v1/rank")
         context, candidates = api.parse_rank(payload, served=self.model,
                                              max_candidates=self.settings["max_candidates"])
-        result = await self._handle(version).rank.remote(context, candidates)
+        result = await self._call("rank", version, canary, context, candidates)
         if "error" in result:
             raise api.error_from_dict(result["error"])
         order = sorted(range(len(result["scores"])), key=lambda i: -result["scores"][i])
         body = {"model": self.model, "model_version": result["version"], "scores": result["scores"],
                 "ranking": order}
-        return JSONResponse(body, headers={"x-model-version": str(result["version"])})
+        return AsciiJSONResponse(body, headers={"x-model-version": str(result["version"])})
 

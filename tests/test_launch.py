@@ -86,6 +86,28 @@ def test_gpu_request_on_a_machine_without_gpus_names_both_numbers_before_ray_sta
     assert "starting an embedded local Ray" not in output and "prepared data" not in output
 
 
+def test_an_unwritable_paths_root_exits_2_naming_it_before_ray_starts(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("paths.root must be a directory; this is a file\n")
+    result = launch(*TINY_OVERRIDES, f"paths.root={blocker}/outputs", f"paths.data_cache={tmp_path}/data",
+                    timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert f"paths.root={blocker}/outputs/runs is not writable: Not a directory" in output
+    assert "Traceback" not in output and "starting an embedded local Ray" not in output
+
+
+def test_a_full_disk_is_an_error_naming_the_file(tmp_path):
+    from trainers.outputs import atomic_write
+
+    target = tmp_path / "manifest.json"
+    target.write_text("{}")
+    (tmp_path / "manifest.json.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(ValueError, match=f"cannot write {target}: No space left on device"):
+        atomic_write(target, "{\"a\": 1}")
+    assert target.read_text() == "{}"  # what was there is intact
+
+
 def _live_session_processes(session_id: int, *, grace_s: float = 15.0) -> list:
     """Processes still running in the session, after giving Ray's daemons `grace_s` to exit (zombies excluded)."""
     import time

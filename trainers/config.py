@@ -10,12 +10,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from conf.derived import SECRET_KEYS
 from conf.schema import RootConfig
 from trainers.families import all_families, get_family
 from trainers.strategies import all_strategies, get_strategy
 
-# Values that must never reach a file, a log, W&B or a worker: replaced in the plain config.
-SECRET_KEYS = (("serve", "api_key"),)
 REDACTED = "<redacted>"
 
 
@@ -38,7 +37,8 @@ def plain_config(dict_cfg: DictConfig) -> dict:
 def redacted(config: dict) -> dict:
     """`config` with every secret replaced: what run directories, W&B and the workers get."""
     copy = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
-    for section, key in SECRET_KEYS:
+    for dotted in SECRET_KEYS:  # values that must never reach a file, a log, W&B or a worker
+        section, key = dotted.split(".")
         if copy.get(section, {}).get(key):
             copy[section][key] = REDACTED
     return copy

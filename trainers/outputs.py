@@ -1,10 +1,15 @@
 """The run directory contract (DESIGN.md section 3): name, config.yaml, manifest.json, summary.json, loss.png."""
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +25,7 @@ HASH_EXCLUDED_KEYS = (
     "cluster.autoscaling", "cluster.scale_up_timeout_s", "cluster.max_nodes", "cluster.placement_strategy",
     "cluster.node", "cluster.assumed_mfu", "cluster.image",
     "trainer.log_every_n_steps",
-    "checkpoint.keep_top_k", "checkpoint.max_failures",
+    "checkpoint.keep_top_k", "checkpoint.max_failures", "checkpoint.resume",
     "sweep",  # a run is one training run; the sweep that drew it has its own name (trainers/sweep.py)
     "serve", "stages", "stage",  # what happens after training does not change what training computes
     "plan", "submit",  # a plan starts nothing; a submitted command is the same run, started on the cluster
@@ -44,9 +49,35 @@ def run_name(config: dict, *, experiment: str) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` whole (a crash leaves the old file or the new one); a full disk or a read-only
+    directory is an error naming the file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot write {path}: {error.strerror or error} (paths.root)") from error
+
+
+def check_writable(directory: Path, *, key: str) -> None:
+    """`directory` exists (or can be made) and takes a file: checked before anything is prepared or started, so
+    an unwritable or full `key` is an error naming it, not a traceback minutes later."""
+    probe = Path(directory) / f".write-probe-{os.getpid()}"
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as file:
+            file.write(b"\0" * 4096)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        raise ValueError(f"{key}={directory} is not writable: {error.strerror or error}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def _git_state(repo: Path) -> dict:
@@ -70,22 +101,120 @@ def _package_versions() -> dict:
     return versions
 
 
-def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_fingerprint: str, repo: Path) -> None:
-    """config.yaml and manifest.json, written before training starts."""
+def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_identity: dict, repo: Path) -> None:
+    """config.yaml and manifest.json, written before training starts. The manifest describes this launch at
+    its top level and keeps every launch of the run directory, oldest first, under "launches"."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    git = _git_state(repo)
+    launch = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "host": socket.gethostname(),
+              "pid": os.getpid(), "commit": git["commit"], "dirty": git["dirty"], **data_identity}
     manifest = {
         "run_name": run_dir.name,
         "experiment": experiment,
         "config_hash": config_hash(config),
-        "git": _git_state(repo),
+        "git": git,
         "versions": _package_versions(),
-        "data_fingerprint": data_fingerprint,
+        "data_fingerprint": data_identity["data_fingerprint"],
+        "data_files": data_identity["data_files"],
         "world_size": config["cluster"]["num_workers"],
         "strategy": config["strategy"]["name"],
         "model_family": config["model"]["family"],
+        "launches": [*_previous_launches(run_dir), launch],
     }
     atomic_write(run_dir / "manifest.json", json.dumps(manifest, indent=2))
+
+
+def _read_manifest(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())
+    except (FileNotFoundError, ValueError):  # none yet, or a crash cut it: the launch history starts again
+        return None
+
+
+def _previous_launches(run_dir: Path) -> list[dict]:
+    manifest = _read_manifest(run_dir)
+    if manifest is None:
+        return []
+    if "launches" in manifest:
+        return manifest["launches"]
+    # A manifest from before launches were kept describes its one launch at the top level.
+    return [{"commit": manifest.get("git", {}).get("commit"), "dirty": manifest.get("git", {}).get("dirty"),
+             "data_fingerprint": manifest.get("data_fingerprint"), "data_files": {}}]
+
+
+# ------------------------------------------------------------------------------------ what a run trained on
+
+def data_identity(fingerprint: str, files: dict[str, str]) -> dict:
+    """What a run's checkpoints depend on besides the config: the prepared data's content fingerprint, and the
+    sha256 of each side file the checkpoints carry (name -> source path; the tokenizer, the feature spec)."""
+    return {"data_fingerprint": fingerprint, "data_files": {name: _file_sha256(Path(source))
+                                                            for name, source in sorted(files.items())}}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def has_training_state(run_dir: Path) -> bool:
+    """Whether a rerun in `run_dir` would resume (or stop as finished) instead of starting at step 0."""
+    return (run_dir / "summary.json").exists() or any(run_dir.glob("checkpoint_step_*"))
+
+
+def identity_changes(run_dir: Path, identity: dict) -> list[str]:
+    """What differs between the data the run directory's last launch trained on and `identity`, in words."""
+    launches = _previous_launches(run_dir)
+    if not launches:
+        return []
+    before, changes = launches[-1], []
+    if before.get("data_fingerprint") and before["data_fingerprint"] != identity["data_fingerprint"]:
+        changes.append(f"the prepared data (fingerprint {before['data_fingerprint'][:12]} -> "
+                       f"{identity['data_fingerprint'][:12]})")
+    for name, digest in identity["data_files"].items():
+        old = before.get("data_files", {}).get(name)
+        if old and old != digest:
+            changes.append(f"{name} (sha256 {old[:12]} -> {digest[:12]})")
+    return changes
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a run directory out of the way (nothing is deleted); returns where it went."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    os.replace(run_dir, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------- one launch only
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one launch. An flock is released by the kernel when its holder dies (also
+    over NFS, where Linux maps it to a POSIX lock), so a crashed launch never leaves a stale lock behind; the
+    file only says who holds it. A second launch of the same run is refused, naming the first."""
+    # Beside the run directory, not in it: `checkpoint.resume=fresh` moves the directory aside while locked.
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a launch that has not yet written its host and pid"
+            raise ValueError(f"{run_dir} is in use by another launch of the same run ({holder}); wait for it "
+                             "to end, or change the config to start a different run") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                     f"{datetime.now(UTC).isoformat(timespec='seconds')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the flock
 
 
 # A sweep asks a trial's workers to end early by writing this file into the trial's run directory; rank 0

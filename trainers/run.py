@@ -10,20 +10,26 @@ workers rebuild their typed config from, so the two cannot drift.
 """
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from cluster.capacity import WORKER_GROUP_START_TIMEOUT_ENV
 from cluster.connection import REPO_ROOT
-from conf.derived import is_elastic, resolve_address, scaling_workers, worker_range
-from conf.schema import Precision, RootConfig
+from conf.derived import check_bounds, check_serve, is_elastic, resolve_address, scaling_workers, worker_range
+from conf.schema import ClusterConfig, PlacementStrategy, Precision, ResumePolicy, RootConfig
 from trainers import outputs
 from trainers.families import Family, get_family
 from trainers.loop import CRASH_AT_STEP_ENV, train_loop
 from trainers.strategies import all_strategies, get_strategy
 
 logger = logging.getLogger(__name__)
+
+RAY_START_TIMEOUT_S = 60.0  # Ray Train's own wait for a worker group's placement (DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
+# The per-try wait this module exported, told apart from one the user exported (which is kept as it is).
+_exported_start_timeout: str | None = None
 
 @dataclass(frozen=True)
 class Run:
@@ -56,19 +62,13 @@ def preflight(cfg: RootConfig, *, data=None) -> None:
 def check_config(cfg: RootConfig) -> None:
     """What the config alone decides, across keys: a plan and a submission check it too, and a sweep checks
     it at every candidate value of its space."""
-    trainer = cfg.trainer
+    # Ranges first (conf/derived.py: BOUNDS): the checks after them divide by batch sizes and head counts.
+    check_bounds(cfg)
+    check_serve(cfg)  # a train command may serve too (+exp=quickstart): its mistakes surface before training
     family = get_family(cfg.model.family)
     _check_family_fits(cfg, family)
     _check_worker_counts(cfg)
-    for key in ("max_steps", "log_every_n_steps", "eval_every_n_steps"):
-        if getattr(trainer, key) < 1:
-            raise ValueError(f"trainer.{key} must be at least 1, got {getattr(trainer, key)}")
-    if trainer.eval_batches < 0:
-        raise ValueError(
-            f"trainer.eval_batches must be 0 (the whole validation split) or more, got {trainer.eval_batches}"
-        )
-    if cfg.checkpoint.every_n_steps < 1:
-        raise ValueError(f"checkpoint.every_n_steps must be at least 1, got {cfg.checkpoint.every_n_steps}")
+    _check_placement(cfg)
 
 
 def _check_worker_counts(cfg: RootConfig) -> None:
@@ -93,6 +93,23 @@ def _check_worker_counts(cfg: RootConfig) -> None:
         )
 
 
+def _check_placement(cfg: RootConfig) -> None:
+    """What the workers' placement can never get: an embedded local Ray is one node, so STRICT_SPREAD (one
+    worker per node) cannot place two workers and Ray Train would wait for a second node forever. A plan sizes a
+    cluster that is not this machine, and a cluster's own nodes are checked once connected (build_trainer)."""
+    cluster = cfg.cluster
+    if cluster.use_gpu and not cluster.gpus_per_worker > 0:
+        raise ValueError(f"cluster.gpus_per_worker={cluster.gpus_per_worker} must be above 0 with cluster.use_gpu=true")
+    low = worker_range(cluster)[0]
+    embedded = resolve_address(cluster) is None and not cfg.plan
+    if embedded and cluster.placement_strategy == PlacementStrategy.STRICT_SPREAD and low > 1:
+        raise ValueError(
+            f"cluster.placement_strategy=STRICT_SPREAD puts each of the cluster.num_workers={cluster.num_workers} "
+            f"workers on its own node, but the embedded local Ray is one node; use cluster.placement_strategy=PACK "
+            f"or SPREAD, or set cluster.address to a cluster of {low} nodes or more"
+        )
+
+
 def _check_family_fits(cfg: RootConfig, family: Family) -> None:
     """The data kind, and options that only one family has, must match model.family."""
     if cfg.data.kind != family.data_kind:
@@ -107,18 +124,19 @@ def _check_family_fits(cfg: RootConfig, family: Family) -> None:
 
 
 def _check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:
-    """An epoch must hold one global batch and validation one eval batch, or training would never step."""
+    """An epoch must hold one global batch, or training would never step, and validation one row at least.
+    A validation split smaller than one eval batch (micro_batch_size x workers) is fine: the evaluation pads
+    its short last batch and masks the padding out (trainers/loop.py: evaluate)."""
     if train_rows < cfg.trainer.global_batch_size:
         raise ValueError(
             f"the prepared training split has {train_rows} rows, fewer than trainer.global_batch_size="
             f"{cfg.trainer.global_batch_size}; add data (data.max_chars for text, data.rows for click logs) or "
             f"lower the batch size"
         )
-    eval_rows = cfg.trainer.micro_batch_size * worker_range(cfg.cluster)[1]
-    if val_rows < eval_rows:
+    if val_rows < 1:
         raise ValueError(
-            f"the prepared validation split has {val_rows} rows, fewer than one eval batch "
-            f"(trainer.micro_batch_size x cluster.num_workers = {eval_rows}); raise data.val_fraction"
+            f"the prepared validation split is empty ({train_rows} training rows, 0 validation rows): there is "
+            f"nothing to evaluate checkpoints on; raise data.val_fraction or add data"
         )
 
 
@@ -166,20 +184,54 @@ def train(run: Run, *, connect: bool = True, callbacks: list | None = None) -> d
     callbacks that report to Tune."""
     from datasets.pipeline import build_ray_datasets
 
-    previous = outputs.read_summary(run.run_dir)
-    if previous and previous.get("status") == "finished":
-        logger.info("%s already finished (%d steps); not training again", run.run_dir.name, previous["steps"])
-        return previous
     preflight(run.cfg)
+    outputs.check_writable(Path(run.cfg.paths.data_cache), key="paths.data_cache")
+    outputs.check_writable(run.run_dir.parent, key="paths.root")
     prepared = prepare_data(run.cfg)
-    outputs.write_run_files(run.run_dir, config=run.config, experiment=run.experiment,
-                            data_fingerprint=prepared.fingerprint, repo=REPO_ROOT)
-    if connect:
-        _connect(run.cfg)
-    datasets = build_ray_datasets(prepared, in_memory_limit_mb=run.cfg.data.in_memory_limit_mb)
-    summary = fit(run, data=prepared.to_dict(), datasets=datasets, callbacks=callbacks)
+    with outputs.run_lock(run.run_dir):
+        identity = _data_identity(run, prepared)
+        _check_resumable(run, identity)
+        outputs.write_run_files(run.run_dir, config=run.config, experiment=run.experiment, data_identity=identity,
+                                repo=REPO_ROOT)
+        previous = outputs.read_summary(run.run_dir)
+        if previous and previous.get("status") == "finished":
+            logger.info("%s already finished (%d steps); not training again", run.run_dir.name, previous["steps"])
+            return previous
+        if connect:
+            _connect(run.cfg)
+        datasets = build_ray_datasets(prepared, in_memory_limit_mb=run.cfg.data.in_memory_limit_mb)
+        summary = fit(run, data=prepared.to_dict(), datasets=datasets, callbacks=callbacks)
     logger.info("finished %s: %s", run.run_dir.name, outputs.headline(summary, keys=_family(run).headline_keys))
     return summary
+
+
+def _data_identity(run: Run, prepared) -> dict:
+    files = _family(run).checkpoint_payload(run.cfg.model, prepared.to_dict())["files"]
+    return outputs.data_identity(prepared.fingerprint, files)
+
+
+def _check_resumable(run: Run, identity: dict) -> None:
+    """A rerun resumes its checkpoints only if they were trained on the same data and side files: weights
+    trained on other token ids (an edited corpus, another Python's stdlib, a retrained tokenizer) would go on
+    training, or a finished run would be promoted and scored on rows it never saw."""
+    policy, run_dir = run.cfg.checkpoint.resume, run.run_dir
+    if not outputs.has_training_state(run_dir):
+        return
+    if policy == ResumePolicy.fresh:
+        logger.warning("checkpoint.resume=fresh: moved the previous %s to %s; training starts at step 0",
+                       run_dir.name, outputs.set_aside(run_dir))
+        return
+    changes = outputs.identity_changes(run_dir, identity)
+    if not changes:
+        return
+    if policy == ResumePolicy.anyway:
+        logger.warning("checkpoint.resume=anyway: resuming %s although %s changed", run_dir.name, " and ".join(changes))
+        return
+    raise ValueError(
+        f"{run_dir} was trained on other data: {' and '.join(changes)} changed since its last launch, so its "
+        "checkpoints would resume on other rows and token ids. Rerun with checkpoint.resume=fresh to set that "
+        "directory aside and start again, or checkpoint.resume=anyway to continue from its checkpoints on purpose"
+    )
 
 
 def _connect(cfg: RootConfig) -> None:
@@ -206,9 +258,11 @@ def build_trainer(run: Run, *, data: dict, datasets: dict, callbacks: list | Non
 
     cfg, family = run.cfg, _family(run)
     worker_env = _worker_env()
-    resources = {"CPU": cfg.cluster.cpus_per_worker}
-    if cfg.cluster.use_gpu:
-        resources["GPU"] = cfg.cluster.gpus_per_worker
+    resources = _worker_resources(cfg.cluster)
+    _check_nodes_can_place(cfg.cluster, resources=resources)
+    startup_retries = _startup_retries(cfg.cluster)
+    logger.info("asking Ray for %s; a placement not met within cluster.scale_up_timeout_s=%gs fails the run",
+                placement_request(cfg.cluster), cfg.cluster.scale_up_timeout_s)
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": run.config, "data": data, "run_dir": str(run.run_dir),
@@ -219,7 +273,10 @@ def build_trainer(run: Run, *, data: dict, datasets: dict, callbacks: list | Non
         run_config=ray.train.RunConfig(
             name=run.run_dir.name,
             storage_path=str(run.run_dir.parent),  # Ray Train's experiment directory is the run directory itself
-            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            # Ray Train retries a worker group that cannot be placed as a controller failure, forever by default
+            # (-1): bounded here, a placement that can never be met fails within cluster.scale_up_timeout_s.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures,
+                                                   controller_failure_limit=startup_retries),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep_top_k, checkpoint_score_attribute=family.metric,
                 checkpoint_score_order=family.metric_mode,
@@ -232,6 +289,76 @@ def build_trainer(run: Run, *, data: dict, datasets: dict, callbacks: list | Non
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
+
+
+def _worker_resources(cluster: ClusterConfig) -> dict[str, float]:
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    return resources
+
+
+def placement_request(cluster: ClusterConfig) -> str:
+    """What the run asks Ray to place and what the connected cluster has, in words, e.g. "2 worker(s) x
+    {CPU: 1} with cluster.placement_strategy=STRICT_SPREAD; the Ray cluster has 1 alive node(s) with 2 CPU (2
+    free)": logged before Ray Train starts, and for an error when the placement cannot be met."""
+    import ray
+
+    low, high = worker_range(cluster)
+    workers = f"{low}" if low == high else f"{low} to {high}"
+    resources = _worker_resources(cluster)
+    per_worker = ", ".join(f"{name}: {amount:g}" for name, amount in resources.items())
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    has = ", ".join(f"{total.get(name, 0.0):g} {name} ({free.get(name, 0.0):g} free)" for name in resources)
+    return (f"{workers} worker(s) x {{{per_worker}}} with cluster.placement_strategy={cluster.placement_strategy}; "
+            f"the Ray cluster has {len(alive)} alive node(s) with {has}")
+
+
+def _check_nodes_can_place(cluster: ClusterConfig, *, resources: dict[str, float]) -> None:
+    """A strict placement that the connected cluster's nodes can never hold fails now, naming both sides,
+    unless an autoscaler may add nodes (then the wait is bounded by cluster.scale_up_timeout_s instead)."""
+    import ray
+
+    if cluster.autoscaling or cluster.placement_strategy not in (PlacementStrategy.STRICT_SPREAD,
+                                                                 PlacementStrategy.STRICT_PACK):
+        return
+    low = worker_range(cluster)[0]
+    # How many workers each alive node could hold on its own.
+    capacities = [min(math.floor(node["Resources"].get(name, 0.0) / amount + 1e-9)
+                      for name, amount in resources.items() if amount > 0)
+                  for node in ray.nodes() if node["Alive"]]
+    if cluster.placement_strategy == PlacementStrategy.STRICT_SPREAD:
+        placeable, wants = sum(capacity >= 1 for capacity in capacities) >= low, f"{low} nodes with a worker each"
+    else:
+        placeable, wants = max(capacities, default=0) >= low, f"one node with all {low} workers"
+    if not placeable:
+        raise ValueError(f"cluster.placement_strategy={cluster.placement_strategy} needs {wants}, which this "
+                         f"cluster's nodes cannot hold: {placement_request(cluster)}; use PACK or SPREAD, or set "
+                         "cluster.autoscaling=true if the cluster adds nodes")
+
+
+def _startup_retries(cluster: ClusterConfig) -> int:
+    """Ray Train's controller_failure_limit: how many more times it may try to place the worker group, each try
+    waiting RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, so that all tries together take cluster.scale_up_timeout_s.
+    A wait the user exported is kept; otherwise one try lasts the whole timeout while an autoscaler adds nodes,
+    and Ray's own 60 s without one (an elastic run resizes to what the cluster has between tries)."""
+    global _exported_start_timeout
+    exported = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
+    if exported is not None and exported != _exported_start_timeout:
+        try:
+            attempt = float(exported)
+        except ValueError:
+            raise ValueError(f"{WORKER_GROUP_START_TIMEOUT_ENV}={exported!r} must be a number of seconds") from None
+    else:
+        attempt = cluster.scale_up_timeout_s
+        if not cluster.autoscaling:
+            attempt = min(RAY_START_TIMEOUT_S, attempt)
+        # Ray Train's driver passes it on to its controller, which reads it when it starts the workers.
+        _exported_start_timeout = os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{attempt:g}"
+    retries = max(0, math.ceil(cluster.scale_up_timeout_s / max(attempt, 1e-3)) - 1)
+    # An elastic run's next try asks for what the cluster has left after a lost node, not for the same again.
+    return max(retries, 1) if is_elastic(cluster) else retries
 
 
 def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) -> dict:
@@ -252,7 +379,10 @@ def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) 
         record(status="failed", best_checkpoint=None, latest_checkpoint=None,
                error=str(err).splitlines()[0] if str(err) else repr(err))
         outputs.plot_losses(run_dir)
-        raise
+        named = _named_placement_timeout(err, cluster=run.cfg.cluster)
+        if named is err:
+            raise
+        raise named from err
     except SystemExit as exit_request:  # Ray Train's SIGINT handler, when the controller is already gone
         record(status="interrupted", best_checkpoint=None, latest_checkpoint=None)
         raise KeyboardInterrupt from exit_request
@@ -268,6 +398,19 @@ def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) 
     summary = record(status="finished", best_checkpoint=best, latest_checkpoint=latest)
     outputs.plot_losses(run_dir)
     return summary
+
+
+def _named_placement_timeout(error, *, cluster: ClusterConfig):
+    """Ray Train's error for a worker group it could not place names neither the request nor the cluster: say
+    both (the run failed within cluster.scale_up_timeout_s). Any other failure is returned as it was."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+        return error
+    return ControllerError(RuntimeError(
+        f"the workers could not be placed within cluster.scale_up_timeout_s={cluster.scale_up_timeout_s:g}s: "
+        f"{placement_request(cluster)} ({error.controller_failure})"))
 
 
 def _best_checkpoint_path(result, *, metric: str, mode: str) -> str | None:

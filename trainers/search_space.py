@@ -55,9 +55,10 @@ class Dimension:
         return draw(*self.args)
 
 
-def parse_space(sweep, *, family: str, config: dict) -> list[Dimension]:
+def parse_space(sweep, *, family: str, config: dict, typed=None) -> list[Dimension]:
     """The sweep's dimensions for this model family: `family_space[family]`, then `space` on top. Every key
-    must exist in `config` (the resolved config as a plain dict) and hold a value, not a section."""
+    must exist in `config` (the resolved config as a plain dict) and hold a value, not a section. `typed`, the
+    frozen config, tells the type of a key left null to be derived (trainer.warmup_steps holds an int)."""
     from trainers.families import all_families
 
     unknown = set(sweep.family_space) - set(all_families())
@@ -66,7 +67,8 @@ def parse_space(sweep, *, family: str, config: dict) -> list[Dimension]:
                          f"{' or '.join(sorted(all_families()))}")
     entries = _flatten(sweep.family_space.get(family) or {}, prefix=f"sweep.family_space.{family}")
     entries.update(_flatten(sweep.space or {}, prefix="sweep.space"))
-    dimensions = [_parse_dimension(key, source, spec, config=config) for key, (source, spec) in entries.items()]
+    dimensions = [_parse_dimension(key, source, spec, config=config, typed=typed)
+                  for key, (source, spec) in entries.items()]
     if not dimensions:
         raise ValueError(
             f"sweep={sweep.name} has nothing to search for model.family={family}: add dimensions under "
@@ -91,10 +93,12 @@ def _flatten(node: dict, *, prefix: str, path: str = "") -> dict[str, tuple[str,
     return flat
 
 
-def _parse_dimension(key: str, source: str, spec: Any, *, config: dict) -> Dimension:
+def _parse_dimension(key: str, source: str, spec: Any, *, config: dict, typed=None) -> Dimension:
     if any(key == prefix or key.startswith(prefix + ".") for prefix in UNSWEEPABLE):
         raise ValueError(f"{source}: {key} cannot be swept (sweeps leave {', '.join(UNSWEEPABLE)} alone)")
     current = _lookup(config, key, source=source)
+    if current is None and typed is not None:  # null in the plain config: derived when the config is frozen
+        current = _typed_value(typed, key)
     kinds = ", ".join(KINDS)
     if not isinstance(spec, (list, tuple)) or not spec or spec[0] not in KINDS:
         raise ValueError(f"{source}: expected a list with its kind first ({kinds}), e.g. [loguniform, 1e-4, 1e-2]; "
@@ -119,6 +123,13 @@ def _lookup(config: dict, key: str, *, source: str) -> Any:
         walked.append(part)
     if isinstance(node, dict):
         raise ValueError(f"{source}: {key} is a config section; sweep one of its keys ({', '.join(node)})")
+    return node
+
+
+def _typed_value(typed, key: str) -> Any:
+    node = typed
+    for part in key.split("."):
+        node = getattr(node, part, None)
     return node
 
 

@@ -68,7 +68,7 @@ def validate_sweep(cfg: RootConfig, *, config: dict, check_trial) -> list[Dimens
     metric_and_mode(cfg)
     if sweep.scheduler == SweepScheduler.asha:
         _check_asha(cfg)
-    dimensions = parse_space(sweep, family=cfg.model.family, config=config)
+    dimensions = parse_space(sweep, family=cfg.model.family, config=config, typed=cfg)
     for dimension in dimensions:
         if dimension.kind == "grid" and sweep.searcher != SweepSearcher.random:
             raise ValueError(f"{dimension.source}: grid dimensions need sweep.searcher=random; "
@@ -81,14 +81,21 @@ def validate_sweep(cfg: RootConfig, *, config: dict, check_trial) -> list[Dimens
 
 
 def _check_asha(cfg: RootConfig) -> None:
-    grace, max_steps = grace_period(cfg), cfg.trainer.max_steps
-    if not 1 <= grace < max_steps:
-        raise ValueError(f"sweep.grace_period={grace} must be at least 1 and below trainer.max_steps={max_steps}")
+    """The grace period and evaluation interval left null are derived to fit trainer.max_steps (conf/derived.py),
+    so what fails here is a value the user set; they are checked in the order they are derived from."""
+    grace, max_steps, every = grace_period(cfg), cfg.trainer.max_steps, cfg.trainer.eval_every_n_steps
     if cfg.sweep.reduction_factor <= 1:
         raise ValueError(f"sweep.reduction_factor must be above 1, got {cfg.sweep.reduction_factor}")
-    if cfg.trainer.eval_every_n_steps >= max_steps:
-        raise ValueError(f"ASHA decides on evaluations: trainer.eval_every_n_steps={cfg.trainer.eval_every_n_steps} "
-                         f"must be below trainer.max_steps={max_steps}, or no trial could be stopped early")
+    if max_steps < 2:
+        raise ValueError(f"trainer.max_steps={max_steps}: ASHA stops trials between evaluations, so a trial needs "
+                         "2 steps at least")
+    if every >= max_steps:
+        raise ValueError(f"ASHA decides on evaluations: trainer.eval_every_n_steps={every} must be below "
+                         f"trainer.max_steps={max_steps}, or no trial could be stopped early (leave it unset to derive "
+                         "it from trainer.max_steps)")
+    if not 1 <= grace < max_steps:
+        raise ValueError(f"sweep.grace_period={grace} must be at least 1 and below trainer.max_steps={max_steps} "
+                         "(leave it unset: the first evaluation)")
 
 
 def check_model_candidates(dimensions: list[Dimension], config: dict, *, data: dict) -> None:
@@ -104,7 +111,8 @@ def check_model_candidates(dimensions: list[Dimension], config: dict, *, data: d
 
 
 def grace_period(cfg: RootConfig) -> int:
-    return cfg.sweep.grace_period or cfg.trainer.eval_every_n_steps
+    """sweep.grace_period as set, or as derived when the config was frozen (the first evaluation)."""
+    return cfg.sweep.grace_period if cfg.sweep.grace_period is not None else cfg.trainer.eval_every_n_steps
 
 
 # ------------------------------------------------------------------------------------------------ resources

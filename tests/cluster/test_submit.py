@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -73,6 +74,43 @@ def test_job_env_passes_secrets_by_name_only(monkeypatch, caplog):
     assert "WANDB_API_KEY" in caplog.text and "secret-value-123" not in caplog.text
 
 
+def test_a_secret_travels_as_a_variable_never_in_the_entrypoint(monkeypatch):
+    literal = ["+exp=llm_tiny", "serve.api_key=sk-literal-42", "submit=true"]
+    assert "sk-literal-42" not in submit.build_entrypoint(literal)
+    assert "'serve.api_key=${oc.env:SLIPWAY_API_KEY}'" in submit.build_entrypoint(literal)
+    assert submit.secret_env_vars(literal) == {"SLIPWAY_API_KEY": "sk-literal-42"}
+    referenced = ["+exp=llm_tiny", "serve.api_key=${oc.env:MY_KEY}"]
+    with pytest.raises(ValueError, match=r"serve.api_key=\$\{oc.env:MY_KEY\}: the environment variable MY_KEY is "
+                                         "not set here"):
+        submit.secret_env_vars(referenced)
+    monkeypatch.setenv("MY_KEY", "sk-from-env")
+    assert submit.secret_env_vars(referenced) == {"MY_KEY": "sk-from-env"}
+    assert "'serve.api_key=${oc.env:MY_KEY}'" in submit.build_entrypoint(referenced)
+
+
+def test_credential_files_never_ship_as_working_dir(tmp_path):
+    """Ray's own packaging of a directory with credentials in it, and a .gitignore that un-ignores one."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from cluster.connection import working_dir_excludes
+
+    secrets = [".env", ".env.production", "server.pem", "tls.key", ".netrc", ".git-credentials", "credentials",
+               "gcp-credentials.json", "wandb/settings", ".aws/credentials", ".ssh/id_rsa", "config/id_ed25519"]
+    kept = ["launch.py", "trainers/loop.py", "conf/serve/default.yaml", "credentials_check.py", "envs.md"]
+    for name in secrets + kept:
+        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name).write_text("x")
+    (tmp_path / "repo" / ".gitignore").write_text("!.env\n!*.pem\n")
+    cluster = ClusterConfig(runtime_env_excludes=[".git"])  # a user's excludes that list none of them
+    create_package(str(tmp_path / "repo"), tmp_path / "pkg.zip", include_gitignore=True,
+                   excludes=working_dir_excludes(cluster))
+    shipped = {name for name in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not name.endswith("/")}
+    assert not shipped & set(secrets), sorted(shipped & set(secrets))
+    assert set(kept) <= shipped
+
+
 def test_a_driver_inside_a_submitted_job_does_not_ship_the_repo_again():
     # Ray refuses a ray.init runtime_env that repeats a field or env var of the job's own runtime_env.
     env = build_runtime_env(ClusterConfig(), remote=True, env_vars={"A": "1", "B": "2"}, job_env_vars={"A": "1"})
@@ -128,11 +166,20 @@ def test_a_working_dir_over_the_upload_limit_names_runtime_env_excludes(ray_head
 
 
 def test_submit_runs_the_command_on_the_cluster_and_follows_its_logs(ray_head, tmp_path, data_cache):
+    """The key given on the command line reaches the job's config (which resolves it from the variable it
+    travels in) but not its entrypoint, log or run directory."""
+    secret = f"sk-{uuid.uuid4().hex}"
     result = _launch([*TINY_OVERRIDES, f"paths.root={tmp_path}", f"paths.data_cache={data_cache}",
-                      f"cluster.address={ray_head.dashboard_url}", "submit=true"], env=ray_head.env)
+                      f"serve.api_key={secret}", f"cluster.address={ray_head.dashboard_url}", "submit=true"],
+                     env=ray_head.env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     job_id = re.search(r"submitted job (raysubmit_\w+)", output).group(1)
+    client = submit.connect_jobs_api(ray_head.dashboard_url, key="cluster.address",
+                                     headers={"Authorization": f"Bearer {ray_head.env['RAY_AUTH_TOKEN']}"})
+    assert "oc.env:SLIPWAY_API_KEY" in client.get_job_info(job_id).entrypoint
+    assert secret not in client.get_job_info(job_id).entrypoint and secret not in output
+    assert not [path for path in tmp_path.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
     assert f"{ray_head.dashboard_url}/#/jobs/{job_id}" in output
     assert f"ray job logs -f --address {ray_head.dashboard_url} {job_id}" in output
     # The job's driver joined the cluster through the RAY_ADDRESS its supervisor set; workers trained.

@@ -137,3 +137,16 @@ def test_jsonl_text_may_hold_any_json_string(tmp_path):
     (document,) = iter_documents(TextDataConfig(source="text_dir", path=str(tmp_path)))
 
     assert document.text == "line\nbreak ✓"
+
+
+@pytest.mark.parametrize("escaped", ["\\ud800", "ok \\udfff then", "\\ude00\\ud83d"])  # lone, lone, reversed pair
+def test_jsonl_lone_surrogate_names_file_and_line(tmp_path, escaped):
+    """JSON's \\uXXXX escapes can spell half of a UTF-16 pair, which is no Unicode text: named at once, not by the
+    tokenizer or the parquet writer later."""
+    pair = '{"text": "also fine \\ud83d\\ude00"}'  # a whole pair is one character (an emoji)
+    write(tmp_path / "docs.jsonl", '{"text": "fine"}\n' + pair + '\n{"text": "' + escaped + '"}\n')
+
+    with pytest.raises(ValueError, match="lone surrogate") as error:
+        list(iter_documents(TextDataConfig(source="text_dir", path=str(tmp_path))))
+
+    assert f"{tmp_path / 'docs.jsonl'}: line 3 field 'text' (data.column)" in str(error.value)

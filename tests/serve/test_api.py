@@ -48,6 +48,29 @@ def test_a_body_that_is_not_a_json_object_is_refused_as_body(body, says):
     assert says in error.message
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,  # Python's parser gives up with RecursionError
+    b'{"prompt": "x", "stop": ' + b"[" * 500 + b'"s"' + b"]" * 500 + b"}",  # parses, but any later step could not
+    b'{"a": ' * (api.MAX_JSON_DEPTH + 1) + b"1" + b"}" * (api.MAX_JSON_DEPTH + 1),
+], ids=["beyond-the-parser", "within-the-parser", "one-over-the-limit"])
+def test_a_deeply_nested_body_is_refused_as_body(body):
+    error = _refusal(lambda: api.parse_json_object(body))
+    assert (error.status, error.param) == (400, "body") and "nests JSON more than" in error.message
+
+
+def test_a_body_at_the_depth_limit_parses():
+    depth = api.MAX_JSON_DEPTH
+    assert api.parse_json_object(b'{"a": ' * depth + b"1" + b"}" * depth)
+
+
+def test_a_body_over_the_size_limit_is_refused_by_its_declared_length():
+    api.check_content_length("1024", limit=1024)
+    api.check_content_length(None, limit=1024)  # chunked: counted as it arrives instead
+    error = _refusal(lambda: api.check_content_length("52428800", limit=1024))
+    assert (error.status, error.param) == (413, "body")
+    assert "52428800 bytes" in error.message and "serve.max_body_bytes" in error.message
+
+
 def test_refusal_body_has_openai_error_shape():
     error = api.RequestError(404, "model \"x\" is not served here", "model", type="not_found_error")
     assert error.body() == {"error": {"message": "model \"x\" is not served here", "type": "not_found_error",
@@ -114,12 +137,20 @@ def test_completion_normalizes_what_openai_clients_send():
     ({"stream": "yes"}, "stream", 'stream must be true or false, got "yes"'),
     ({"stream": 1}, "stream", "got 1"),
     ({"n": 2}, "n", "only n=1 and best_of=1"),
+    ({"prompt": "def \ud800f("}, "prompt", "lone UTF-16 surrogate (\\ud800 at character 4)"),
+    ({"stop": ["\n", "\udfff"]}, "stop", "lone UTF-16 surrogate"),
 ])
 def test_completion_refusal_names_the_field(fields, param, says):
     error = _refusal(lambda: _completion(**fields))
     assert (error.status, error.param, error.type) == (400, param, "invalid_request_error")
     assert says in error.message
     assert param in error.message  # the message alone also says which field to fix
+
+
+def test_a_surrogate_pair_is_text():
+    assert _completion(prompt="x = '\ud83d\ude00'".encode("utf-16", "surrogatepass").decode("utf-16"))["prompt"]
+    payload = api.parse_json_object(b'{"prompt": "\\ud83d\\ude00"}')  # JSON's escapes of one emoji
+    assert api.parse_completion(payload, served=SERVED, max_tokens_limit=LIMIT)["prompt"] == "\U0001f600"
 
 
 def test_completion_refuses_best_of_above_one():
@@ -210,6 +241,15 @@ def test_stream_event_is_one_server_sent_event():
     assert chunk["id"] == "cmpl-1" and chunk["model_version"] == 2 and chunk["object"] == "text_completion"
     assert chunk["choices"] == [{"index": 0, "text": "ab", "finish_reason": None, "logprobs": None}]
     assert api.STREAM_DONE == "data: [DONE]\n\n"
+
+
+def test_a_stream_error_is_one_event_in_openai_error_shape():
+    error = api.RequestError(500, "generation failed", type="server_error")
+    event = api.stream_error_event(error)
+    assert event.startswith("data: ") and event.endswith("\n\n") and event.count("\n") == 2
+    assert json.loads(event.removeprefix("data: ")) == {"error": {"message": "generation failed",
+                                                                  "type": "server_error", "param": None,
+                                                                  "code": 500}}
 
 
 def test_completion_ids_are_unique_and_openai_shaped():

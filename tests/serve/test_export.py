@@ -96,3 +96,21 @@ def test_an_export_with_a_wrong_tensor_is_refused_at_load(trained_runs, tmp_path
     save_file(state, export_dir / WEIGHTS_FILE)
     with pytest.raises(ValueError, match=f"{name} has shape"):
         load_export(export_dir)
+
+
+@pytest.mark.parametrize("name", ["../stolen.json", "/etc/hostname"])
+def test_an_asset_name_that_leaves_the_directory_is_refused(name, trained_runs, tmp_path):
+    """model_config.json names the side files that export copies and serving opens: a crafted one must not
+    read or write outside the checkpoint and export directories."""
+    import shutil
+
+    run_dir = trained_runs("llm-ddp", LLM_STRATEGY_RUNS["ddp"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    checkpoint = shutil.copytree(run_dir / summary["best_checkpoint"].rsplit("/", 1)[1], tmp_path / "ckpt")
+    (tmp_path / "stolen.json").write_text("{}")
+    model_config = json.loads((checkpoint / "model_config.json").read_text())
+    (checkpoint / "model_config.json").write_text(json.dumps({**model_config, "tokenizer": name}))
+    with pytest.raises(ValueError, match=f"model_config.json: tokenizer is '{name}'; expected a plain file name"):
+        export_checkpoint(checkpoint, tmp_path / "out" / "export", info={})
+    assert not (tmp_path / "out" / "stolen.json").exists()
+    assert not (tmp_path / "out" / "export").exists()

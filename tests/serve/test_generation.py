@@ -209,6 +209,14 @@ def test_same_seed_same_text_and_another_seed_another(model, tokenizer):
     assert texts[0] == texts[1] != texts[2]
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-6])
+def test_a_vanishing_temperature_is_greedy_rather_than_nan(model, tokenizer, temperature):
+    """logits / 1e-40 overflow float32 to inf, and softmax of inf is NaN: multinomial used to raise."""
+    prompt = tokenizer.encode("the cat").ids
+    greedy = generate(model, tokenizer, prompt, SamplingParams(max_tokens=20, temperature=0))
+    assert generate(model, tokenizer, prompt, SamplingParams(max_tokens=20, temperature=temperature, seed=0)) == greedy
+
+
 def test_tiny_top_p_keeps_only_the_most_likely_token(model, tokenizer):
     prompt = tokenizer.encode("the cat").ids
     greedy = generate(model, tokenizer, prompt, SamplingParams(max_tokens=20, temperature=0))

@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
-from serve import registry as registry_module
-from serve.registry import Registry, RegistryError, RegistryLockTimeout
+from serve import registry_store
+from serve.registry import Registry, RegistryError
+from serve.registry_store import RegistryLockTimeout
 
 MODEL = "ranker"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,14 +39,14 @@ def _lock_entries(root: Path) -> list[Path]:
     return sorted(lock_dir.iterdir()) if lock_dir.exists() else []
 
 
-def _write_foreign_lock_entry(root: Path, *, expires_in_s: float) -> Path:
-    now = datetime.now(UTC)
-    entry = root / MODEL / "lock" / f"{uuid.uuid4().hex}.json"
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    entry.write_text(json.dumps({"holder": "someone-else", "pid": 1, "host": "elsewhere",
-                                 "acquired_at": now.isoformat(),
-                                 "expires_at": (now + timedelta(seconds=expires_in_s)).isoformat()}))
-    return entry
+def _write_foreign_lock(root: Path, *, age_s: float) -> Path:
+    """The lock file another host holds; its age is its mtime by the store's clock."""
+    lock = root / MODEL / "lock" / "held.json"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"holder": "someone-else", "pid": 1, "host": "elsewhere",
+                                "acquired_at": datetime.now(UTC).isoformat()}))
+    os.utime(lock, (time.time() - age_s, time.time() - age_s))
+    return lock
 
 
 @pytest.fixture
@@ -217,18 +217,18 @@ def test_concurrent_promotions_get_distinct_versions_and_lose_nothing(tmp_path, 
 
 def test_stale_lock_is_removed_and_live_lock_times_out(tmp_path, caplog):
     root = tmp_path / "registry"
-    stale = _write_foreign_lock_entry(root, expires_in_s=-5)
+    stale = _write_foreign_lock(root, age_s=65)  # older than the 60 s lease
     with caplog.at_level(logging.WARNING, logger="serve.registry"):
         Registry(root).record(MODEL, {"event": "note"})
     assert not stale.exists() and "stale" in caplog.text
     assert _lock_entries(root) == []
 
-    live = _write_foreign_lock_entry(root, expires_in_s=60)
+    live = _write_foreign_lock(root, age_s=0)
     began = time.monotonic()
     with pytest.raises(RegistryLockTimeout, match=str(root / MODEL / "lock")):
         Registry(root, lock_timeout_s=0.5).record(MODEL, {"event": "blocked"})
     assert 0.5 <= time.monotonic() - began < 3
-    assert _lock_entries(root) == [live]  # our own entry was taken back
+    assert _lock_entries(root) == [live]  # the holder's lock is left alone
     assert [event["event"] for event in Registry(root).history(MODEL)] == ["note"]
 
 
@@ -240,7 +240,7 @@ def test_interrupted_alias_write_keeps_previous_aliases(tmp_path, exports, monke
     registry.move_alias(MODEL, "production", 1, reason="first release")
     before = (root / MODEL / "aliases.json").read_bytes()
 
-    real_stream_bytes = registry_module._stream_bytes
+    real_stream_bytes = registry_store._stream_bytes
 
     def fail_half_way(stream, data):
         if b"doomed move" in data:
@@ -248,7 +248,7 @@ def test_interrupted_alias_write_keeps_previous_aliases(tmp_path, exports, monke
             raise OSError("disk full")
         real_stream_bytes(stream, data)
 
-    monkeypatch.setattr(registry_module, "_stream_bytes", fail_half_way)
+    monkeypatch.setattr(registry_store, "_stream_bytes", fail_half_way)
     with pytest.raises(OSError, match="disk full"):
         registry.move_alias(MODEL, "production", 2, reason="doomed move")
     assert (root / MODEL / "aliases.json").read_bytes() == before
@@ -259,7 +259,7 @@ def test_interrupted_alias_write_keeps_previous_aliases(tmp_path, exports, monke
     # Leftovers of a writer killed before it could clean up are never read as data.
     (root / MODEL / ".aliases.json.0123.tmp").write_text('{"production": {"vers')
     (root / MODEL / "history" / ".00000009.json.0123.tmp").write_text("{")
-    monkeypatch.setattr(registry_module, "_stream_bytes", real_stream_bytes)
+    monkeypatch.setattr(registry_store, "_stream_bytes", real_stream_bytes)
     assert registry.resolve(MODEL, "production") == 1
     event = registry.move_alias(MODEL, "production", 2, reason="retry")
     assert event["seq"] == 4 and [e["seq"] for e in registry.history(MODEL)] == [1, 2, 3, 4]

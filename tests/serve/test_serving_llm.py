@@ -1,8 +1,15 @@
 """The LLM endpoint on real Ray Serve over HTTP: OpenAI-style completions (plain and streamed) that equal the
 exported model's own output, 4xx answers naming the field, a canary split, version swaps under load with no
-failed request, and per-version metrics on Ray's Prometheus endpoint."""
+failed request, and per-version metrics on Ray's Prometheus endpoint. Then the clients and versions that used to
+break it: oversized and deeply nested bodies, a full queue, clients that go away mid-answer, a canary that fails
+its health check, a port another program holds, and a replica that dies mid-stream (last: it restarts one)."""
 
+import http.server
 import json
+import shutil
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -14,8 +21,17 @@ from serve import promote
 from serve.export import export_checkpoint, load_export
 from serve.generation import SamplingParams, generate
 from serve.registry import Registry
-from tests.helpers import LLM_STRATEGY_RUNS
-from tests.serve.http_client import Load, request, stream
+from tests.helpers import LLM_STRATEGY_RUNS, REPO_ROOT
+from tests.serve.conftest import free_port
+from tests.serve.http_client import (
+    Load,
+    Poll,
+    post_oversized,
+    post_then_disconnect,
+    request,
+    stream,
+    stream_then_disconnect,
+)
 
 MODEL = "tiny-llm"
 PROMPT = "def main("
@@ -39,8 +55,11 @@ def endpoint(trained_runs, serve_port, tmp_path_factory):
         export_dir = _export(trained_runs(f"llm-{strategy}", LLM_STRATEGY_RUNS[strategy]), root / strategy)
         assert registry.register(MODEL, export_dir, metadata={"family": "llm"})["version"] == version
     registry.move_alias(MODEL, "production", 1, reason="test setup")
+    # Four requests at a time on the replica and four waiting: the queue test fills that; the load tests'
+    # four client threads do not. Health checks every second let a broken canary fail them within the test.
     serve_cfg = ServeConfig(registry=str(root / "registry"), port=serve_port, num_cpus=0.25, min_replicas=1,
-                            max_replicas=1, refresh_s=0.3, max_tokens_limit=32)
+                            max_replicas=1, refresh_s=0.3, max_tokens_limit=200, max_ongoing_requests=4,
+                            max_queued_requests=4, health_check_period_s=1.0)
     url = deploy(serve_cfg, model=MODEL)
     yield url, serve_cfg, root
     serve.delete(MODEL)
@@ -91,7 +110,7 @@ def test_models_lists_the_served_versions(endpoint):
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": "x = 1\n" * 400}, 400, "prompt"),  # far beyond the model's 256-token context
-    ({"prompt": PROMPT, "max_tokens": 33}, 400, "max_tokens"),  # over serve.max_tokens_limit
+    ({"prompt": PROMPT, "max_tokens": 201}, 400, "max_tokens"),  # over serve.max_tokens_limit
     ({"prompt": "NEAR_CONTEXT", "max_tokens": 32}, 400, "max_tokens"),  # prompt + max_tokens beyond the context
     ({"prompt": PROMPT, "max_tokens": "3"}, 400, "max_tokens"),
     ({"prompt": PROMPT, "temperature": "hot"}, 400, "temperature"),
@@ -99,9 +118,12 @@ def test_models_lists_the_served_versions(endpoint):
     ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": PROMPT, "stream": "yes"}, 400, "stream"),
     ({"prompt": PROMPT, "model": "gpt-4"}, 404, "model"),
+    (b"[" * 50_000 + b"]" * 50_000, 400, "body"),  # RecursionError in the JSON parser: a 500
+    (b'{"prompt": "def \\ud800("}', 400, "prompt"),  # a lone surrogate: the tokenizer's 500
+    (b'{"prompt": "x", "stop": ["\\udc00"], "stream": true}', 400, "stop"),
 ], ids=["malformed-json", "prompt-type", "empty-prompt", "prompt-over-context", "max-tokens-limit",
         "prompt-plus-max-tokens", "max-tokens-type", "temperature-type", "top-p-range", "too-many-stops",
-        "stream-type", "unknown-model"])
+        "stream-type", "unknown-model", "nested-json", "lone-surrogate-prompt", "lone-surrogate-stop"])
 def test_a_bad_request_gets_a_4xx_naming_the_field_and_serving_goes_on(endpoint, body, status, param):
     url, _, root = endpoint
     if isinstance(body, dict) and body["prompt"] == "NEAR_CONTEXT":
@@ -136,13 +158,17 @@ def wait_for_version(url: str, version: int, *, timeout_s: float = 30.0) -> None
     raise AssertionError(f"the endpoint did not switch to v{version} within {timeout_s} s")
 
 
+def models(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]
+
+
 def test_canary_gets_its_share_of_the_traffic(endpoint):
     """25% to v2 over 400 requests: the observed share must fall within 4.5 standard deviations."""
     url, serve_cfg, _ = endpoint
     promote.set_canary(ServeConfig(registry=serve_cfg.registry, canary_version=2, canary_percent=25), model=MODEL)
-    deadline = time.monotonic() + 30
-    while json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["canary_version"] != 2:
-        assert time.monotonic() < deadline, "the router did not pick up the canary alias"
+    deadline = time.monotonic() + 90  # the canary's deployment scales up from zero replicas and loads v2
+    while (models(url)["canary_version"], models(url)["canary_healthy"]) != (2, True):
+        assert time.monotonic() < deadline, f"the router did not take up the canary alias: {models(url)}"
         time.sleep(0.2)
     with Load(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}, threads=4) as load:
         while len(load.answers) < 400:
@@ -202,3 +228,224 @@ def test_per_version_metrics_reach_the_prometheus_endpoint(endpoint, ray_session
     lines = [line for line in body.splitlines() if line.startswith("ray_slipway_requests_total")]
     assert any(f'model="{MODEL}"' in line and 'version="1"' in line for line in lines), lines
     assert any('status="400"' in line for line in body.splitlines() if "request_errors" in line)
+
+
+# ------------------------------------------------------------------------- what used to break the endpoint
+
+def test_a_vanishing_temperature_is_greedy_rather_than_a_500(endpoint):
+    """logits / 1e-40 overflow to inf and sampling failed on NaN; below 1e-5 sampling is now greedy."""
+    url, _, _ = endpoint
+    greedy = completions(url, max_tokens=12, temperature=0)[1]["choices"][0]["text"]
+    for temperature in (1e-40, 5e-324):
+        status, answer, _ = completions(url, max_tokens=12, temperature=temperature, seed=3)
+        assert status == 200 and answer["choices"][0]["text"] == greedy, answer
+
+
+def test_huge_bodies_get_413_before_they_are_read_and_healthz_stays_fast(endpoint):
+    """Four 50 MB bodies at once, each refused by its Content-Length (1 MiB default) while the sender is still
+    sending it, and /healthz polled throughout: the router's event loop never parses them."""
+    url, _, _ = endpoint
+    answers = []
+    with Poll(url + "/healthz") as poll:
+        time.sleep(0.5)
+        senders = [threading.Thread(target=lambda: answers.append(post_oversized(url + "/v1/completions", 50 << 20)))
+                   for _ in range(4)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=120)
+        time.sleep(0.5)
+    assert len(answers) == 4
+    for status, answer, _, seconds in answers:
+        assert status == 413 and answer["error"]["param"] == "body", answer
+        assert "serve.max_body_bytes" in answer["error"]["message"] and seconds < 5, (answer, seconds)
+    latencies = sorted(seconds for _, seconds in poll.answers)
+    print(f"\n/healthz during 4 concurrent 50 MB bodies: {len(latencies)} polls, p50 "
+          f"{latencies[len(latencies) // 2] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms; 413 after "
+          f"{', '.join(f'{a[3] * 1000:.0f}' for a in answers)} ms")
+    assert {status for status, _ in poll.answers} == {200}
+    assert latencies[-1] < 0.5, latencies[-5:]
+    assert completions(url, max_tokens=1)[0] == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after(endpoint):
+    """The replica takes 4 requests at once and 4 more wait (serve.max_ongoing_requests, max_queued_requests):
+    of 32 long requests sent together, the rest are refused at once rather than queued without bound."""
+    url, _, _ = endpoint
+    answers = []
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 2.0, "seed": 1}
+    clients = [threading.Thread(target=lambda: answers.append(completions(url, **body))) for _ in range(32)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(timeout=300)
+    refused = [(answer, headers) for status, answer, headers in answers if status == 503]
+    assert len(answers) == 32 and {status for status, _, _ in answers} == {200, 503}, [a[:2] for a in answers]
+    # How many: 32 - 8 if all arrived at once, fewer as some finish while the last threads start (18 on 2 cores).
+    print(f"\n32 requests at once: {32 - len(refused)} answered, {len(refused)} refused with 503")
+    for answer, headers in refused:
+        assert answer["error"]["type"] == "server_error" and "max_queued_requests" in answer["error"]["message"]
+        assert int(headers["retry-after"]) >= 1
+    assert completions(url, max_tokens=1)[0] == 200
+
+
+def generated_tokens(ray_session, *, settle_s: float = 20.0) -> float:
+    """ray_slipway_generated_tokens_total for MODEL, read once two reads 1.5 s apart agree (metrics are exported
+    every second)."""
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    deadline, previous = time.monotonic() + settle_s, None
+    while True:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                    if line.startswith("ray_slipway_generated_tokens_total") and f'model="{MODEL}"' in line)
+        if total == previous or time.monotonic() > deadline:
+            return total
+        previous = total
+        time.sleep(1.5)
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "plain"])
+def test_a_client_that_goes_away_stops_its_generation(endpoint, ray_session, streamed):
+    """The counter of generated tokens grows by a whole completion for a client that stays, and by far less for
+    one that drops the connection early: Serve's cancellation reaches the decode loop."""
+    url, _, _ = endpoint
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 2.0, "seed": 11}  # hot: EOS is unlikely
+    before = generated_tokens(ray_session)
+    started = time.perf_counter()
+    status, answer, _ = completions(url, **body)
+    full_s = time.perf_counter() - started
+    full = answer["usage"]["completion_tokens"]
+    assert status == 200 and full >= 150, answer
+    after_full = generated_tokens(ray_session)
+    assert after_full - before == full
+    if streamed:
+        stream_then_disconnect(url + "/v1/completions", {**body, "stream": True}, events=2)
+    else:
+        post_then_disconnect(url + "/v1/completions", body, after_s=full_s / 5)
+    time.sleep(2 * full_s)  # long enough for an uncancelled generation to have finished
+    stopped_after = generated_tokens(ray_session) - after_full
+    print(f"\n{'streamed' if streamed else 'plain'}: a full completion took {full_s:.2f} s for {full} tokens; "
+          f"the dropped one generated {stopped_after:.0f}")
+    assert stopped_after < full / 2, (stopped_after, full)
+
+
+def nan_export(export_dir: Path, out_dir: Path) -> Path:
+    """A copy of an export whose output layer is NaN: loadable, with valid checksums once registered, but every
+    logit is NaN, so its health check fails."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(export_dir, out_dir)
+    state = load_file(str(out_dir / "model.safetensors"))
+    name = next(key for key in state if key.startswith("output"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+def replica_actors(deployment: str) -> set[str]:
+    import ray
+
+    return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if f"#{deployment}#" in actor["name"] and MODEL in actor["name"]}
+
+
+def test_a_canary_that_fails_its_health_check_leaves_production_alone(endpoint):
+    """A canary whose logits are NaN: its own deployment's replicas fail their health checks and restart, the
+    router gives it no traffic, and production's replica goes on serving every request, never restarted."""
+    url, serve_cfg, root = endpoint
+    wait_for_version(url, 1)
+    registry = Registry(serve_cfg.registry)
+    broken = registry.register(MODEL, nan_export(root / "ddp", root / "nan"), metadata={"family": "llm"})["version"]
+    production_replicas = replica_actors("llm_replica")
+    assert len(production_replicas) == 1
+    promote.set_canary(ServeConfig(registry=serve_cfg.registry, canary_version=broken, canary_percent=50),
+                       model=MODEL)
+    try:
+        deadline = time.monotonic() + 30
+        while models(url)["canary_version"] != broken:
+            assert time.monotonic() < deadline, "the router did not pick up the canary alias"
+            time.sleep(0.2)
+        with Load(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "temperature": 1.0}, threads=4) as load:
+            time.sleep(8.0)  # several of the canary's health checks (every second), each one failing
+        assert models(url)["canary_healthy"] is False
+        statuses = [status for status, _ in load.answers]
+        assert statuses and set(statuses) == {200}, f"{len(statuses) - statuses.count(200)} failed requests"
+        assert {version for _, version in load.answers} == {1}
+        assert replica_actors("llm_replica") == production_replicas, "production's replica was restarted"
+    finally:
+        promote.set_canary(ServeConfig(registry=serve_cfg.registry, canary_percent=0), model=MODEL)
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Another program on the port: answers everything with 200 and remembers what it was sent."""
+
+    seen: list[str] = []
+
+    def _answer(self):
+        self.seen.append(f"{self.command} {self.path}")
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_serve_stage_refuses_a_port_another_program_holds(endpoint, tmp_path):
+    """Exit 2 naming serve.port, before Serve starts, and nothing (least of all the sample request with its API
+    key) is sent to the program that holds the port."""
+    _, serve_cfg, _ = endpoint
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "launch.py", "stage=serve", f"serve.model={MODEL}", f"serve.registry={serve_cfg.registry}",
+             f"serve.port={port}", "serve.block=false", "serve.api_key=not-for-them", f"paths.root={tmp_path}",
+             "cluster.include_dashboard=false"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert f"serve.port={port}" in output and "another program" in output, output[-3000:]
+    assert _Recorder.seen == []
+
+
+def test_a_replica_that_dies_mid_stream_ends_the_stream_with_an_error_event(endpoint):
+    """Runs last: it kills the production replica (as the OOM killer or a lost node would) while a completion
+    streams. The stream ends with an OpenAI-style error event and no [DONE]; Serve then replaces the replica."""
+    import ray
+
+    url, _, _ = endpoint
+    wait_for_version(url, 1)
+    (replica,) = replica_actors("llm_replica")
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 2.0, "seed": 11, "stream": True}
+    events = []
+
+    def kill_after_first_event():
+        while not events:
+            time.sleep(0.01)
+        ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+
+    killer = threading.Thread(target=kill_after_first_event, daemon=True)
+    killer.start()
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=120) as response:
+        for line in response:
+            if line.startswith(b"data: "):
+                events.append(line[len(b"data: "):].decode().strip())
+    killer.join(timeout=30)
+    assert len(events) >= 2 and "[DONE]" not in events, events[-3:]
+    assert json.loads(events[-1])["error"]["type"] == "server_error", events[-1]
+    assert all("choices" in json.loads(event) for event in events[:-1])
+    deadline = time.monotonic() + 120
+    while completions(url, max_tokens=1)[0] != 200:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(1.0)

@@ -2,6 +2,8 @@
 answers naming the field, and requests combined by @serve.batch under concurrent load."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -14,7 +16,7 @@ from conf.schema import ServeConfig
 from serve.export import export_checkpoint, load_export
 from serve.features import FeatureEncoder
 from serve.registry import Registry
-from tests.helpers import RANKER_REFERENCE_RUN
+from tests.helpers import RANKER_REFERENCE_RUN, REPO_ROOT
 from tests.serve.http_client import request
 
 MODEL = "tiny-ranker"
@@ -86,6 +88,28 @@ def test_requests_need_the_api_key(endpoint):
     assert rank(url, body)[0] == 200
 
 
+def test_models_needs_the_api_key_and_healthz_stays_open_for_probes(endpoint):
+    url, _ = endpoint
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        status, answer, _ = request(url + "/v1/models", headers=headers)
+        assert status == 401 and answer["error"]["type"] == "authentication_error", answer
+    status, answer, _ = request(url + "/v1/models", headers=AUTH)
+    assert status == 200 and answer["data"][0]["id"] == MODEL
+    status, answer, _ = request(url + "/healthz")
+    assert status == 200 and answer["status"] == "ok"
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_a_config_error_not_auth_off(tmp_path, key):
+    """Exit 2 at composition, before any stage (or Ray) starts, naming serve.api_key."""
+    done = subprocess.run([sys.executable, "launch.py", "stage=serve", "serve.model=anything",
+                           f"serve.api_key='{key}'", f"paths.root={tmp_path}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "serve.api_key is empty" in output, output[-2000:]
+    assert "starting an embedded local Ray" not in output
+
+
 @pytest.mark.parametrize("body, param", [
     (b"[1, 2", "body"),
     ({"candidates": []}, "candidates"),
@@ -95,8 +119,10 @@ def test_requests_need_the_api_key(endpoint):
     ({"candidates": [{"I1": "big"}]}, "candidates[0].I1"),
     ({"context": {"C1": 1}, "candidates": [{"C1": 2}]}, "candidates[0].C1"),
     ({"context": [1], "candidates": [{"C1": 2}]}, "context"),
+    ({"candidates": [{"C\ud800": 1}]}, "candidates[0].C\ud800"),  # quoted in the error: not UTF-8, was a 500
+    (b'{"a": ' * 30_000, "body"),  # RecursionError in the JSON parser: was a 500
 ], ids=["malformed-json", "no-candidates", "too-many-candidates", "unknown-feature", "category-type",
-        "dense-type", "feature-twice", "context-type"])
+        "dense-type", "feature-twice", "context-type", "lone-surrogate-feature", "nested-json"])
 def test_a_bad_request_gets_a_400_naming_the_field(endpoint, body, param):
     url, _ = endpoint
     status, answer, _ = rank(url, body)

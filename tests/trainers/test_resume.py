@@ -6,6 +6,8 @@ DDP on CPU is deterministic (fixed thread count, gloo all-reduce over 2 ranks, d
 prepared shards), so "the same final loss" is checked as exact equality of every logged training loss.
 """
 
+import json
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,78 @@ def test_sharded_strategies_restore_their_checkpoints(strategy, short_ddp_losses
     assert sorted(losses) == sorted(short_ddp_losses)
     for step, expected in short_ddp_losses.items():
         assert losses[step] == pytest.approx(expected, rel=1e-4), f"{strategy} after restore, step {step}"
+
+
+# ---- a rerun never resumes weights trained on other data; one launch per run directory
+
+def _corpus(directory, *, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    words = ["def", "return", "class", "import", "value", "self", "for", "in", "range", "print", "data", "model"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(4):
+        lines = (" ".join(rng.choice(words) for _ in range(12)) for _ in range(400))
+        (directory / f"part{index}.txt").write_text("\n".join(lines))
+
+
+def test_a_rerun_on_changed_data_refuses_to_resume_and_says_how_to_go_on(ray_session, data_cache, tmp_path):
+    from tests.helpers import run_training
+
+    corpus = tmp_path / "corpus"
+    _corpus(corpus, seed=1)
+    overrides = ["data=text_dir", f"data.path={corpus}", "strategy=ddp", "cluster.num_workers=1"]
+    run_dir = run_training(tmp_path, data_cache, overrides)
+    first = json.loads((run_dir / "manifest.json").read_text())
+    assert len(first["launches"]) == 1 and first["launches"][0]["data_fingerprint"] == first["data_fingerprint"]
+
+    (corpus / "part2.txt").write_text("an edited file: other rows, other token ids\n" * 300)
+    with pytest.raises(ValueError, match=r"was trained on other data: the prepared data \(fingerprint \w+ -> \w+\) "
+                                         r"and tokenizer.json \(sha256 .*checkpoint.resume=fresh.*"
+                                         r"checkpoint.resume=anyway"):
+        run_training(tmp_path, data_cache, overrides)
+    assert json.loads((run_dir / "manifest.json").read_text()) == first  # the refusal wrote nothing
+    with pytest.raises(ValueError, match=r"the run's data changed since it trained \(data fingerprint "):
+        run_training(tmp_path, data_cache, [*overrides, "stage=promote", f"serve.source={run_dir}",
+                                            f"serve.registry={tmp_path / 'registry'}"])
+
+    assert run_training(tmp_path, data_cache, [*overrides, "checkpoint.resume=fresh"]) == run_dir
+    set_aside = list(tmp_path.glob(f"runs/{run_dir.name}.replaced-*"))
+    assert len(set_aside) == 1 and checkpoint_dirs(set_aside[0]) == checkpoint_dirs(run_dir)
+    assert [row["step"] for row in read_metrics(run_dir) if "train_loss" in row] == list(range(1, 7))
+
+    (corpus / "part3.txt").write_text("edited again\n" * 300)
+    assert run_training(tmp_path, data_cache, [*overrides, "checkpoint.resume=anyway"]) == run_dir  # finished
+    launches = json.loads((run_dir / "manifest.json").read_text())["launches"]
+    assert len(launches) == 2 and launches[0]["data_fingerprint"] != launches[1]["data_fingerprint"]
+    assert {"at", "host", "pid", "commit", "dirty", "data_files"} <= launches[1].keys()
+
+
+def test_a_second_launch_of_the_same_run_is_refused_naming_the_first(ray_session, data_cache, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from trainers import outputs
+
+    run_dir = tmp_path / "runs" / "held"
+    with outputs.run_lock(run_dir):
+        with pytest.raises(ValueError, match=f"in use by another launch of the same run "
+                                             rf"\(host {socket.gethostname()}, pid {os.getpid()}, since"):
+            with outputs.run_lock(run_dir):
+                pass
+    # A holder killed with SIGKILL leaves no stale lock: the kernel drops its flock.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from trainers.outputs import run_lock; cm = run_lock(Path(sys.argv[1])); "
+                               "cm.__enter__(); print('held', flush=True); time.sleep(60)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ValueError, match=f"pid {holder.pid}"):
+        with outputs.run_lock(run_dir):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with outputs.run_lock(run_dir):
+        pass

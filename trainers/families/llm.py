@@ -11,10 +11,25 @@ from trainers.families import Batch, Family, model_config_dict
 
 
 def _check_config(model_cfg: LLMConfig, data_cfg: TextDataConfig) -> None:
+    """The shapes the model is built from, checked before data preparation and Ray: a head count that does
+    not divide the width would otherwise fail inside every worker, after retries. (The sizes' own ranges are
+    checked first: conf/derived.py BOUNDS.)"""
+    from datasets.tokenizer import check_vocab_size
+
     if data_cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(
             f"data.seq_len={data_cfg.seq_len} is beyond the model's limit model.max_seq_len={model_cfg.max_seq_len}"
         )
+    dim, heads, kv_heads = model_cfg.dim, model_cfg.n_heads, model_cfg.n_kv_heads
+    if dim % heads:
+        raise ValueError(f"model.n_heads={heads} must divide model.dim={dim}: each head gets dim / n_heads channels")
+    if heads % kv_heads:
+        raise ValueError(f"model.n_kv_heads={kv_heads} must divide model.n_heads={heads}: each key/value head "
+                         "serves an equal group of query heads")
+    if (dim // heads) % 2:
+        raise ValueError(f"model.dim={dim} / model.n_heads={heads} = {dim // heads} channels per head must be even: "
+                         "rotary embeddings rotate channel pairs")
+    check_vocab_size(data_cfg.vocab_size)
 
 
 def _prepare(model_cfg: LLMConfig, data_cfg: TextDataConfig, *, cache_root):

@@ -13,6 +13,18 @@ from trainers import ranker
 from trainers.families import Batch, Family, model_config_dict
 
 
+def _check_config(model_cfg: RankerConfig, data_cfg: ClickLogDataConfig) -> None:
+    """What trainers/ranker.py would refuse inside every worker, checked before data preparation and Ray.
+    (The sizes' own ranges are checked first: conf/derived.py BOUNDS.)"""
+    if model_cfg.arch == "dlrm" and (not model_cfg.bottom_mlp or model_cfg.bottom_mlp[-1] != model_cfg.embedding_dim):
+        raise ValueError(
+            f"model.bottom_mlp={list(model_cfg.bottom_mlp)} must end with model.embedding_dim="
+            f"{model_cfg.embedding_dim}: its output takes part in the dot products with the embeddings"
+        )
+    if model_cfg.arch == "dcn" and model_cfg.cross_layers < 1:
+        raise ValueError(f"model.cross_layers={model_cfg.cross_layers} must be at least 1 for model.arch=dcn")
+
+
 def _prepare(model_cfg: RankerConfig, data_cfg: ClickLogDataConfig, *, cache_root):
     from datasets.clicklog import prepare_clicklog
 
@@ -86,7 +98,7 @@ RANKER = Family(
     data_schema=ClickLogDataConfig,
     data_kind="clicklog",
     data_choices="data=synthetic_clicks or criteo_tsv",
-    check_config=lambda model_cfg, data_cfg: None,
+    check_config=_check_config,
     prepare_data=_prepare,
     plan_data=_plan_data,
     build_model=lambda cfg, *, data, device: ranker.build_ranker(

@@ -14,7 +14,7 @@ from torch import nn
 
 from cluster.memory import ADAM_MOMENTS, BF16, FP32, ModelShape, ModelStates, dtype_name, human_count
 from conf.schema import Precision, StrategyConfig, StrategyName
-from trainers.safe_loading import load_tensors, safe_dcp_reader
+from trainers.safe_loading import load_dcp, load_tensors
 from trainers.strategies import CheckpointFormat, StrategySpec
 from trainers.strategies.common import TorchStrategy, apply_activation_checkpointing, is_on_meta, ring_share
 
@@ -82,12 +82,11 @@ class FSDPStrategy(TorchStrategy):
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
 
     def load_state(self, directory: Path) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, storage_reader=safe_dcp_reader(str(directory / DCP_DIR)))
+        load_dcp(state, directory / DCP_DIR)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(load_tensors(directory / "scheduler.pt"))
@@ -96,12 +95,10 @@ class FSDPStrategy(TorchStrategy):
 def consolidate(checkpoint_dir: Path, template: dict) -> dict:
     """Read DCP's shards into full CPU tensors shaped like the plain model's (no process group needed). DCP
     reshards on load, so this reads what any mesh wrote."""
-    import torch.distributed.checkpoint as dcp
-
     state = {"model": {name: torch.empty(t.shape, dtype=torch.float32) for name, t in template.items()}}
     with warnings.catch_warnings():  # DCP warns that it runs without a process group, which is the point here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=safe_dcp_reader(str(checkpoint_dir / DCP_DIR)), no_dist=True)
+        load_dcp(state, checkpoint_dir / DCP_DIR, no_dist=True)
     return state["model"]
 
 

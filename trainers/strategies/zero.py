@@ -15,7 +15,7 @@ from torch import nn
 
 from cluster.memory import ADAM_MOMENTS, BF16, FP32, ModelShape, ModelStates, dtype_name, human_count
 from conf.schema import Precision, StrategyConfig, StrategyName
-from trainers.safe_loading import install_safe_deepspeed_loader, weights_only_loads
+from trainers.safe_loading import check_deepspeed_files, install_safe_deepspeed_loader, weights_only_loads
 from trainers.strategies import CheckpointFormat, StrategySpec
 from trainers.strategies.common import apply_activation_checkpointing, parameter_groups, ring_share
 
@@ -123,6 +123,7 @@ def consolidate(checkpoint_dir: Path, template: dict) -> dict:
     """Merge ZeRO-1/2/3 partitions from the fp32 master weights in the optimizer files (bf16 runs included)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    check_deepspeed_files(checkpoint_dir / STATE_DIR)
     with weights_only_loads(), contextlib.redirect_stdout(None):  # the tool prints its progress
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / STATE_DIR), tag="state")
 
