@@ -212,17 +212,24 @@ class Router:
         return replicas.options(multiplexed_model_id=str(version))
 
     async def _call(self, method: str, version: int, canary: bool, *args):
-        """One replica call; a failing canary call is answered by production and benches the canary until it
-        passes its next check."""
+        """One replica call, answered by production if the canary fails it."""
+        async def attempt(target: int, on_canary: bool):
+            return await getattr(self._handle(target, canary=on_canary), method).remote(*args)
+
+        return await self._with_production_fallback(attempt, version, canary)
+
+    async def _with_production_fallback(self, attempt, version: int, canary: bool):
+        """`attempt(version, canary)`; when a canary attempt fails, the canary is benched until it passes its next
+        check and production is attempted instead. Backpressure and cancellation pass through as they are."""
         try:
-            return await getattr(self._handle(version, canary=canary), method).remote(*args)
+            return await attempt(version, canary)
         except (BackPressureError, asyncio.CancelledError):
             raise
         except Exception:
             if not canary:
                 raise
             self._bench_canary(version)
-        return await getattr(self._handle(self.routes.production), method).remote(*args)
+        return await attempt(self.routes.production, False)
 
     def _bench_canary(self, version: int) -> None:
         logger.exception("canary v%d failed a request; production answers it, and the canary's traffic until it "
@@ -277,16 +284,11 @@ class Router:
     async def _open_stream(self, params: dict, version: int, canary: bool):
         """The replica's stream and its first answer (accepted, or a 4xx); a canary that fails before it
         accepts hands the request to production."""
-        chunks = self._handle(version, canary=canary).options(stream=True).complete_stream.remote(params)
-        try:
+        async def attempt(target: int, on_canary: bool):
+            chunks = self._handle(target, canary=on_canary).options(stream=True).complete_stream.remote(params)
             return chunks, await chunks.__anext__()
-        except (BackPressureError, asyncio.CancelledError):
-            raise
-        except Exception:
-            if not canary:
-                raise
-            self._bench_canary(version)
-        return await self._open_stream(params, self.routes.production, False)
+
+        return await self._with_production_fallback(attempt, version, canary)
 
     async def _stream(self, params: dict, version: int, canary: bool, *, request_id: str) -> StreamingResponse:
         chunks, first = await self._open_stream(params, version, canary)
