@@ -24,7 +24,7 @@ from trainers.config import config_from_dict, plain_config, redacted, register_c
 
 logger = logging.getLogger("slipway")
 
-STAGES = ("train", "sweep", "promote", "canary", "rollback", "registry", "serve")
+STAGES = ("train", "sweep", "promote", "canary", "rollback", "registry", "export", "serve")
 # Whether Hydra got as far as calling main(): before that, a failure is a config that does not compose.
 _composed = False
 
@@ -49,14 +49,16 @@ def stages_of(cfg: RootConfig) -> list[str]:
     return stages
 
 
-def run(dict_cfg: DictConfig, *, experiment: str) -> list[tuple[str, str | Path]]:
-    """Run the config's stages; returns what each produced, e.g. [("run_dir", path), ("endpoint", url)]."""
+def run(dict_cfg: DictConfig, *, experiment: str, command_line: list[str] = ()) -> list[tuple[str, str | Path]]:
+    """Run the config's stages; returns what each produced, e.g. [("run_dir", path), ("endpoint", url)].
+    `command_line` holds the overrides as typed: a model size among them may not contradict model.init_from."""
     from conf.derived import check_serve
+    from conf.pretrained import adopt_checkpoint_config
     from trainers.run import check_config
 
     # Derived once: the typed config (with secrets, for the stages) and the plain one, redacted once (for run
-    # files, the run name, W&B and the workers).
-    plain = plain_config(dict_cfg)
+    # files, the run name, W&B and the workers). A pretrained checkpoint's shape replaces the experiment's first.
+    plain = adopt_checkpoint_config(plain_config(dict_cfg), command_line=list(command_line))
     cfg = config_from_dict(plain)
     config = redacted(plain)
     stages = stages_of(cfg)
@@ -101,6 +103,10 @@ def _run_stage(stage: str, cfg: RootConfig, *, config: dict, experiment: str, pr
     if stage == "rollback":
         event = promote.rollback(cfg.serve, model=model)
         return "production", f"{model} v{event['to']}"
+    if stage == "export":
+        out_dir = promote.copy_version_out(cfg.serve, model=model,
+                                           cache_dir=Path(cfg.paths.root).resolve() / "registry_cache")
+        return "export_dir", out_dir
     if stage == "registry":
         from serve.registry import Registry
 
@@ -196,7 +202,7 @@ def main(dict_cfg: DictConfig) -> None:
     global _composed
     _composed = True
     try:
-        results = run(dict_cfg, experiment=experiment_name())
+        results = run(dict_cfg, experiment=experiment_name(), command_line=command_overrides())
     except (ValueError, FileNotFoundError) as err:
         logger.error("error: %s", err)
         sys.exit(2)

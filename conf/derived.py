@@ -3,6 +3,7 @@ has to import a higher one to read them (DESIGN.md section 4)."""
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from conf.schema import ClusterConfig, Precision
 
@@ -86,7 +87,7 @@ BOUNDS: dict[str, Bound] = {
     "trainer.max_steps": AT_LEAST_1,  # first: the derived step counts follow from it
     "trainer.global_batch_size": AT_LEAST_1,
     "trainer.micro_batch_size": AT_LEAST_1,
-    "trainer.lr": POSITIVE,
+    "trainer.lr": AT_LEAST_0,  # 0 leaves the weights as loaded: an import/export round trip (model.init_from)
     "trainer.min_lr_ratio": FRACTION,
     "trainer.warmup_steps": AT_LEAST_0,
     "trainer.weight_decay": AT_LEAST_0,
@@ -142,6 +143,8 @@ BOUNDS: dict[str, Bound] = {
     # serve
     "serve.refresh_s": POSITIVE,  # the router re-reads the registry every refresh_s: 0 would spin
     "serve.eval_rows": AT_LEAST_0,  # 0 = all
+    "serve.export_shard_gb": POSITIVE,
+    "serve.version": AT_LEAST_1,
     "serve.canary_percent": Bound(0, 100),
     "serve.port": Bound(1, 65535),
     "serve.min_replicas": AT_LEAST_0,
@@ -189,3 +192,115 @@ def check_serve(cfg) -> None:
     if serve.max_replicas < serve.min_replicas:
         raise ValueError(f"serve.max_replicas={serve.max_replicas} must be at least serve.min_replicas="
                          f"{serve.min_replicas}")
+    check_gate_metric(cfg)
+
+
+# ------------------------------------------------------------ the eval gate's metric: serve.gate_metric
+
+GATE_METRIC_SYNTAX = "lm_eval:TASK:METRIC[,FILTER]"
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """A score of a local lm-evaluation-harness task, e.g. lm_eval:slipway_choice:acc. lm-eval reports each metric
+    once per filter of the task, as "METRIC,FILTER"; a task without a filter_list has the one filter "none"."""
+
+    task: str
+    metric: str
+    filter: str = "none"
+
+    @property
+    def key(self) -> str:
+        return f"{self.metric},{self.filter}"
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    name: str
+    yaml_path: Path
+    config: dict  # as lm-eval's index reads it: includes merged, !function tags not yet imported
+
+
+def parse_gate_metric(value: str, *, key: str = "serve.gate_metric") -> TaskMetric:
+    parts = value.split(":")
+    metric, _, filter_name = parts[-1].partition(",")
+    if len(parts) != 3 or parts[0] != "lm_eval" or not parts[1].strip() or not metric.strip():
+        raise ValueError(f"{key}={value!r} must be {GATE_METRIC_SYNTAX} (e.g. lm_eval:slipway_choice:acc), or null "
+                         "for the model family's own metric")
+    return TaskMetric(parts[1], metric, filter_name or "none")
+
+
+def local_lm_eval_tasks(directory: str | Path, *, key: str) -> dict[str, LocalTask]:
+    """The tasks (not groups or tags) that lm-eval finds in `directory`'s YAML files, by name; only these, not
+    lm-eval's built-in tasks, which download their data."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{key}={directory} is not a directory (expected one holding lm-eval task YAML files)")
+    try:
+        from lm_eval.tasks import TaskManager
+    except ModuleNotFoundError as err:
+        raise ValueError(f"{key} needs lm-evaluation-harness ({err}): pip install lm-eval==0.4.13") from None
+    index = TaskManager(include_path=str(path.resolve()), include_defaults=False).task_index
+    return {name: LocalTask(name, Path(entry.yaml_path), entry.cfg) for name, entry in index.items()
+            if entry.kind.name == "TASK"}
+
+
+def require_local_task(tasks: dict[str, LocalTask], name: str, *, key: str, directory: str | Path) -> LocalTask:
+    if name in tasks:
+        return tasks[name]
+    read = {task.yaml_path.resolve() for task in tasks.values()}
+    unread = sorted(p.name for p in Path(directory).expanduser().resolve().glob("**/*.yaml") if p not in read)
+    skipped = f"; lm-eval skipped {', '.join(unread)} (not a task, or not valid YAML)" if unread else ""
+    raise ValueError(f"{key}: no lm-eval task {name!r} in {directory} (tasks there: "
+                     f"{', '.join(sorted(tasks)) or 'none'}{skipped})")
+
+
+def task_metric_mode(task: LocalTask, metric: TaskMetric, *, mode: str | None) -> str:
+    """"max" or "min" for `metric` of `task`: serve.gate_mode when set, else the direction the task's metric_list
+    declares (higher_is_better), else lm-eval's own for a metric it knows (acc and exact_match: higher)."""
+    listed = {item.get("metric"): item for item in task.config.get("metric_list") or [] if isinstance(item, dict)}
+    if listed and metric.metric not in listed:
+        raise ValueError(f"serve.gate_metric: task {task.name} ({task.yaml_path}) reports {', '.join(map(str, listed))}"
+                         f", not {metric.metric}")
+    filters = [item.get("name") for item in task.config.get("filter_list") or [] if isinstance(item, dict)]
+    if metric.filter not in (filters or ["none"]):
+        raise ValueError(f"serve.gate_metric: task {task.name} reports its metrics under the filters "
+                         f"{', '.join(filters or ['none'])}, not {metric.filter} (lm_eval:TASK:METRIC,FILTER)")
+    if mode is not None:
+        return str(mode)
+    higher = listed.get(metric.metric, {}).get("higher_is_better")
+    if higher is None:
+        from lm_eval.api.registry import is_higher_better
+
+        higher = is_higher_better(metric.metric)
+    if higher is None:
+        raise ValueError(f"serve.gate_metric: neither task {task.name} nor lm-eval says whether a higher "
+                         f"{metric.metric} is better; set serve.gate_mode=max or serve.gate_mode=min")
+    return "max" if higher else "min"
+
+
+def check_gate_metric(cfg) -> str | None:
+    """serve.gate_metric with serve.gate_tasks and serve.gate_mode, checked before anything starts."""
+    return gate_metric_mode(cfg.serve, family=getattr(cfg.model, "family", None))
+
+
+def gate_metric_mode(serve, *, family: str | None) -> str | None:
+    """The direction ("max" or "min") of serve.gate_metric for a model of `family`, its task found in
+    serve.gate_tasks; None when the gate uses the family's own metric."""
+    if serve.gate_metric is None:
+        for key in ("gate_tasks", "gate_mode"):
+            if getattr(serve, key) is not None:
+                raise ValueError(f"serve.{key} is set but serve.gate_metric is null: the family's metric has its "
+                                 f"own direction and data; set serve.gate_metric={GATE_METRIC_SYNTAX}, or drop "
+                                 f"serve.{key}")
+        return None
+    metric = parse_gate_metric(serve.gate_metric)
+    if family is not None and family != "llm":  # lm-eval tasks score text; other families have their own metric
+        raise ValueError(f"serve.gate_metric={serve.gate_metric} scores a language model, and model.family={family} "
+                         "is not one: leave serve.gate_metric null to gate on the family's metric")
+    if serve.gate_tasks is None:
+        raise ValueError(f"serve.gate_metric={serve.gate_metric} needs serve.gate_tasks=DIR, the directory holding "
+                         f"task {metric.task}'s YAML file (e.g. scripts/lm_eval_tasks)")
+    tasks = local_lm_eval_tasks(serve.gate_tasks, key="serve.gate_tasks")
+    task = require_local_task(tasks, metric.task, key="serve.gate_metric", directory=serve.gate_tasks)
+    return task_metric_mode(task, metric, mode=serve.gate_mode)

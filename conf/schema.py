@@ -59,6 +59,11 @@ class TextSource(StrEnum):
     parquet = "parquet"
 
 
+class ChatFormat(StrEnum):
+    chat_jsonl = "chat_jsonl"  # {"messages": [{"role": ..., "content": ...}, ...]} per line
+    prompt_completion_jsonl = "prompt_completion_jsonl"  # {"prompt": ..., "completion": ...} per line
+
+
 class ClickLogSource(StrEnum):
     synthetic = "synthetic"
     criteo_tsv = "criteo_tsv"
@@ -98,12 +103,29 @@ class MetricMode(StrEnum):
 
 
 @dataclass
+class Llama3RopeScaling:
+    """Llama 3.1's long-context rotary scaling (`rope_scaling` of type llama3 in a Hugging Face config.json):
+    wavelengths longer than original_max_seq_len / low_freq_factor are stretched by `factor`, those shorter
+    than original_max_seq_len / high_freq_factor are kept, and the band between is interpolated."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
 class LLMConfig:
     """A decoder-only transformer (family `llm`). Presets live in conf/model/llm_*.yaml."""
 
     family: str = "llm"
     preset: str = "tiny"
-    # The vocabulary size is not set here: it comes from the tokenizer trained with the data (data.vocab_size).
+    # A local Hugging Face checkpoint directory (Llama family) to start from: its config.json sets the sizes
+    # below and the vocabulary, its weights initialize the model and its tokenizer replaces BPE training.
+    init_from: str | None = None
+    # Rows of the embedding table; null = the tokenizer's size (data.vocab_size when BPE is trained). A checkpoint
+    # (init_from) sets it to its own, which may exceed its tokenizer's (padded for fast matmuls).
+    vocab_size: int | None = None
     dim: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -111,7 +133,9 @@ class LLMConfig:
     ffn_hidden: int = 344
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: Llama3RopeScaling | None = None
     norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # the output projection shares the token embedding matrix
     init_std: float = 0.02
     # "auto" builds on the meta device when the model is too big to build whole and the strategy can
     # materialize shards (fsdp); otherwise on the worker's device.
@@ -146,7 +170,10 @@ class TextDataConfig:
     source: TextSource = TextSource.stdlib
     path: str | None = None  # required for text_dir and parquet
     column: str = "text"  # the text column of a parquet source or the field of jsonl records
-    vocab_size: int = 4096  # byte-level BPE vocabulary trained on the corpus
+    # A pretrained tokenizer: a directory with tokenizer.json (and tokenizer_config.json), e.g. a Hugging Face
+    # checkpoint's. null trains a byte-level BPE on the corpus; model.init_from sets it to the checkpoint.
+    tokenizer: str | None = None
+    vocab_size: int = 4096  # byte-level BPE vocabulary trained on the corpus (unused with data.tokenizer)
     seq_len: int = 256  # tokens per training sequence
     val_fraction: float = 0.05  # share of documents held out for validation
     max_chars: int | None = None  # cap on corpus characters (first documents in sorted order)
@@ -155,6 +182,31 @@ class TextDataConfig:
     # streamed from the shards by Ray Data read tasks each epoch.
     in_memory_limit_mb: int = 512
     seed: int = 0  # shuffle order of the packed training rows
+
+
+@dataclass
+class ChatDataConfig:
+    """Fine-tuning examples in a JSON-lines file (family `llm`, with model.init_from naming the tokenizer and its
+    chat template). The loss covers only what the assistant (or the completion) says."""
+
+    kind: str = "chat"
+    format: ChatFormat = ChatFormat.chat_jsonl
+    path: str | None = None  # the .jsonl file; required
+    # The directory with tokenizer.json and tokenizer_config.json (its chat template and EOS); model.init_from
+    # sets it to the checkpoint, which is where it should come from.
+    tokenizer: str | None = None
+    seq_len: int = 512  # tokens per training sequence; longer examples are dropped (and counted in the log)
+    # true: several examples share a row, each attending only to itself (block-diagonal mask, positions that
+    # restart per example); false: one example per row, padded.
+    packing: bool = True
+    val_fraction: float = 0.05  # share of examples held out for validation (by a hash of each line)
+    # Where each line keeps its conversation (chat_jsonl) or its prompt and completion (prompt_completion_jsonl).
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    rows_per_shard: int = 2048  # rows per parquet shard
+    in_memory_limit_mb: int = 512  # as for text: splits up to this size go straight into Ray's object store
+    seed: int = 0  # shuffle order of the training examples
 
 
 @dataclass
@@ -322,6 +374,12 @@ class ServeConfig:
     min_improvement: float = 0.0  # the challenger must beat production by more than this, in metric units
     force: bool = False  # promote even if the gate says no (the decision is still recorded)
     eval_rows: int | None = None  # held-out rows scored; None = the rows training evaluated on; 0 = all
+    # What the gate compares: None = the family's metric on the held-out split (val_loss, auc); or an
+    # lm-evaluation-harness score of a local task, "lm_eval:TASK:METRIC[,FILTER]" (e.g. lm_eval:slipway_choice:acc),
+    # with the task's YAML in gate_tasks (an LLM only; eval_rows, when > 0, is lm-eval's limit of documents)
+    gate_metric: str | None = None
+    gate_tasks: str | None = None  # a directory of lm-eval task YAML files (and their local data files)
+    gate_mode: MetricMode | None = None  # max or min; None = the metric's own direction (acc, exact_match: max)
     reason: str | None = None  # recorded with the alias move; None = a generated one
     # stage=rollback: production goes back to this version; None = the version production held before
     to_version: int | None = None
@@ -349,6 +407,13 @@ class ServeConfig:
     # Retry-After rather than an ever longer wait
     max_queued_requests: int = 64
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read (256 Criteo rows: ~0.2 MiB)
+    # Exports (stage=promote): weights in this dtype (auto: bf16 if the run trained on GPUs, else fp32), in
+    # safetensors files of at most this many GB (LLMs; a larger single tensor gets a file of its own)
+    export_dtype: Precision = Precision.auto
+    export_shard_gb: float = 5.0
+    # stage=export: copy a registered version (serve.version, default production) out to this directory
+    export_dir: str | None = None
+    version: int | None = None
     # LLM requests
     max_tokens_limit: int = 256  # the largest max_tokens a request may ask for
     sample_prompt: str = "def "  # printed with its completion once the endpoint is up

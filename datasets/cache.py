@@ -11,11 +11,22 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+
+
+def prepared_from_dict(cls, data: dict, *, what: str):
+    """A prepared-data description (a plain-data dataclass, as it travels to Ray workers) from its dict; a
+    missing key is named, and extra keys are ignored."""
+    names = [field.name for field in fields(cls)]
+    missing = [name for name in names if name not in data]
+    if missing:
+        raise ValueError(f"prepared {what} description lacks keys {missing}; expected all of {names}")
+    return cls(**{name: data[name] for name in names})
 
 
 def read_meta(root: Path, *, required: set[str]) -> dict | None:

@@ -2,7 +2,8 @@
 
 Layout of a prepared directory `<cache_root>/text-<fingerprint[:16]>/`:
 
-    tokenizer.json            byte-level BPE trained on the train documents only
+    tokenizer.json            byte-level BPE trained on the train documents only, or a copy of data.tokenizer's
+    tokenizer_config.json     with data.tokenizer: its copy (special tokens, chat template)
     train/part-00000.parquet  column `tokens`: fixed_size_list<int32>[seq_len + 1], rows shuffled with data.seed
     val/part-00000.parquet    same column, rows in document order
     meta.json                 written last: its presence marks the directory complete
@@ -13,6 +14,7 @@ The directory is built and renamed into place as datasets/cache.py describes.
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -26,9 +28,16 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from conf.schema import TextDataConfig
-from datasets.cache import META_FILE, build_into_place, read_meta, write_meta
+from datasets.cache import META_FILE, build_into_place, prepared_from_dict, read_meta, write_meta
 from datasets.sources import Document, iter_documents
-from datasets.tokenizer import EOS_TOKEN, check_vocab_size, train_tokenizer
+from datasets.tokenizer import (
+    EOS_TOKEN,
+    PRETRAINED_TOKENIZER_FILES,
+    check_vocab_size,
+    load_pretrained_tokenizer,
+    tokenizer_digest,
+    train_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +72,7 @@ class PreparedText:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreparedText":
-        names = [field.name for field in fields(cls)]
-        missing = [name for name in names if name not in data]
-        if missing:
-            raise ValueError(f"prepared text description lacks keys {missing}; expected all of {names}")
-        return cls(**{name: data[name] for name in names})
+        return prepared_from_dict(cls, data, what="text")
 
 
 @dataclass(frozen=True)
@@ -136,8 +141,10 @@ def _validate(cfg: TextDataConfig, *, max_seq_len: int) -> None:
         raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 0.5]")
     if cfg.rows_per_shard < 1:
         raise ValueError(f"data.rows_per_shard={cfg.rows_per_shard} must be at least 1")
-    check_vocab_size(cfg.vocab_size)
-
+    if cfg.tokenizer is None:
+        check_vocab_size(cfg.vocab_size)
+    else:
+        load_pretrained_tokenizer(cfg.tokenizer)  # a missing or broken tokenizer is named before any reading
 
 def _settings(cfg: TextDataConfig) -> dict:
     # Only what changes the prepared rows; data.path is left out so a moved corpus keeps its cache.
@@ -145,7 +152,8 @@ def _settings(cfg: TextDataConfig) -> dict:
         "format_version": FORMAT_VERSION,
         "source": cfg.source,
         "column": cfg.column,
-        "vocab_size": cfg.vocab_size,
+        # A pretrained tokenizer counts by its files' content; data.vocab_size only sizes BPE training.
+        **({"vocab_size": cfg.vocab_size} if cfg.tokenizer is None else {"tokenizer": tokenizer_digest(cfg.tokenizer)}),
         "seq_len": cfg.seq_len,
         "val_fraction": cfg.val_fraction,
         "max_chars": cfg.max_chars,
@@ -192,12 +200,8 @@ def _scan_corpus(cfg: TextDataConfig) -> _CorpusScan:
 
 
 def _build(cfg: TextDataConfig, directory: Path, *, scan: _CorpusScan) -> None:
-    started = time.perf_counter()
-    train_texts = (doc.text for doc in _documents(cfg) if not scan.split.is_val(doc.doc_id))
-    tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
-    tokenizer.save(str(directory / TOKENIZER_FILE))
-    logger.info("trained tokenizer (vocab %d) in %.1f s", tokenizer.get_vocab_size(), time.perf_counter() - started)
-    tokens, documents = _tokenize_splits(cfg, tokenizer=tokenizer, split=scan.split)
+    tokenizer, eos_token = _tokenizer_into(directory, cfg, split=scan.split)
+    tokens, documents = _tokenize_splits(cfg, tokenizer=tokenizer, eos_token=eos_token, split=scan.split)
     rows = {name: _pack_rows(tokens[name], seq_len=cfg.seq_len, split=name) for name in SPLITS}
     rows["train"] = rows["train"][np.random.default_rng(cfg.seed).permutation(len(rows["train"]))]
     for name in SPLITS:
@@ -212,7 +216,7 @@ def _build(cfg: TextDataConfig, directory: Path, *, scan: _CorpusScan) -> None:
         "val_rows": len(rows["val"]),
         "train_dir": "train",
         "val_dir": "val",
-        "eos_id": tokenizer.token_to_id(EOS_TOKEN),
+        "eos_id": tokenizer.token_to_id(eos_token),
         "documents": documents,
         "tokens": {name: len(tokens[name]) for name in SPLITS},
         "settings": _settings(cfg),
@@ -220,17 +224,37 @@ def _build(cfg: TextDataConfig, directory: Path, *, scan: _CorpusScan) -> None:
     write_meta(directory, meta)
 
 
+def _tokenizer_into(directory: Path, cfg: TextDataConfig, *, split: SplitRule) -> tuple[Tokenizer, str]:
+    """The tokenizer the rows are encoded with, saved into the prepared directory (exports copy it from there):
+    data.tokenizer's files as they are, or a BPE trained on the train documents."""
+    if cfg.tokenizer is not None:
+        tokenizer, eos_token = load_pretrained_tokenizer(cfg.tokenizer)
+        for name in PRETRAINED_TOKENIZER_FILES:
+            if (Path(cfg.tokenizer) / name).is_file():
+                shutil.copyfile(Path(cfg.tokenizer) / name, directory / name)
+        logger.info("using the pretrained tokenizer of %s (vocab %d)", cfg.tokenizer, tokenizer.get_vocab_size())
+        return tokenizer, eos_token
+    started = time.perf_counter()
+    train_texts = (doc.text for doc in _documents(cfg) if not split.is_val(doc.doc_id))
+    tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
+    tokenizer.save(str(directory / TOKENIZER_FILE))
+    logger.info("trained tokenizer (vocab %d) in %.1f s", tokenizer.get_vocab_size(), time.perf_counter() - started)
+    return tokenizer, EOS_TOKEN
+
+
 def _tokenize_splits(
-    cfg: TextDataConfig, *, tokenizer: Tokenizer, split: SplitRule
+    cfg: TextDataConfig, *, tokenizer: Tokenizer, eos_token: str, split: SplitRule
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Each split as one stream of token ids, every document followed by the end-of-text token."""
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    """Each split as one stream of token ids, every document followed by the end-of-text token (and preceded by
+    whatever the tokenizer's post-processor adds, e.g. a pretrained Llama tokenizer's begin-of-text)."""
+    eos_id = tokenizer.token_to_id(eos_token)
     # Text that happens to contain "<|endoftext|>" must stay text, not forge a document boundary.
     tokenizer.encode_special_tokens = True
     pieces: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
     for batch in _batched(_documents(cfg), size=ENCODE_BATCH_DOCS):
-        encodings = tokenizer.encode_batch_fast([doc.text for doc in batch], add_special_tokens=False)
+        encodings = tokenizer.encode_batch_fast([doc.text for doc in batch],
+                                                add_special_tokens=cfg.tokenizer is not None)
         ids: dict[str, list[int]] = {name: [] for name in SPLITS}
         for doc, encoding in zip(batch, encodings, strict=True):
             name = "val" if split.is_val(doc.doc_id) else "train"

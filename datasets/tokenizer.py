@@ -4,6 +4,8 @@ Byte-level means every string can be encoded (no unknown token) and decoding giv
 back, which the export and serving side rely on.
 """
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,3 +53,53 @@ def check_vocab_size(vocab_size: int) -> None:
             f"data.vocab_size={vocab_size} is too small; a byte-level tokenizer needs at least {MIN_VOCAB_SIZE} "
             f"(256 bytes + {EOS_TOKEN})"
         )
+
+
+# A pretrained tokenizer directory (a Hugging Face checkpoint's): tokenizer.json is the tokenizer itself,
+# tokenizer_config.json names its special tokens and holds the chat template. Both are copied with prepared
+# data and exports, and both count in the data fingerprint.
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+PRETRAINED_TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+
+
+def load_pretrained_tokenizer(directory: str | Path) -> tuple[Tokenizer, str]:
+    """The tokenizer of a pretrained tokenizer directory and its end-of-text token (tokenizer_config.json's
+    eos_token): what separates documents when text is packed."""
+    directory = Path(directory)
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; data.tokenizer (or model.init_from) must be a directory with a "
+                         "Hugging Face tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises its own Exception type for a malformed file
+        raise ValueError(f"{path}: not a tokenizer file the tokenizers library reads ({err})") from None
+    eos = special_token(directory, "eos_token")
+    if eos is None or tokenizer.token_to_id(eos) is None:
+        raise ValueError(f"{directory / TOKENIZER_CONFIG_FILE}: eos_token {eos!r} is missing or not in the "
+                         "tokenizer; it separates documents and ends generations")
+    return tokenizer, eos
+
+
+def special_token(directory: str | Path, key: str) -> str | None:
+    """A special token's text from tokenizer_config.json (a string, or an AddedToken dict with `content`)."""
+    path = Path(directory) / TOKENIZER_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    value = config.get(key) if isinstance(config, dict) else None
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def tokenizer_digest(directory: str | Path) -> str:
+    """sha256 over the pretrained tokenizer's files: a different tokenizer (or chat template) is different data."""
+    digest = hashlib.sha256()
+    for name in PRETRAINED_TOKENIZER_FILES:
+        path = Path(directory) / name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"<absent>")
+    return digest.hexdigest()

@@ -99,18 +99,18 @@ def _preset(name: str, schema):
 
 
 def _write_export(out_dir: Path, model_config: dict) -> None:
-    """model.safetensors with the random weights build_model_from_config gives, and model_config.json."""
+    """The random weights build_model_from_config gives, in the family's export layout, and model_config.json."""
     import torch
-    from safetensors.torch import save_file
 
-    from serve.export import MODEL_CONFIG_FILE, WEIGHTS_FILE, build_model_from_config
+    from serve.export import DEFAULT_SHARD_BYTES, MODEL_CONFIG_FILE, build_model_from_config, family_of
 
     torch.manual_seed(SEED)
     state = build_model_from_config(model_config).state_dict()
-    # Copies: safetensors refuses tensors that share memory, and export.py writes each parameter on its own too.
-    save_file({name: t.detach().clone().contiguous() for name, t in state.items()}, str(out_dir / WEIGHTS_FILE),
-              metadata={"family": model_config["family"]})
     (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
+    # Copies: safetensors refuses tensors that share memory, and export.py writes each parameter on its own too.
+    family_of(model_config).export_layout.write({name: t.detach().clone() for name, t in state.items()}, out_dir,
+                                                model_config=model_config, dtype=torch.float32,
+                                                shard_bytes=DEFAULT_SHARD_BYTES)
 
 
 def build_llm_export(out_dir: Path) -> Path:

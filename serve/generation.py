@@ -2,9 +2,14 @@
 
 `generate_stream` is the single implementation; `generate` only concatenates its chunks, so a streamed and a
 non-streamed request with the same parameters and seed produce the same text by construction.
+
+Log-probabilities (`logprobs`, and the prompt's with `echo`) come from the very logits that generation samples
+from: the prefill's logits at every prompt position score the prompt, each step's logits score the token drawn
+from them. They are the model's own distribution (log-softmax of the raw logits, before temperature and top_p),
+as vLLM reports them, so a score does not depend on how the text was sampled.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +19,9 @@ from datasets.tokenizer import EOS_TOKEN
 from trainers.llm import KVCache, Transformer, build_kv_cache
 
 MAX_STOP_STRINGS = 4  # the OpenAI API's limit, which clients already respect
+MAX_LOGPROBS = 5  # alternatives per token, the OpenAI completions API's limit
+# Prompt positions scored per log-softmax: bounds the extra memory of echo to this many rows of the vocabulary.
+PROMPT_LOGPROB_ROWS = 256
 # Below this temperature sampling is greedy: logits / 1e-40 overflow float32 to inf and softmax gives NaN, and
 # long before that the distribution is a point mass on the argmax anyway (vLLM draws the line at the same place).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -28,26 +36,45 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: sample among the most likely tokens holding this much probability
     stop: list[str] = field(default_factory=list)  # generation ends before the first occurrence of any
     seed: int | None = None  # None draws a fresh seed per request
+    logprobs: int | None = None  # score each token and list this many most likely alternatives; None: no scores
+    echo: bool = False  # with logprobs, the prompt's tokens are scored too; max_tokens may then be 0
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be at least 1")
+        if self.max_tokens < (0 if self.echo else 1):
+            raise ValueError(f"max_tokens={self.max_tokens} must be at least 1 (0 only with echo)")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 for greedy decoding)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} must be at most {MAX_STOP_STRINGS} non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs} must be in 0..{MAX_LOGPROBS}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's score: its log-probability given the tokens before it (None for a prompt's first token,
+    which nothing predicts) and the `logprobs` most likely tokens at its position, most likely first."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """Newly final text. Only the last chunk has a `finish_reason` ("stop" or "length"); counts are running."""
+    """Newly final text. Only the last chunk has a `finish_reason` ("stop" or "length"); counts are running.
+
+    With `logprobs`, the scores of the tokens generated since the previous chunk (the prompt's first, with
+    echo): a token whose text is held back is scored in the chunk that releases it, so the chunks' scores
+    joined are every completion token counted, EOS and the token completing a stop string included."""
 
     text: str
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +83,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class StreamingText:
@@ -115,50 +143,69 @@ def held_back_length(text: str, stop: list[str]) -> int:
     return longest
 
 
-def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
-                    params: SamplingParams) -> Iterator[StreamChunk]:
+def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+                    stop_token_ids: Sequence[int] | None = None) -> Iterator[StreamChunk]:
     """Generate a completion of `prompt_ids`, yielding text as soon as it is final; the last chunk says why it ended.
 
-    One forward over the whole prompt fills the KV cache, then each step feeds only the newest token. EOS
-    ends generation with "stop" and is not part of the text; so does a stop string, which is cut off.
+    One forward over the whole prompt fills the KV cache, then each step feeds only the newest token. A stop
+    token (`stop_token_ids`: the model's end-of-sequence ids; None means the tokenizer's <|endoftext|>) ends
+    generation with "stop" and is not part of the text; so does a stop string, which is cut off.
     Completion token counts include the token that ended generation (EOS or the one completing a stop).
     The request is checked here, before the first chunk is asked for, so a server can still answer 400.
     """
     check_request(model, prompt_ids, params)
-    return _decode(model, tokenizer, prompt_ids, params)
+    if stop_token_ids is None:
+        eos_id = tokenizer.token_to_id(EOS_TOKEN)
+        stop_token_ids = () if eos_id is None else (eos_id,)
+    return _decode(model, tokenizer, prompt_ids, params, stop_ids=frozenset(stop_token_ids))
 
 
-def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
-            params: SamplingParams) -> Iterator[StreamChunk]:
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+            stop_ids: frozenset[int]) -> Iterator[StreamChunk]:
+    scored, top = params.logprobs is not None, params.logprobs or 0
+    if params.max_tokens == 0 and not scored:  # the prompt alone, unscored: no forward pass is needed
+        yield StreamChunk("", "length", len(prompt_ids), 0)
+        return
     generator = _seeded_generator(params.seed, device=model.tok_embeddings.weight.device)
     cache = _new_cache(model, max_len=len(prompt_ids) + params.max_tokens)
-    logits = _next_token_logits(model, prompt_ids, cache=cache)
+    pending: list[TokenLogprob] = []  # scores not yet handed out with a chunk
+    if scored and params.echo:
+        prompt_logits = _prefill_logits(model, prompt_ids, cache=cache)
+        pending.extend(prompt_logprobs(prompt_logits, prompt_ids, top=top))
+        logits = prompt_logits[-1]
+    else:
+        logits = _next_token_logits(model, prompt_ids, cache=cache)
     text = StreamingText(tokenizer, stop=params.stop)
     completion_tokens, finish_reason = 0, "length"
     while completion_tokens < params.max_tokens:
         token = sample_token(logits, params, generator=generator)
         completion_tokens += 1
-        if token == eos_id:
+        if scored:
+            pending.append(token_logprob(logits, token, top=top))
+        if token in stop_ids:
             finish_reason = "stop"
             break
         delta = text.push(token)
         if text.stopped:  # `delta` runs up to the stop string; nothing after it is ever released
-            yield StreamChunk(delta, "stop", len(prompt_ids), completion_tokens)
+            yield StreamChunk(delta, "stop", len(prompt_ids), completion_tokens, tuple(pending))
             return
         if delta:
-            yield StreamChunk(delta, None, len(prompt_ids), completion_tokens)
+            yield StreamChunk(delta, None, len(prompt_ids), completion_tokens, tuple(pending))
+            pending = []
         if completion_tokens < params.max_tokens:  # the last token's logits would go unused
             logits = _next_token_logits(model, [token], cache=cache)
-    yield StreamChunk(text.finish(), finish_reason, len(prompt_ids), completion_tokens)
+    yield StreamChunk(text.finish(), finish_reason, len(prompt_ids), completion_tokens, tuple(pending))
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
+def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+             stop_token_ids: Sequence[int] | None = None) -> Completion:
     """The whole completion at once: `generate_stream`'s chunks joined."""
-    pieces = []
-    for chunk in generate_stream(model, tokenizer, prompt_ids, params):
+    pieces, scores = [], []
+    for chunk in generate_stream(model, tokenizer, prompt_ids, params, stop_token_ids=stop_token_ids):
         pieces.append(chunk.text)
-    return Completion("".join(pieces), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+        scores.extend(chunk.logprobs)
+    return Completion("".join(pieces), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens,
+                      tuple(scores))
 
 
 def check_request(model: Transformer, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -197,6 +244,36 @@ def nucleus(probs: torch.Tensor, *, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, ranked)
 
 
+@torch.inference_mode()
+def token_logprob(logits: torch.Tensor, token: int, *, top: int) -> TokenLogprob:
+    """The score of `token` drawn from `logits` (vocab,), with the `top` most likely alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = logprobs.topk(top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
+
+
+@torch.inference_mode()
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], *, top: int) -> list[TokenLogprob]:
+    """Each prompt token's score from the prefill's `logits` (len(prompt), vocab): position i predicts token
+    i + 1, and the first token has no score (OpenAI's null). Rows go through log-softmax a slice at a time."""
+    scores = [TokenLogprob(prompt_ids[0], None)]
+    targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)
+    for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROB_ROWS):
+        rows = torch.log_softmax(logits[start : start + PROMPT_LOGPROB_ROWS].float(), dim=-1)
+        rows = rows[: len(targets) - start]
+        chosen = rows.gather(-1, targets[start : start + len(rows), None])[:, 0].tolist()
+        if top:
+            best = rows.topk(top, dim=-1)
+            alternatives = [tuple(zip(i, v, strict=True)) for i, v in zip(best.indices.tolist(),
+                                                                       best.values.tolist(), strict=True)]
+        else:
+            alternatives = [()] * len(chosen)
+        scores.extend(TokenLogprob(token, logprob, alts) for token, logprob, alts in
+                      zip(prompt_ids[start + 1 : start + 1 + len(rows)], chosen, alternatives, strict=True))
+    return scores
+
+
 def _seeded_generator(seed: int | None, *, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:
@@ -211,6 +288,13 @@ def _seeded_generator(seed: int | None, *, device: torch.device) -> torch.Genera
 @torch.inference_mode()
 def _new_cache(model: Transformer, *, max_len: int) -> KVCache:
     return build_kv_cache(model, batch_size=1, max_len=max_len)
+
+
+@torch.inference_mode()
+def _prefill_logits(model: Transformer, token_ids: list[int], *, cache: KVCache) -> torch.Tensor:
+    """The logits at every prompt position (len, vocab): the prefill computes them all anyway."""
+    tokens = torch.tensor([token_ids], dtype=torch.long, device=model.tok_embeddings.weight.device)
+    return model(tokens, cache=cache)[0]
 
 
 @torch.inference_mode()

@@ -5,6 +5,8 @@ Every candidate that is exported becomes an immutable registry version (the same
 version, also when two promoters race), so a challenger the gate refused can still be canaried or promoted later
 with `serve.force=true`. The gate's decision, with both numbers, goes into the model's history whatever it was.
 Deciding and moving production is one step (see `promote_version`), and a non-finite score never passes the gate.
+The gate compares the family's metric on the held-out split, or with serve.gate_metric an lm-evaluation-harness
+score of a local task (serve/harness.py), computed in this process for both versions.
 """
 
 import json
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from conf.derived import TaskMetric, gate_metric_mode, parse_gate_metric
 from conf.schema import RootConfig
 from serve.evaluate import evaluate_on_run_data
-from serve.export import WEIGHTS_FILE, export_checkpoint, load_export
+from serve.export import export_checkpoint, load_export, read_model_config, weights_identity_file
 from serve.registry import AliasMoved, Registry
 from trainers import outputs
 from trainers.config import config_from_dict
@@ -84,13 +87,16 @@ class GateDecision:
     metric: str
     challenger_value: float
     production_value: float | None
+    mode: str | None = None  # "min" or "max": which way is better
+    evaluation: dict | None = None  # how an lm-eval score was measured: task directory, documents, stderrs
 
     def to_event(self, *, challenger: int, production: int | None, min_improvement: float, forced: bool) -> dict:
-        return {"event": "gate", "challenger": challenger, "production": production, "metric": self.metric,
-                "challenger_value": _json_number(self.challenger_value),
-                "production_value": _json_number(self.production_value),
-                "min_improvement": min_improvement, "decision": "promoted" if self.promote or forced else "refused",
-                "forced": forced and not self.promote, "reason": self.reason}
+        event = {"event": "gate", "challenger": challenger, "production": production, "metric": self.metric,
+                 "mode": self.mode, "challenger_value": _json_number(self.challenger_value),
+                 "production_value": _json_number(self.production_value),
+                 "min_improvement": min_improvement, "decision": "promoted" if self.promote or forced else "refused",
+                 "forced": forced and not self.promote, "reason": self.reason}
+        return event | ({"evaluation": self.evaluation} if self.evaluation else {})
 
 
 def _json_number(value: float | None) -> float | str | None:
@@ -109,19 +115,20 @@ def decide(*, metric: str, mode: str, challenger: float, production: float | Non
     """
     if not math.isfinite(challenger):
         return GateDecision(False, f"challenger {metric} is {challenger}: a non-finite score never passes the gate "
-                                   "(the model diverged or its evaluation broke)", metric, challenger, production)
+                                   "(the model diverged or its evaluation broke)", metric, challenger, production,
+                            mode)
     if production is None:
-        return GateDecision(True, "no production version yet", metric, challenger, None)
+        return GateDecision(True, "no production version yet", metric, challenger, None, mode)
     if not math.isfinite(production):
         return GateDecision(False, f"production {metric} is {production} on this split, so no challenger can be "
                                    "compared with it; check both models and promote with serve.force=true if this "
-                                   "challenger should replace it", metric, challenger, production)
+                                   "challenger should replace it", metric, challenger, production, mode)
     gain = (production - challenger) if mode == "min" else (challenger - production)
     better = gain > min_improvement
     verdict = "beats" if better else "does not beat"
     reason = (f"challenger {metric} {challenger:.5f} {verdict} production {production:.5f} by more than "
               f"{min_improvement:g} ({'lower' if mode == 'min' else 'higher'} is better; gain {gain:+.5f})")
-    return GateDecision(better, reason, metric, challenger, production)
+    return GateDecision(better, reason, metric, challenger, production, mode)
 
 
 def _assets_match(registry: Registry, model: str, a: int, b: int, *, family: Family) -> bool:
@@ -131,14 +138,38 @@ def _assets_match(registry: Registry, model: str, a: int, b: int, *, family: Fam
     return bool(shared) and all(files_a[n]["sha256"] == files_b[n]["sha256"] for n in shared)
 
 
-def _score(registry: Registry, model: str, version: int, candidate: Candidate, *, rows: int | None,
-           cache_dir: Path, scores: dict[int, float]) -> float:
-    # Versions are immutable, so a version scored on these rows once keeps its score for a later attempt.
+@dataclass(frozen=True)
+class Measure:
+    """What the gate compares: the family's metric on the run's held-out split, or (serve.gate_metric) an
+    lm-eval score of a local task; `mode` says which way is better."""
+
+    metric: str
+    mode: str
+    task_metric: TaskMetric | None = None  # for an lm-eval score
+
+    @classmethod
+    def of(cls, serve_cfg, family: Family) -> "Measure":
+        mode = gate_metric_mode(serve_cfg, family=family.name)  # the run's family, whatever this command composed
+        if mode is None:
+            return cls(family.metric, family.metric_mode)
+        return cls(serve_cfg.gate_metric, mode, parse_gate_metric(serve_cfg.gate_metric))
+
+
+def _score(registry: Registry, model: str, version: int, candidate: Candidate, *, measure: Measure, serve_cfg,
+           cache_dir: Path, scores: dict[int, tuple[float, dict | None]]) -> tuple[float, dict | None]:
+    """(score, how an lm-eval score was measured) of `version`. Versions are immutable, so a version scored once
+    keeps its score for a later attempt."""
     if version not in scores:
-        metric = get_family(candidate.run_cfg.model.family).metric
-        loaded = load_export(registry.fetch(model, version, cache_dir=cache_dir))
-        scores[version] = evaluate_on_run_data(loaded, candidate.run_cfg, rows=rows,
-                                               trained_on=candidate.data_fingerprint)[metric]
+        directory = registry.fetch(model, version, cache_dir=cache_dir)
+        if measure.task_metric is not None:
+            from serve.harness import score_export
+
+            scores[version] = score_export(directory, measure.task_metric, version=version,
+                                           include_path=serve_cfg.gate_tasks, limit=serve_cfg.eval_rows or None)
+        else:
+            metrics = evaluate_on_run_data(load_export(directory), candidate.run_cfg, rows=serve_cfg.eval_rows,
+                                           trained_on=candidate.data_fingerprint)
+            scores[version] = (metrics[measure.metric], None)
     return scores[version]
 
 
@@ -150,7 +181,7 @@ def promote(serve_cfg, *, model: str, source: Path, experiment: str, cache_dir: 
     registry = Registry(serve_cfg.registry)
     candidate = best_candidate(source)
     logger.info("promoting %s step %d from %s", candidate.checkpoint.name, candidate.step, candidate.run_dir)
-    version = _register(registry, model, candidate, experiment=experiment)
+    version = _register(registry, model, candidate, experiment=experiment, serve_cfg=serve_cfg)
     return promote_version(registry, model, version, candidate, serve_cfg=serve_cfg, cache_dir=cache_dir)
 
 
@@ -164,14 +195,15 @@ def promote_version(registry: Registry, model: str, version: int, candidate: Can
     scoring stays outside the lock, which the compare-and-set makes safe. So of two promoters that both beat
     production, production ends on the better one. Returns the gate's history event.
     """
-    scores: dict[int, float] = {}
+    scores: dict[int, tuple[float, dict | None]] = {}
+    measure = Measure.of(serve_cfg, get_family(candidate.run_cfg.model.family))
     for _ in range(GATE_ATTEMPTS):
         production = registry.resolve(model, PRODUCTION)
         if production == version:
             logger.info("%s v%d is already production; nothing to do", model, version)
             return {"event": "gate", "challenger": version, "production": production, "decision": "unchanged"}
-        decision = _gate(registry, model, version, production, candidate, serve_cfg=serve_cfg, cache_dir=cache_dir,
-                         scores=scores)
+        decision = _gate(registry, model, version, production, candidate, measure=measure, serve_cfg=serve_cfg,
+                         cache_dir=cache_dir, scores=scores)
         logger.info("eval gate: %s", decision.reason)
         event = decision.to_event(challenger=version, production=production,
                                   min_improvement=serve_cfg.min_improvement, forced=serve_cfg.force)
@@ -197,32 +229,87 @@ def _move_production(registry: Registry, model: str, version: int, candidate: Ca
     return {"at": moved["at"], **event, "lock_token": moved["lock_token"], "seq": moved["preceded_by"]}
 
 
-def _register(registry: Registry, model: str, candidate: Candidate, *, experiment: str) -> int:
+def _register(registry: Registry, model: str, candidate: Candidate, *, experiment: str, serve_cfg) -> int:
     with tempfile.TemporaryDirectory(prefix="slipway-export-") as tmp:
         export_dir = export_checkpoint(candidate.checkpoint, Path(tmp) / "export",
-                                       info={"step": candidate.step, "source_run": str(candidate.run_dir)})
+                                       info={"step": candidate.step, "source_run": str(candidate.run_dir)},
+                                       dtype=export_dtype(serve_cfg, run_cfg=candidate.run_cfg),
+                                       shard_bytes=int(serve_cfg.export_shard_gb * 10**9))
         # The same weights twice are one version, checked again under the registry's lock at commit.
         record = registry.register(model, export_dir, metadata=_version_metadata(candidate, experiment=experiment),
-                                   dedupe_file=WEIGHTS_FILE)
+                                   dedupe_file=weights_identity_file(read_model_config(export_dir)))
     return record["version"]
 
 
+def export_dtype(serve_cfg, *, run_cfg: RootConfig):
+    """serve.export_dtype; auto is bf16 for a model trained on GPUs (it trained in bf16: fp32 would double the
+    download for no accuracy) and fp32 otherwise (a CPU run trained in fp32, and fp32 loads everywhere)."""
+    import torch
+
+    name = serve_cfg.export_dtype
+    if name == "auto":
+        name = "bf16" if run_cfg.cluster.use_gpu else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def _gate(registry: Registry, model: str, version: int, production: int | None, candidate: Candidate, *,
-          serve_cfg, cache_dir: Path, scores: dict[int, float]) -> GateDecision:
+          measure: Measure, serve_cfg, cache_dir: Path, scores: dict) -> GateDecision:
     family = get_family(candidate.run_cfg.model.family)
-    rows = serve_cfg.eval_rows
-    challenger_value = _score(registry, model, version, candidate, rows=rows, cache_dir=cache_dir, scores=scores)
+    score = dict(measure=measure, serve_cfg=serve_cfg, cache_dir=cache_dir, scores=scores)
+    challenger_value, challenger_eval = _score(registry, model, version, candidate, **score)
+    metric, mode, margin = measure.metric, measure.mode, serve_cfg.min_improvement
     if production is None:
-        return decide(metric=family.metric, mode=family.metric_mode, challenger=challenger_value, production=None,
-                      min_improvement=serve_cfg.min_improvement)
-    if not _assets_match(registry, model, version, production, family=family):
+        decision = decide(metric=metric, mode=mode, challenger=challenger_value, production=None,
+                          min_improvement=margin)
+        return _with_evaluation(decision, challenger_eval, None)
+    # An lm-eval task is text, which each version tokenizes its own way: its scores compare across tokenizers.
+    if measure.task_metric is None and not _assets_match(registry, model, version, production, family=family):
         return GateDecision(False, f"production v{production} reads data differently (another tokenizer or "
-                                   f"feature spec), so its {family.metric} on this held-out split is not comparable",
-                            family.metric, challenger_value, None)
-    production_value = _score(registry, model, production, candidate, rows=rows, cache_dir=cache_dir,
-                              scores=scores)
-    return decide(metric=family.metric, mode=family.metric_mode, challenger=challenger_value,
-                  production=production_value, min_improvement=serve_cfg.min_improvement)
+                                   f"feature spec), so its {metric} on this held-out split is not comparable",
+                            metric, challenger_value, None, mode)
+    production_value, production_eval = _score(registry, model, production, candidate, **score)
+    decision = decide(metric=metric, mode=mode, challenger=challenger_value, production=production_value,
+                      min_improvement=margin)
+    return _with_evaluation(decision, challenger_eval, production_eval)
+
+
+def _with_evaluation(decision: GateDecision, challenger: dict | None, production: dict | None) -> GateDecision:
+    """The decision with how an lm-eval score was measured (both versions on the same documents of the task)."""
+    if challenger is None:
+        return decision
+    decision.evaluation = {"tasks": challenger["tasks"], "documents": challenger["documents"],
+                           "challenger_stderr": challenger["stderr"],
+                           "production_stderr": production["stderr"] if production else None}
+    return decision
+
+
+# ------------------------------------------------------------------------------------------- copying out
+
+def copy_version_out(serve_cfg, *, model: str, cache_dir: Path) -> Path:
+    """stage=export: a registered version's files (serve.version, or production's), each verified against its
+    recorded sha256, copied into serve.export_dir, which must be new or empty. For an LLM the result is a
+    Hugging Face model directory (transformers' from_pretrained, `vllm serve DIR`)."""
+    import shutil
+
+    if not serve_cfg.export_dir:
+        raise ValueError("stage=export needs serve.export_dir=DIR (a new or empty directory to copy the version into)")
+    out_dir = Path(serve_cfg.export_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"serve.export_dir={out_dir} exists and is not an empty directory; nothing was written")
+    registry = Registry(serve_cfg.registry)
+    version = serve_cfg.version or registry.resolve(model, PRODUCTION)
+    if version is None:
+        raise ValueError(f"{model} has no production version: name one with serve.version=N "
+                         f"(registered: {[record['version'] for record in registry.versions(model)]})")
+    source = registry.fetch(model, version, cache_dir=cache_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    staging.rename(out_dir)  # all files or none: an interrupted copy never looks like a model directory
+    logger.info("copied %s v%d to %s", model, version, out_dir)
+    return out_dir
 
 
 # ------------------------------------------------------------------------------------- rollback, canary

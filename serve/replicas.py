@@ -108,15 +108,11 @@ class _VersionedReplica:
 
 # --------------------------------------------------------------------------------------------------- LLM
 
-@dataclass
-class LoadedLLM:
-    export: LoadedModel
-    tokenizer: object
-    version: int
-
-
 class LLMReplica(_VersionedReplica):
-    ROUTES = ("/v1/completions",)
+    """Completions and chat (serve/completion.py does the work of a request, in a thread; this class adds
+    versions, cancellation and metrics)."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions")
 
     def __init__(self, settings: dict):
         super().__init__(settings)
@@ -137,66 +133,49 @@ class LLMReplica(_VersionedReplica):
         return (f"{body['prompt']!r} -> {answer['choices'][0]['text']!r}\n  any OpenAI-compatible client works too: "
                 f"base_url={url}/v1, model={model!r}")
 
-    def _build(self, version: int) -> LoadedLLM:
-        from datasets.tokenizer import load_tokenizer
+    def _build(self, version: int):
+        from serve.completion import load_llm
 
         export = _fetch_and_load(self.settings["registry"], self.settings["model"], version)
-        return LoadedLLM(export=export, tokenizer=load_tokenizer(export.asset("tokenizer")), version=version)
+        return load_llm(export, version=version)
 
     @serve.multiplexed(max_num_models_per_replica=VERSIONS_PER_REPLICA)
-    async def get_model(self, model_id: str) -> LoadedLLM:
+    async def get_model(self, model_id: str):
         return await self._load(model_id)
 
-    def _prepare(self, llm: LoadedLLM, request: dict):
-        """Token ids and sampling parameters, or an error answer for a prompt the model cannot take."""
-        from serve.generation import SamplingParams
-
-        prompt_ids = llm.tokenizer.encode(request["prompt"]).ids
-        context = llm.export.model.cfg.max_seq_len
-        if len(prompt_ids) >= context:
-            return _error(f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens, "
-                          f"so the prompt must be shorter", "prompt")
-        if len(prompt_ids) + request["max_tokens"] > context:
-            return _error(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request['max_tokens']}) exceeds the "
-                          f"model's context of {context} tokens; lower max_tokens to at most "
-                          f"{context - len(prompt_ids)}", "max_tokens")
-        params = SamplingParams(max_tokens=request["max_tokens"], temperature=request["temperature"],
-                                top_p=request["top_p"], stop=request["stop"], seed=request["seed"])
-        return prompt_ids, params
-
     async def complete(self, request: dict) -> dict:
+        """A whole answer: {"choices", "usage", "version"}, or an error answer for a prompt the model cannot take."""
+        from serve.completion import join_choices, prepare
+
         llm = await self.current()
-        prepared = self._prepare(llm, request)
-        if isinstance(prepared, dict):
-            return prepared
-        pieces = [chunk async for chunk in self._chunks(llm, *prepared)]
-        last = pieces[-1]
-        return {"text": "".join(chunk.text for chunk in pieces), "finish_reason": last.finish_reason,
-                "prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                "version": llm.version}
+        jobs = prepare(llm, request)
+        if isinstance(jobs, dict):
+            return jobs
+        return {**join_choices([chunk async for chunk in self._chunks(llm, jobs)]), "version": llm.version}
 
     async def complete_stream(self, request: dict):
         """First an answer saying whether the request was accepted (so the router can still send a 400), then
-        one dict per chunk of text."""
+        one dict per chunk of text (serve/completion.py: stream_choices)."""
+        from serve.completion import prepare
+
         llm = await self.current()
-        prepared = self._prepare(llm, request)
-        if isinstance(prepared, dict):
-            yield prepared
+        jobs = prepare(llm, request)
+        if isinstance(jobs, dict):
+            yield jobs
             return
         yield {"accepted": True, "version": llm.version}
-        async for chunk in self._chunks(llm, *prepared):
-            yield {"text": chunk.text, "finish_reason": chunk.finish_reason, "prompt_tokens": chunk.prompt_tokens,
-                   "completion_tokens": chunk.completion_tokens}
+        async for chunk in self._chunks(llm, jobs):
+            yield chunk
 
-    async def _chunks(self, llm: LoadedLLM, prompt_ids: list[int], params):
-        """generate_stream's chunks, each computed in a thread (the event loop stays free for other requests).
+    async def _chunks(self, llm, jobs):
+        """stream_choices' chunks, each computed in a thread (the event loop stays free for other requests).
 
         Ray Serve cancels a request whose client disconnects: the CancelledError arrives at an await here, so
         generation stops after the token in flight instead of running on to max_tokens for nobody."""
-        from serve.generation import generate_stream
+        from serve.completion import stream_choices
 
-        chunks = generate_stream(llm.export.model, llm.tokenizer, prompt_ids, params)
-        loop, step, counted = asyncio.get_running_loop(), None, 0
+        chunks = stream_choices(llm, jobs)
+        loop, step, counted = asyncio.get_running_loop(), None, {}
         tags = {"model": self.settings["model"], "version": str(llm.version)}
         try:
             while True:
@@ -205,9 +184,10 @@ class LLMReplica(_VersionedReplica):
                 chunk = await asyncio.shield(step)
                 if chunk is None:
                     return
-                if chunk.completion_tokens > counted:  # a chunk may only release text held back earlier
-                    self.generated_tokens.inc(chunk.completion_tokens - counted, tags=tags)
-                    counted = chunk.completion_tokens
+                new = chunk["completion_tokens"] - counted.get(chunk["index"], 0)
+                if new > 0:  # a chunk may only release text held back earlier
+                    self.generated_tokens.inc(new, tags=tags)
+                    counted[chunk["index"]] = chunk["completion_tokens"]
                 yield chunk
         finally:
             if step is not None and not step.done():  # a generator cannot be closed while it runs
@@ -216,9 +196,9 @@ class LLMReplica(_VersionedReplica):
                 chunks.close()
 
     @staticmethod
-    def _check(llm: LoadedLLM) -> None:
+    def _check(llm) -> None:
         with torch.no_grad():
-            logits = llm.export.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
+            logits = llm.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
         if not torch.isfinite(logits).all():
             raise RuntimeError(f"version {llm.version} produced non-finite logits")
 

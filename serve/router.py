@@ -10,11 +10,13 @@ The canary has a deployment of its own (serve/deploy.py). A second thread warms 
 traffic, and a canary call that fails is answered by production instead. A broken canary therefore costs
 its share of requests nothing but latency, and never the production replicas.
 
-Refusals, whatever their cause, are OpenAI-shaped JSON: a body over serve.max_body_bytes gets 413 before it is
-read, a full queue (serve.max_queued_requests) 503 with Retry-After, and an unexpected failure 500.
+Refusals, whatever their cause, are OpenAI-shaped JSON: an unknown route gets 404 and a wrong method 405, a body
+over serve.max_body_bytes 413 before it is read, a full queue (serve.max_queued_requests) 503 with Retry-After,
+and an unexpected failure 500.
 """
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -23,14 +25,16 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException
 
-from serve import api
+from serve import api, chat
 from serve.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,45 @@ class AsciiJSONResponse(JSONResponse):
 
     def render(self, content) -> bytes:
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+@app.exception_handler(HTTPException)
+async def _unknown_route(request: Request, err: HTTPException) -> JSONResponse:
+    """An unknown path (404) or method (405) answered in OpenAI's error shape, like every other refusal, so an
+    OpenAI client shows it as it shows OpenAI's own."""
+    if err.status_code == 404:
+        message, kind = f"{request.method} {request.url.path} is not a route of this server", "not_found_error"
+    elif err.status_code == 405:
+        allowed = {key.lower(): value for key, value in (err.headers or {}).items()}.get("allow", "?")
+        message = f"{request.url.path} does not take {request.method} (allowed: {allowed})"
+        kind = "invalid_request_error"
+    else:
+        message, kind = str(err.detail), "invalid_request_error"
+    error = api.RequestError(err.status_code, message, None, type=kind)
+    return AsciiJSONResponse(error.body(), status_code=err.status_code, headers=dict(err.headers or {}))
+
+
+@dataclass(frozen=True)
+class LLMRoute:
+    """How one text-generation route reads its body and shapes its answers (serve/api.py, serve/chat.py)."""
+
+    path: str
+    parse: object  # (payload, *, served, max_tokens_limit) -> the replica's request
+    new_id: object  # () -> the answer's id
+    body: object  # (result, *, request_id, served, version) -> the answer
+    stream: type  # (request_id=, served=, version=, include_usage=) -> .events(chunk), .end()
+
+
+COMPLETIONS = LLMRoute("/v1/completions", api.parse_completion, api.completion_id, api.completion_body,
+                       api.CompletionStream)
+CHAT = LLMRoute("/v1/chat/completions", chat.parse_chat, chat.chat_id, chat.chat_body, chat.ChatStream)
+
+
+def _unix_time(iso: str | None) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except (TypeError, ValueError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +149,7 @@ class Router:
         self.registry = Registry(settings["registry"])
         self.routes = routes_from_aliases(self.registry.aliases(self.model), model=self.model)
         self.healthy_canary: int | None = None  # the canary version that passed its last check
+        self.created: dict[int, int] = {}  # registration times of versions, for /v1/models
         self.metrics = _Metrics()
         self.random = random.Random()
         self._stop = threading.Event()
@@ -251,10 +295,18 @@ class Router:
             return AsciiJSONResponse(err.body(), status_code=err.status)
         routes = self.routes
         return {"object": "list", "data": [{
-            "id": self.model, "object": "model", "owned_by": "slipway", "family": self.settings["family"],
+            "id": self.model, "object": "model", "created": await self._created(routes.production),
+            "owned_by": "slipway", "family": self.settings["family"],
             "production_version": routes.production, "canary_version": routes.canary,
             "canary_percent": routes.canary_percent,
             "canary_healthy": routes.canary is not None and routes.canary == self.healthy_canary}]}
+
+    async def _created(self, version: int) -> int:
+        """When the production version was registered (Unix seconds), read once per version."""
+        if version not in self.created:
+            record = await asyncio.to_thread(self.registry.version, self.model, version)
+            self.created[version] = _unix_time(record.get("created_at"))
+        return self.created[version]
 
     @app.get("/healthz")
     async def health(self) -> dict:
@@ -263,22 +315,26 @@ class Router:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._answer(request, "/v1/completions", self._complete)
+        return await self._answer(request, COMPLETIONS.path, functools.partial(self._generate, COMPLETIONS))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._answer(request, CHAT.path, functools.partial(self._generate, CHAT))
 
     @app.post("/v1/rank")
     async def rank(self, request: Request):
         return await self._answer(request, "/v1/rank", self._rank)
 
-    async def _complete(self, payload: dict, version: int, canary: bool):
-        self._require("/v1/completions")
-        params = api.parse_completion(payload, served=self.model, max_tokens_limit=self.settings["max_tokens_limit"])
-        request_id = api.completion_id()
+    async def _generate(self, route: LLMRoute, payload: dict, version: int, canary: bool):
+        self._require(route.path)
+        params = route.parse(payload, served=self.model, max_tokens_limit=self.settings["max_tokens_limit"])
+        request_id = route.new_id()
         if params["stream"]:
-            return await self._stream(params, version, canary, request_id=request_id)
+            return await self._stream(route, params, version, canary, request_id=request_id)
         result = await self._call("complete", version, canary, params)
         if "error" in result:
             raise api.error_from_dict(result["error"])
-        body = api.completion_body(result, request_id=request_id, served=self.model, version=result["version"])
+        body = route.body(result, request_id=request_id, served=self.model, version=result["version"])
         return AsciiJSONResponse(body, headers={"x-model-version": str(result["version"])})
 
     async def _open_stream(self, params: dict, version: int, canary: bool):
@@ -290,22 +346,26 @@ class Router:
 
         return await self._with_production_fallback(attempt, version, canary)
 
-    async def _stream(self, params: dict, version: int, canary: bool, *, request_id: str) -> StreamingResponse:
+    async def _stream(self, route: LLMRoute, params: dict, version: int, canary: bool, *,
+                      request_id: str) -> StreamingResponse:
         chunks, first = await self._open_stream(params, version, canary)
         if "error" in first:
             raise api.error_from_dict(first["error"])
         served_version = first["version"]
-        return StreamingResponse(self._events(chunks, request_id=request_id, version=served_version),
+        events = route.stream(request_id=request_id, served=self.model, version=served_version,
+                              include_usage=params["include_usage"])
+        return StreamingResponse(self._events(chunks, events, version=served_version),
                                  media_type="text/event-stream",
                                  headers={"x-model-version": str(served_version), "cache-control": "no-cache"})
 
-    async def _events(self, chunks, *, request_id: str, version: int):
+    async def _events(self, chunks, events, *, version: int):
         """The SSE body. The 200 is sent by now, so a failure can only be told as a last event, OpenAI-style;
         a client that goes away cancels this generator, and with it the replica's generation."""
         finished = False
         try:
             async for chunk in chunks:
-                yield api.stream_event(chunk, request_id=request_id, served=self.model, version=version)
+                for event in events.events(chunk):
+                    yield event
             finished = True
         except Exception:
             logger.exception("a streamed completion of v%d failed after it started", version)
@@ -316,7 +376,8 @@ class Router:
         finally:
             if not finished:
                 chunks.cancel()
-        yield api.STREAM_DONE
+        for event in events.end():
+            yield event
 
     async def _rank(self, payload: dict, version: int, canary: bool):
         self._require("/v1/rank")

@@ -63,7 +63,7 @@ def run_training(root: Path, data_cache: Path, overrides: list[str] = (), *, exp
     import launch
 
     cfg = compose_config([*base, f"paths.root={root}", f"paths.data_cache={data_cache}", *overrides])
-    _, directory = launch.run(cfg, experiment=experiment)[0]
+    _, directory = launch.run(cfg, experiment=experiment, command_line=list(overrides))[0]
     return directory
 
 

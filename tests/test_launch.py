@@ -46,7 +46,7 @@ BAD_INPUTS = [
     (["strategy.name=zero9"], "strategy.name"),
     (["trainer.global_batch_size=10"], "trainer.global_batch_size"),
     (["cluster.num_workers=64"], "cluster.num_workers=64"),
-    (["+exp=ranker_dlrm", "model=llm_tiny"], "model.family=llm trains on text data"),
+    (["+exp=ranker_dlrm", "model=llm_tiny"], "model.family=llm trains on text or chat data"),
     (["+exp=ranker_dlrm", "data=stdlib"], "model.family=ranker trains on clicklog data"),
     (["+exp=ranker_dlrm", "data=criteo_tsv", "data.path=/nonexistent/day_0"], "data.path='/nonexistent/day_0'"),
     (["+exp=ranker_dlrm", "data.hash_buckets=[5,5]"], "data.hash_buckets must be"),

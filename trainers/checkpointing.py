@@ -132,6 +132,13 @@ def report_metrics(metrics: dict) -> None:
     ray.train.report(metrics)
 
 
+def has_checkpoint() -> bool:
+    """Whether this run has a checkpoint to resume (then pretrained weights need not be read first)."""
+    import ray.train
+
+    return ray.train.get_checkpoint() is not None
+
+
 def restore_latest(strategy: Strategy, *, rank: int) -> TrainState | None:
     """Restore from the run's latest checkpoint if Ray Train has one (rerun or worker restart)."""
     import ray.train

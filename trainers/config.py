@@ -24,7 +24,8 @@ def register_configs() -> None:
     store.store(name="slipway_schema", node=RootConfig)
     for family in all_families().values():
         store.store(group="model", name=f"{family.name}_schema", node=family.model_schema)
-        store.store(group="data", name=f"{family.data_kind}_schema", node=family.data_schema)
+        for kind, schema in family.data_schemas.items():
+            store.store(group="data", name=f"{kind}_schema", node=schema)
     for spec in all_strategies().values():
         store.store(group="strategy", name=f"{spec.name}_schema", node=spec.schema(name=spec.name))
 
@@ -65,7 +66,7 @@ def _name(config: dict, group: str, key: str):
 
 def _data_schema(kind: str) -> type:
     """Chosen by data.kind, not by the family: a mismatch is named by the run's checks, not as unknown keys."""
-    schemas = {family.data_kind: family.data_schema for family in all_families().values()}
+    schemas = {kind: schema for family in all_families().values() for kind, schema in family.data_schemas.items()}
     if kind not in schemas:
         raise ValueError(f"data.kind={kind!r} is not one of {', '.join(sorted(schemas))}")
     return schemas[kind]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conf.schema import LLMConfig
+from conf.schema import Llama3RopeScaling, LLMConfig
 
 
 class RMSNorm(nn.Module):
@@ -29,21 +29,44 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, *, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, *, theta: float, scaling: Llama3RopeScaling | None = None,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (max_seq_len, head_dim // 2) for rotating query/key pairs."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, start: int = 0) -> torch.Tensor:
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: Llama3RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency rescaling (Meta's reference `apply_scaling`, which HF's llama3 rope type follows):
+    high frequencies (short wavelengths, local order) are kept, low ones are divided by `factor` so positions
+    past the original context map into the range seen in pretraining, and the band between is blended."""
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, inv_freq, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, start: int = 0,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate pairs (x[..., :half], x[..., half:]) of x (batch, heads, seq, head_dim) by position.
 
     `start` is the position of x's first row: 0 in training, the cache length when decoding with a KV cache.
+    `positions` (batch, seq), when given, is each token's own position instead (packed documents, whose
+    positions restart at 0 where each document starts).
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[start : start + x.shape[-2]], sin[start : start + x.shape[-2]]
+    if positions is None:
+        cos, sin = cos[start : start + x.shape[-2]], sin[start : start + x.shape[-2]]
+    else:  # one table row per token, shared by the heads: (batch, 1, seq, half)
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.type_as(x)
 
@@ -91,6 +114,27 @@ def causal_mask_after(start: int, *, seq: int, device: torch.device) -> torch.Te
     return key_positions[None, :] <= query_positions[:, None]
 
 
+def document_layout(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask and rotary positions of rows that pack several documents end to end.
+
+    `document_ids` (batch, seq) holds equal ids in contiguous runs, one run per document. Returns a boolean
+    (batch, 1, seq, seq) mask letting a query see keys of its own document at or before it (block-diagonal
+    and causal) and positions (batch, seq) counting from each run's start. The mask is what keeps documents
+    apart: rotary scores depend only on the distance between two positions, so in exact arithmetic it alone
+    gives each document its logits alone. Restarting positions also gives each document the rotation angles it
+    has alone and at inference (from 0) rather than angles thousands of positions on, which round differently
+    in the fp32 tables and bf16 activations; and it keeps positions that a varlen attention kernel can use.
+    """
+    seq = document_ids.shape[1]
+    index = torch.arange(seq, device=document_ids.device)
+    causal = index[None, :] <= index[:, None]
+    mask = (document_ids[:, :, None] == document_ids[:, None, :]) & causal
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    run_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return mask[:, None], index - run_start
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -107,14 +151,23 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer_index: int = 0) -> torch.Tensor:
+                layer_index: int = 0, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` and `positions` come together from `document_layout` for packed rows (never with a cache)."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         start = 0 if cache is None else cache.length
-        q, k = apply_rope(q, cos, sin, start=start), apply_rope(k, cos, sin, start=start)
-        if cache is None:
+        q = apply_rope(q, cos, sin, start=start, positions=positions)
+        k = apply_rope(k, cos, sin, start=start, positions=positions)
+        if mask is not None:
+            # Key/value heads repeated by hand rather than enable_gqa: SDPA's GQA support does not cover every
+            # masked kernel, and the math fallback would materialize (batch, heads, seq, seq) scores.
+            groups = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         else:
             out = self._attend_with_cache(q, k, v, cache=cache, layer_index=layer_index)
@@ -153,8 +206,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer_index: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, layer_index=layer_index)
+                layer_index: int = 0, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, layer_index=layer_index, mask=mask,
+                               positions=positions)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -167,23 +222,36 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.tie_weights()
         # Rotary tables are derived state, not weights: non-persistent so checkpoints carry only parameters.
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, theta=cfg.rope_theta)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for `tokens` (batch, seq).
 
         With a `cache`, `tokens` continue the sequence the cache holds: their positions start at `cache.length`,
         they attend to every cached position, and their keys/values are added to the cache.
+
+        With `document_ids` (batch, seq), each row packs several documents (equal ids in contiguous runs): a
+        token attends only to its own document and its position counts from the document's start, so each
+        document's logits are those it would get alone (see `document_layout`). Padding is a run of its own.
         """
         if cache is None and tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if cache is not None:
             self._check_cache_room(cache, tokens)
         h = self.tok_embeddings(tokens)
-        if cache is None:
+        if document_ids is not None:
+            if cache is not None or document_ids.shape != tokens.shape:
+                raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} must match tokens "
+                                 f"{tuple(tokens.shape)} and come without a KV cache (they are for training rows)")
+            mask, positions = document_layout(document_ids)
+            for layer in self.layers:
+                h = layer(h, self.rope_cos, self.rope_sin, mask=mask, positions=positions)
+        elif cache is None:
             # The training path: its calls stay exactly as they were before caching existed.
             for layer in self.layers:
                 h = layer(h, self.rope_cos, self.rope_sin)
@@ -212,6 +280,7 @@ class Transformer(nn.Module):
         Output projections of each residual branch get std scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so
         the residual stream does not grow with depth.
         """
+        self.tie_weights()
         std, depth_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         for layer in self.layers:
@@ -223,11 +292,29 @@ class Transformer(nn.Module):
             layer.attention_norm.reset_parameters()
             layer.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
-        nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
-        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, theta=self.cfg.rope_theta,
-                               device=self.rope_cos.device)
+        if not self.cfg.tie_embeddings:
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+        self.reset_rope_tables()
+
+    def tie_weights(self) -> None:
+        """With model.tie_embeddings, make the output projection the embedding's Parameter: one Parameter under two
+        names, so every strategy, checkpoint and export sees the sharing and the two stay equal through training
+        and resume. Called again after materializing from the meta device (to_empty gives each name its own)."""
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def reset_rope_tables(self) -> None:
+        """Recompute the rotary tables in place (after materializing from the meta device, which leaves them
+        uninitialized, whether the weights are then initialized or loaded)."""
+        cos, sin = self._rope_tables(device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def _rope_tables(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        return rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, theta=cfg.rope_theta, scaling=cfg.rope_scaling,
+                           device=device)
 
 
 def build_llm(cfg: LLMConfig, *, vocab_size: int, device: str | torch.device = "cpu") -> Transformer:
@@ -268,7 +355,8 @@ def count_parameters(cfg: LLMConfig, *, vocab_size: int) -> dict[str, int]:
     attention = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     block = attention + 3 * cfg.dim * cfg.ffn_hidden + 2 * cfg.dim
     embedding = vocab_size * cfg.dim
-    total = embedding + cfg.n_layers * block + cfg.dim + cfg.dim * vocab_size
+    output = 0 if cfg.tie_embeddings else cfg.dim * vocab_size
+    total = embedding + cfg.n_layers * block + cfg.dim + output
     return {"total": total, "non_embedding": total - embedding}
 
 
@@ -276,8 +364,10 @@ def training_flops_per_token(cfg: LLMConfig, *, vocab_size: int, seq_len: int) -
     """Model FLOPs for one trained token (forward + backward), the usual MFU convention.
 
     6N + 12 * n_layers * dim * seq_len, from the PaLM paper (Chowdhery et al. 2022, appendix B): N counts the
-    weights used in matmuls (the embedding lookup is excluded, the output projection included: it is not tied,
-    so "non_embedding" already counts it; the norms' few weights are noise).
+    weights used in matmuls: the embedding lookup is excluded and the output projection included, which
+    "non_embedding" already counts unless it is tied to the embedding (the norms' few weights are noise).
     """
     matmul_params = count_parameters(cfg, vocab_size=vocab_size)["non_embedding"]
+    if cfg.tie_embeddings:
+        matmul_params += cfg.dim * vocab_size
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.dim * seq_len

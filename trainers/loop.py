@@ -78,17 +78,32 @@ def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerCont
     strategy = build_strategy(cfg.strategy, device=ctx.device, precision=ctx.precision,
                               accum_steps=ctx.accum_steps, grad_clip=cfg.trainer.grad_clip,
                               micro_batch_size=cfg.trainer.micro_batch_size)
+    load_weights = _pretrained_loader(cfg, family)
     device = init_device_for(family, cfg.model, data=data, device=ctx.device,
                              meta_supported=get_strategy(cfg.strategy.name).meta_init)
-    model = family.build_model(cfg.model, data=data, device=device)
+    if load_weights is not None and device.type != "meta":
+        # Weights about to be loaded need no initialization: build on meta where the strategy materializes it.
+        device = torch.device("meta") if get_strategy(cfg.strategy.name).meta_init else device
+    with strategy.init_context(pretrained=load_weights is not None):
+        model = family.build_model(cfg.model, data=data, device=device)
     strategy.setup(
         model, blocks=family.blocks(model),
         build_optimizer=partial(optim.build_optimizer, cfg=cfg.trainer),
         build_scheduler=partial(optim.build_scheduler, cfg=cfg.trainer),
         weight_decay=cfg.trainer.weight_decay,
         activation_checkpointing=cfg.trainer.activation_checkpointing,
+        load_weights=load_weights,
     )
     return strategy
+
+
+def _pretrained_loader(cfg: RootConfig, family: Family):
+    """Loads the run's pretrained weights into a model, or None: no checkpoint to start from, or a checkpoint of
+    this run to resume (which replaces them anyway)."""
+    source = family.pretrained_from(cfg.model)
+    if source is None or checkpointing.has_checkpoint():
+        return None
+    return partial(family.load_pretrained, directory=source)
 
 
 def _all_reduce_mean(values: list[torch.Tensor], device: torch.device) -> list[float]:

@@ -112,9 +112,9 @@ def _check_placement(cfg: RootConfig) -> None:
 
 def _check_family_fits(cfg: RootConfig, family: Family) -> None:
     """The data kind, and options that only one family has, must match model.family."""
-    if cfg.data.kind != family.data_kind:
+    if cfg.data.kind not in family.data_schemas:
         raise ValueError(
-            f"model.family={family.name} trains on {family.data_kind} data ({family.data_choices}), "
+            f"model.family={family.name} trains on {' or '.join(family.data_schemas)} data ({family.data_choices}), "
             f"but the data config is data.kind={cfg.data.kind}"
         )
     if cfg.trainer.activation_checkpointing and not family.supports_activation_checkpointing:

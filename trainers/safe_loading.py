@@ -80,10 +80,11 @@ def _refused(path, error: Exception) -> CheckpointRefused:
                              f"data only; this one was not written by Slipway's strategies (or was altered)")
 
 
-def load_tensors(path, *, map_location="cpu"):
-    """A torch.save'd file of tensors and plain containers; anything else in it is refused, naming the file."""
+def load_tensors(path, *, map_location="cpu", mmap: bool = False):
+    """A torch.save'd file of tensors and plain containers; anything else in it is refused, naming the file.
+    With `mmap`, tensors are views of the file mapped into memory: their bytes are read when first touched."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise _refused(path, error) from None
 
@@ -130,6 +131,16 @@ def _safe_load_planner(reader):
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
     return SafeLoadPlanner()
+
+
+def dcp_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor a DCP directory holds (flattened names, e.g. "model.norm.weight") -> its full shape, from
+    its metadata alone (read through the allow-list)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _safe_dcp_reader(str(path)).read_metadata()
+    return {name: tuple(item.size) for name, item in metadata.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata)}
 
 
 def load_dcp(state: dict, path: Path, *, no_dist: bool = False) -> None:

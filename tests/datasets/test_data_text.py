@@ -222,3 +222,30 @@ def test_losing_a_race_uses_the_winners_copy(tmp_path, monkeypatch, caplog):
     assert "another process prepared" in caplog.text
     assert loser.fingerprint == winner.fingerprint
     assert [path.name for path in (tmp_path / "loser").iterdir()] == [Path(winner.root).name]
+
+
+def test_a_pretrained_tokenizer_is_used_as_is_and_counts_in_the_fingerprint(tmp_path):
+    """data.tokenizer (set by model.init_from): no BPE training; each document starts with the tokenizer's BOS
+    and ends with its eos_token; another tokenizer_config.json (e.g. another chat template) is other data."""
+    from tokenizers import Tokenizer
+
+    from tests.hf_models import BOS, END_OF_TURN, write_tiny_llama
+
+    checkpoint = write_tiny_llama(tmp_path / "hf")
+    corpus = marker_corpus(tmp_path / "corpus", documents=6)
+    cfg = TextDataConfig(source="text_dir", path=str(corpus), tokenizer=str(checkpoint), seq_len=32,
+                         val_fraction=0.2)
+    prepared = prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=64)
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    assert prepared.vocab_size == tokenizer.get_vocab_size()
+    assert Path(prepared.tokenizer_path).read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+    assert (Path(prepared.root) / "tokenizer_config.json").read_bytes() == (
+        checkpoint / "tokenizer_config.json").read_bytes()
+    stream = as_matrix(read_rows(prepared.train_dir)).reshape(-1).tolist()
+    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(END_OF_TURN)
+    assert prepared.eos_id == eos and stream.count(bos) >= 2
+    assert all(stream[i + 1] == bos for i, token in enumerate(stream[:-1]) if token == eos)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages }}"}))
+    again = prepare_text(cfg, cache_root=tmp_path / "cache", max_seq_len=64)
+    assert again.fingerprint != prepared.fingerprint

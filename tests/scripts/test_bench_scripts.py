@@ -42,6 +42,8 @@ SMOKE_ARGS = {
     "bench_serve.py": ["--seconds", "2", "--warmup-s", "2", "--concurrency", "1", "--batch-concurrency", "1",
                        "--autoscale-concurrency", "4", "--autoscale-hold-s", "0.5", "--autoscale-timeout", "8",
                        "--candidates", "4", "--max-tokens", "2"],
+    # A 23M-parameter Llama of the 1B's architecture (the default writes and loads 2.5 GB).
+    "bench_import.py": ["--smoke"],
 }
 NUMBER = r"([-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?)"
 
@@ -73,6 +75,19 @@ def outputs(tmp_path_factory, data_cache) -> dict[str, tuple[int, str]]:
             processes[run] = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / name), *args, "--out", str(out)],
                                               cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return {run: (process.wait(timeout=TIMEOUT_S), logs[run].read_text()) for run, process in processes.items()}
+
+
+@pytest.fixture(scope="module")
+def import_output(tmp_path_factory) -> str:
+    """bench_import.py's smoke run, on its own rather than among `outputs`: it starts no Ray, takes seconds, and
+    `-k import` should not start the four Ray benchmarks with it."""
+    out = tmp_path_factory.mktemp("import")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(SCRIPTS_DIR / "bench_import.py"), *SMOKE_ARGS["bench_import.py"],
+                           "--out", str(out)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"bench_import.py exited with {done.returncode}:\n{done.stdout[-6000:]}"
+    return done.stdout
 
 
 def output_of(outputs: dict, run: str) -> str:
@@ -157,3 +172,57 @@ def test_bench_serve(outputs):
         (level,) = results["load"][family]
         assert level["requests"] > 0 and level["errors"] == 0, level
     assert results["batching"]["unbatched"]["errors"] == 0
+
+
+def test_bench_import(import_output):
+    output = import_output
+    params = figure(output, rf"full model: {NUMBER} parameters")
+    fp32_mib = figure(output, rf"full model: [\d,]+ parameters, {NUMBER} MiB in fp32")
+    for rank in (0, 1):
+        row = rf"\nslipway rank {rank} \(fsdp2, float32\)"
+        assert figure(output, rf"{row}\s+{NUMBER}") >= 0  # setup seconds (printed to 0.01 s; results.json below)
+        assert figure(output, rf"{row}\s+[\d.]+\s+{NUMBER}") >= 0  # load seconds
+        # A rank materializes and reads only its half: its fp32 shard and the bf16 file pages it touched (3 bytes
+        # a parameter). A rank that built the whole model, or copied all of the files into memory, passes 4.
+        assert 0 < figure(output, rf"{row}(?:\s+[\d,.]+){{5}}\s+{NUMBER}") < fp32_mib  # load increment
+        assert 0 < figure(output, rf"{row}(?:\s+[\d,.]+){{6}}\s+{NUMBER}") < fp32_mib  # peak over start
+        assert figure(output, rf"slipway rank {rank} holds {NUMBER} of them") <= (params + 1) // 2
+    for dtype in ("bf16", "fp32"):
+        assert figure(output, rf"\ntransformers {dtype} \(1 process\)\s+-\s+{NUMBER}") >= 0  # from_pretrained s
+        assert figure(output, rf"\ntransformers {dtype}, weights read\s+-\s+{NUMBER}") >= 0
+        assert figure(output, rf"ratio peak RSS, slipway per rank / transformers {dtype} \(weights read\): "
+                              rf"rank 0 [\d.]+, rank 1 {NUMBER}") > 0
+        assert figure(output, rf"ratio seconds, slipway slowest rank setup \+ load / transformers {dtype}: "
+                              rf"{NUMBER}") > 0
+    results = results_json(output)
+    assert all(rank["setup_s"] > 0 and rank["load_s"] > 0 for rank in results["slipway"])
+    assert all(leg["load_s"] > 0 for leg in results["transformers"].values())
+    assert results["transformers"]["fp32"]["held_params"] == params  # both sides loaded the same model
+
+
+# bench_export.py: a 20M-parameter Llama of the 1B's architecture, exported in 8 MB shards (the default writes a
+# 4.4 GB checkpoint). It starts no Ray and takes seconds, so it runs on its own, like bench_import.py.
+SMOKE_ARGS["bench_export.py"] = ["--smoke"]
+
+
+def test_bench_export(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(SCRIPTS_DIR / "bench_export.py"), *SMOKE_ARGS["bench_export.py"],
+                           "--out", str(tmp_path)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
+    output = done.stdout
+    assert done.returncode == 0, f"bench_export.py exited with {done.returncode}:\n{output[-6000:]}"
+    fp32_mib = figure(output, rf"model: [\d,]+ parameters, {NUMBER} MiB in fp32")
+    group_mib = figure(output, rf"the largest group {NUMBER} MiB in fp32")
+    streamed = figure(output, rf"\nstreamed(?:\s+[\d,.]+){{4}}\s+{NUMBER}")  # peak over start, MiB
+    whole = figure(output, rf"\nwhole-dict(?:\s+[\d,.]+){{4}}\s+{NUMBER}")
+    assert figure(output, rf"\nstreamed\s+{NUMBER}") > 0 and figure(output, rf"\nwhole-dict\s+{NUMBER}") > 0
+    # The whole-dict path holds every tensor in fp32 at once; the streamed one a shard's group (plus DCP's read
+    # of one item and a cast tensor), well under the model.
+    assert whole >= 0.9 * fp32_mib
+    assert streamed < min(fp32_mib / 2, 3 * group_mib + 16), (streamed, group_mib, fp32_mib)
+    assert "weights identical (index digest): yes" in output
+    results = results_json(output)
+    assert set(results["legs"]) == {"streamed", "whole-dict"}
+    bench_dir = Path(re.findall(r"results: (\S+results\.json)", output)[-1]).parent
+    assert sorted(path.name for path in bench_dir.iterdir()) == ["results.json"]  # the big files are deleted

@@ -19,3 +19,23 @@ def serve_port(ray_session) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")  # Serve replicas hold CPUs: a module that does not use it gets them back
+def served_chat_llm(fine_tuned_llm, serve_port):
+    """The fine-tuned Hugging Face chat model (tests/conftest.py: fine_tuned_llm) served on the session's Serve
+    under /chat: `.url` (no trailing slash), `.model`, `.export_dir` (its registered Hugging Face directory)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from conf.schema import ServeConfig
+    from serve.deploy import deploy
+    from serve.registry import Registry
+
+    export_dir = Registry(fine_tuned_llm.registry).fetch(fine_tuned_llm.model, 1, cache_dir=fine_tuned_llm.root)
+    serve_cfg = ServeConfig(registry=str(fine_tuned_llm.registry), port=serve_port, num_cpus=0.25, min_replicas=1,
+                            max_replicas=1, refresh_s=1.0, max_tokens_limit=64, route_prefix="/chat")
+    url = deploy(serve_cfg, model=fine_tuned_llm.model).rstrip("/")
+    yield SimpleNamespace(url=url, model=fine_tuned_llm.model, export_dir=export_dir)
+    serve.delete(fine_tuned_llm.model)

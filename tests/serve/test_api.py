@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serve import api
+from serve import api, chat
 from serve.generation import MAX_STOP_STRINGS
 
 SERVED = "slipway_llm"
@@ -88,20 +88,45 @@ def test_replica_error_becomes_the_routers_refusal():
 # ----------------------------------------------------------------------------------- /v1/completions
 
 def test_completion_defaults():
-    assert _completion() == {"prompt": "def f(", "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "stop": [],
-                             "seed": None, "stream": False}
+    assert _completion() == {"kind": "completion", "prompts": ["def f("], "max_tokens": 16,
+                             "max_tokens_param": "max_tokens", "max_tokens_limit": LIMIT, "temperature": 1.0,
+                             "top_p": 1.0, "stop": [], "seed": None, "logprobs": None, "echo": False,
+                             "stream": False, "include_usage": False}
 
 
 def test_completion_values_as_given():
     params = _completion(model=SERVED, max_tokens=LIMIT, temperature=0, top_p=0.5, stop=["\n\n", "def "],
-                         seed=2**63 - 1, stream=True, n=1, best_of=1)
-    assert params == {"prompt": "def f(", "max_tokens": LIMIT, "temperature": 0.0, "top_p": 0.5,
-                      "stop": ["\n\n", "def "], "seed": 2**63 - 1, "stream": True}
+                         seed=2**63 - 1, stream=True, stream_options={"include_usage": True}, n=1, best_of=1,
+                         logprobs=5, echo=True, user="someone", presence_penalty=0, frequency_penalty=0.0,
+                         logit_bias={}, suffix=None)
+    assert params == {"kind": "completion", "prompts": ["def f("], "max_tokens": LIMIT,
+                      "max_tokens_param": "max_tokens", "max_tokens_limit": LIMIT, "temperature": 0.0, "top_p": 0.5,
+                      "stop": ["\n\n", "def "], "seed": 2**63 - 1, "logprobs": 5, "echo": True, "stream": True,
+                      "include_usage": True}
     assert isinstance(params["temperature"], float)  # an integer 0 in JSON still samples as a float
 
 
+@pytest.mark.parametrize("prompt, prompts", [
+    ("x", ["x"]),
+    (["only one"], ["only one"]),  # a batch of one prompt
+    ([5, 0, 7], [[5, 0, 7]]),  # token ids
+    ([[5, 0], [7]], [[5, 0], [7]]),  # a batch of token-id lists, as lm-eval sends them
+    (["a", "b"], ["a", "b"]),
+    ([[1, 2], "b"], [[1, 2], "b"]),
+])
+def test_a_prompt_is_a_string_token_ids_or_a_batch_of_either(prompt, prompts):
+    assert _completion(prompt=prompt)["prompts"] == prompts
+
+
+def test_what_lm_eval_sends_for_loglikelihood_is_accepted():
+    params = _completion(model=SERVED, prompt=[[101, 7, 9], [101, 7, 10]], temperature=0, max_tokens=1, logprobs=1,
+                         seed=1234, echo=True)
+    assert (params["prompts"], params["max_tokens"], params["logprobs"], params["echo"]) == \
+        ([[101, 7, 9], [101, 7, 10]], 1, 1, True)
+    assert _completion(prompt=[1, 2], max_tokens=0, echo=True, logprobs=0)["max_tokens"] == 0  # score, no generation
+
+
 def test_completion_normalizes_what_openai_clients_send():
-    assert _completion(prompt=["only one"])["prompt"] == "only one"  # a batch of one prompt
     assert _completion(stop="\n")["stop"] == ["\n"]  # a single stop string
     assert _completion(stop=None, seed=None, temperature=None, max_tokens=None)["max_tokens"] == 16  # null = default
     assert _completion(temperature=2, top_p=1)["temperature"] == 2.0  # both bounds are closed here
@@ -109,11 +134,20 @@ def test_completion_normalizes_what_openai_clients_send():
 
 @pytest.mark.parametrize("fields, param, says", [
     ({"prompt": None}, "prompt", "prompt is required"),
-    ({"prompt": 5}, "prompt", "must be a string, got int"),
+    ({"prompt": 5}, "prompt", "prompt must be a string, a list of token ids, or a list of strings or of token-id "
+                              "lists (a batch); got int"),
     ({"prompt": ""}, "prompt", "must not be empty"),
-    ({"prompt": ["a", "b"]}, "prompt", "must be a string, got list"),  # a real batch is not supported
-    ({"prompt": []}, "prompt", "must be a string, got list"),
-    ({"max_tokens": 0}, "max_tokens", f"between 1 and {LIMIT}"),
+    ({"prompt": []}, "prompt", "must not be empty"),
+    ({"prompt": ["a", ""]}, "prompt", "prompt[1] must not be empty"),
+    ({"prompt": [[1], []]}, "prompt", "prompt[1] must not be empty"),
+    ({"prompt": [1, "a"]}, "prompt", "got list"),
+    ({"prompt": [["a"]]}, "prompt", "prompt[0] must be a string or a list of token ids; got list"),
+    ({"prompt": [1, -2]}, "prompt", "token ids must hold integers in 0.."),
+    ({"prompt": [[1, 2**40]]}, "prompt", "prompt[0] as token ids must hold integers"),
+    ({"prompt": [True, 1]}, "prompt", "got list"),
+    ({"prompt": ["x"] * (api.MAX_PROMPTS + 1)}, "prompt", f"at most {api.MAX_PROMPTS} are allowed"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens=0 generates nothing: it is only allowed with echo=true"),
+    ({"max_tokens": -1, "echo": True}, "max_tokens", f"under the minimum: it must be between 0 and {LIMIT}"),
     ({"max_tokens": LIMIT + 1}, "max_tokens", f"max_tokens={LIMIT + 1} is over the limit"),
     ({"max_tokens": "16"}, "max_tokens", 'must be an integer, got "16"'),
     ({"max_tokens": 1.5}, "max_tokens", "must be an integer, got 1.5"),
@@ -136,7 +170,25 @@ def test_completion_normalizes_what_openai_clients_send():
     ({"seed": "7"}, "seed", "must be an integer"),
     ({"stream": "yes"}, "stream", 'stream must be true or false, got "yes"'),
     ({"stream": 1}, "stream", "got 1"),
-    ({"n": 2}, "n", "only n=1 and best_of=1"),
+    ({"n": 2}, "n", "n=2 is not supported by this server's /v1/completions: leave n out or set it to 1"),
+    ({"n": True}, "n", "n=true is not supported"),
+    ({"best_of": 3}, "best_of", "leave best_of out or set it to 1"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty=0.5 is not supported"),
+    ({"frequency_penalty": -1}, "frequency_penalty", "set it to 0"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias", "leave logit_bias out or set it to {}"),
+    ({"suffix": "}"}, "suffix", "suffix=\"}\" is not supported"),
+    ({"top_k": 40}, "top_k", "top_k is not supported by this server's /v1/completions; leave it out"),
+    ({"max_token": 8}, "max_token", "max_token is not supported"),  # a typo is not silently ignored
+    ({"logprobs": 6}, "logprobs", "logprobs=6 is over the limit: it must be between 0 and 5"),
+    ({"logprobs": True}, "logprobs", "logprobs must be an integer, got true"),
+    ({"echo": "yes"}, "echo", 'echo must be true or false, got "yes"'),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream=true"),
+    ({"stream": True, "stream_options": [1]}, "stream_options", "stream_options must be an object"),
+    ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "must be true or false"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats",
+     "stream_options.continuous_usage_stats is not supported"),
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation",
+     "not supported"),
     ({"prompt": "def \ud800f("}, "prompt", "lone UTF-16 surrogate (\\ud800 at character 4)"),
     ({"stop": ["\n", "\udfff"]}, "stop", "lone UTF-16 surrogate"),
 ])
@@ -148,15 +200,16 @@ def test_completion_refusal_names_the_field(fields, param, says):
 
 
 def test_a_surrogate_pair_is_text():
-    assert _completion(prompt="x = '\ud83d\ude00'".encode("utf-16", "surrogatepass").decode("utf-16"))["prompt"]
+    assert _completion(prompt="x = '\ud83d\ude00'".encode("utf-16", "surrogatepass").decode("utf-16"))["prompts"]
     payload = api.parse_json_object(b'{"prompt": "\\ud83d\\ude00"}')  # JSON's escapes of one emoji
-    assert api.parse_completion(payload, served=SERVED, max_tokens_limit=LIMIT)["prompt"] == "\U0001f600"
+    assert api.parse_completion(payload, served=SERVED, max_tokens_limit=LIMIT)["prompts"] == ["\U0001f600"]
 
 
-def test_completion_refuses_best_of_above_one():
-    # Refused with param "n" (the pair is checked together); the message names best_of.
-    error = _refusal(lambda: _completion(best_of=3))
-    assert error.status == 400 and "best_of=1" in error.message
+def test_fields_at_their_neutral_values_or_null_are_accepted():
+    assert _completion(n=1, best_of=1, presence_penalty=0.0, frequency_penalty=0, logit_bias={}, suffix="",
+                       logprobs=None, echo=None, stream_options=None, user="u")["prompts"] == ["def f("]
+    assert _completion(stream=True, stream_options={"include_usage": False, "include_obfuscation": False})[
+        "include_usage"] is False
 
 
 def test_completion_stop_at_the_limit_is_accepted():
@@ -177,7 +230,89 @@ def test_refusals_from_raw_bytes():
     assert _refusal(lambda: api.parse_completion(payload, served=SERVED, max_tokens_limit=LIMIT)).param == "temperature"
     payload = api.parse_json_object(b'{"prompt": ["a"], "stop": "\\n", "max_tokens": 8, "temperature": 0.0}')
     params = api.parse_completion(payload, served=SERVED, max_tokens_limit=LIMIT)
-    assert (params["prompt"], params["stop"], params["max_tokens"], params["temperature"]) == ("a", ["\n"], 8, 0.0)
+    assert (params["prompts"], params["stop"], params["max_tokens"], params["temperature"]) == (["a"], ["\n"], 8, 0.0)
+
+
+# ------------------------------------------------------------------------------------ /v1/chat/completions
+
+USER = {"role": "user", "content": "Hi!"}
+
+
+def _chat(**fields) -> dict:
+    return chat.parse_chat({"messages": [USER], **fields}, served=SERVED, max_tokens_limit=LIMIT)
+
+
+def test_chat_defaults():
+    assert _chat() == {"kind": "chat", "messages": [USER], "max_tokens": None, "max_tokens_param": "max_tokens",
+                       "max_tokens_limit": LIMIT, "temperature": 1.0, "top_p": 1.0, "stop": [], "seed": None,
+                       "logprobs": None, "echo": False, "stream": False, "include_usage": False}
+
+
+def test_chat_values_as_given():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ann"},
+                {"role": "assistant", "content": "Hello.", "refusal": None, "tool_calls": None},
+                {"role": "user", "content": [{"type": "text", "text": "Two"}, {"type": "text", "text": "parts"}]}]
+    params = chat.parse_chat({"model": SERVED, "messages": messages, "max_completion_tokens": 8, "temperature": 0,
+                              "top_p": 0.9, "stop": "\n", "seed": 3, "stream": True,
+                              "stream_options": {"include_usage": True}, "n": 1, "logprobs": False, "user": "u",
+                              "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "store": False},
+                             served=SERVED, max_tokens_limit=LIMIT)
+    assert params["messages"] == [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "Hi", "name": "ann"},
+                                  {"role": "assistant", "content": "Hello."},
+                                  {"role": "user", "content": "Two\nparts"}]  # text parts joined, as vLLM does
+    assert (params["max_tokens"], params["max_tokens_param"], params["stop"], params["seed"]) == \
+        (8, "max_completion_tokens", ["\n"], 3)
+    assert (params["stream"], params["include_usage"], params["temperature"]) == (True, True, 0.0)
+
+
+def test_chat_max_tokens_is_the_older_name_of_max_completion_tokens():
+    assert (_chat(max_tokens=5)["max_tokens"], _chat(max_tokens=5)["max_tokens_param"]) == (5, "max_tokens")
+    assert _chat(max_tokens=5, max_completion_tokens=5)["max_tokens"] == 5
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"messages": None}, "messages", "messages is required"),
+    ({"messages": []}, "messages", "messages is required"),
+    ({"messages": "Hi"}, "messages", "messages is required"),
+    ({"messages": ["Hi"]}, "messages[0]", "messages[0] must be an object"),
+    ({"messages": [{"content": "Hi"}]}, "messages[0].role", "messages[0].role=null: role must be one of"),
+    ({"messages": [USER, {"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[1].role",
+     "tool messages (tool calling) are not supported"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "messages[0].content is required"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "a string or a list of text parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]", '"image_url" parts are not supported'),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}]},
+     "messages[0].tool_calls", "messages[0].tool_calls is not supported"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content", "lone UTF-16 surrogate"),
+    ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name", "must be a string"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools is not supported by this "
+                                                                            "server's /v1/chat/completions"),
+    ({"tool_choice": "auto"}, "tool_choice", "tool_choice is not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "response_format is not supported"),
+    ({"logprobs": True}, "logprobs", "logprobs=true is not supported"),
+    ({"top_logprobs": 2}, "top_logprobs", "top_logprobs is not supported"),
+    ({"n": 3}, "n", "n=3 is not supported"),
+    ({"frequency_penalty": 1.0}, "frequency_penalty", "frequency_penalty=1.0 is not supported"),
+    ({"logit_bias": {"1": 5}}, "logit_bias", "logit_bias"),
+    ({"prompt": "x"}, "prompt", "prompt is not supported by this server's /v1/chat/completions"),
+    ({"max_completion_tokens": LIMIT + 1}, "max_completion_tokens", "is over the limit"),
+    ({"max_tokens": 0}, "max_tokens", "under the minimum"),
+    ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens", "disagree"),
+    ({"temperature": 3}, "temperature", "must be in [0, 2]"),
+    ({"stop": ["a"] * (MAX_STOP_STRINGS + 1)}, "stop", "at most"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream=true"),
+])
+def test_chat_refusal_names_the_field(fields, param, says):
+    error = _refusal(lambda: _chat(**fields))
+    assert (error.status, error.param, error.type) == (400, param, "invalid_request_error"), error
+    assert says in error.message and param in error.message, error.message
+
+
+def test_chat_for_another_model_is_not_found_here():
+    error = _refusal(lambda: _chat(model="gpt-4o"))
+    assert (error.status, error.param) == (404, "model")
 
 
 # ---------------------------------------------------------------------------------------- /v1/rank
@@ -222,7 +357,8 @@ def test_rank_accepts_exactly_max_candidates():
 
 # ----------------------------------------------------------------------------------------- responses
 
-RESULT = {"text": " x):\n", "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 3}
+RESULT = {"choices": [{"index": 0, "text": " x):\n", "finish_reason": "stop", "logprobs": None}],
+          "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
 
 def test_completion_body_is_openai_shaped():
@@ -234,13 +370,56 @@ def test_completion_body_is_openai_shaped():
                     "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
 
-def test_stream_event_is_one_server_sent_event():
-    event = api.stream_event({"text": "ab", "finish_reason": None}, request_id="cmpl-1", served=SERVED, version=2)
-    assert event.startswith("data: ") and event.endswith("\n\n") and event.count("\n") == 2
-    chunk = json.loads(event.removeprefix("data: "))
-    assert chunk["id"] == "cmpl-1" and chunk["model_version"] == 2 and chunk["object"] == "text_completion"
-    assert chunk["choices"] == [{"index": 0, "text": "ab", "finish_reason": None, "logprobs": None}]
-    assert api.STREAM_DONE == "data: [DONE]\n\n"
+def _events(stream, chunks: list[dict]) -> list:
+    """The stream's events as parsed JSON ("[DONE]" as is), each checked to be one server-sent event."""
+    events = [event for chunk in chunks for event in stream.events(chunk)] + stream.end()
+    assert all(e.startswith("data: ") and e.endswith("\n\n") and e.count("\n") == 2 for e in events)
+    return [e[6:-2] if e == api.STREAM_DONE else json.loads(e[6:]) for e in events]
+
+
+def _chunk(index: int, text: str, finish_reason=None, *, prompt_tokens=3, completion_tokens=1, logprobs=None):
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+
+
+def test_a_streamed_completion_is_text_completion_chunks_then_done():
+    stream = api.CompletionStream(request_id="cmpl-1", served=SERVED, version=2, include_usage=False)
+    events = _events(stream, [_chunk(0, "ab"), _chunk(0, "c", "length", completion_tokens=2)])
+    assert events[-1] == "[DONE]"
+    assert [e["choices"] for e in events[:-1]] == [
+        [{"index": 0, "text": "ab", "finish_reason": None, "logprobs": None}],
+        [{"index": 0, "text": "c", "finish_reason": "length", "logprobs": None}]]
+    assert all(e["id"] == "cmpl-1" and e["object"] == "text_completion" and e["model_version"] == 2 and
+               "usage" not in e for e in events[:-1])
+
+
+def test_include_usage_adds_a_last_chunk_with_the_usage_of_every_choice():
+    stream = api.CompletionStream(request_id="cmpl-1", served=SERVED, version=2, include_usage=True)
+    events = _events(stream, [_chunk(0, "a"), _chunk(0, "b", "stop", completion_tokens=2),
+                              _chunk(1, "c", "length", prompt_tokens=4, completion_tokens=5)])
+    assert [e["usage"] for e in events[:3]] == [None] * 3
+    assert events[3]["choices"] == [] and events[3]["usage"] == {"prompt_tokens": 7, "completion_tokens": 7,
+                                                                  "total_tokens": 14}
+    assert events[4] == "[DONE]"
+
+
+def test_a_streamed_chat_sends_the_role_then_content_then_the_finish_reason():
+    stream = chat.ChatStream(request_id="chatcmpl-1", served=SERVED, version=3, include_usage=True)
+    events = _events(stream, [_chunk(0, "Hel"), _chunk(0, "lo"), _chunk(0, "", "stop", completion_tokens=3)])
+    deltas = [(c["delta"], c["finish_reason"]) for e in events[:-2] for c in e["choices"]]
+    assert deltas == [({"role": "assistant", "content": ""}, None), ({"content": "Hel"}, None),
+                      ({"content": "lo"}, None), ({}, "stop")]
+    assert all(e["object"] == "chat.completion.chunk" and e["usage"] is None for e in events[:-2])
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["total_tokens"] == 6
+    assert events[-1] == "[DONE]"
+
+
+def test_chat_body_is_openai_shaped():
+    body = chat.chat_body(RESULT, request_id="chatcmpl-abc", served=SERVED, version=7)
+    assert body["object"] == "chat.completion" and body["id"] == "chatcmpl-abc" and body["model_version"] == 7
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " x):\n", "refusal": None},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == RESULT["usage"]
 
 
 def test_a_stream_error_is_one_event_in_openai_error_shape():

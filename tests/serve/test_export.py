@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from serve.evaluate import evaluate_on_run_data
-from serve.export import EXPORT_INFO_FILE, WEIGHTS_FILE, export_checkpoint, load_export
+from serve.export import EXPORT_INFO_FILE, export_checkpoint, load_export
 from tests.helpers import LLM_STRATEGY_RUNS, RANKER_REFERENCE_RUN, REPO_ROOT, read_metrics
 from trainers.config import config_from_dict
 
@@ -90,11 +90,11 @@ def test_an_export_with_a_wrong_tensor_is_refused_at_load(trained_runs, tmp_path
     from safetensors.torch import load_file, save_file
 
     export_dir, _ = export_best(trained_runs("llm-ddp", LLM_STRATEGY_RUNS["ddp"]), tmp_path / "export")
-    state = load_file(export_dir / WEIGHTS_FILE)
-    name = next(iter(state))
-    state[name] = state[name][:1]
-    save_file(state, export_dir / WEIGHTS_FILE)
-    with pytest.raises(ValueError, match=f"{name} has shape"):
+    shard = next(export_dir.glob("model-*.safetensors"))
+    state = load_file(shard)
+    state["model.norm.weight"] = state["model.norm.weight"][:1]  # ours: norm.weight
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"\bnorm.weight has shape \(1,\)"):
         load_export(export_dir)
 
 

@@ -242,3 +242,94 @@ def test_requests_beyond_the_context_are_refused_before_streaming(model, tokeniz
 def test_sampling_params_name_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+
+def _reference_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """log-softmax of one full forward over `tokens`, no cache: row i scores token i + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([tokens]))[0].float(), dim=-1)
+
+
+def test_completion_logprobs_are_the_models_own_at_each_step(model, tokenizer):
+    prompt = tokenizer.encode("the cat").ids
+    completion = generate(model, tokenizer, prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=4, logprobs=3))
+    scores = completion.logprobs
+    assert len(scores) == completion.completion_tokens
+    reference = _reference_logprobs(model, prompt + [s.token_id for s in scores][:-1])
+    for position, score in enumerate(scores, start=len(prompt) - 1):
+        # Raw logits, not tempered: the score does not depend on how the token was drawn.
+        assert score.logprob == pytest.approx(float(reference[position, score.token_id]), abs=1e-5)
+        best = reference[position].topk(3)
+        assert [i for i, _ in score.top] == best.indices.tolist()
+        assert [v for _, v in score.top] == pytest.approx(best.values.tolist(), abs=1e-5)
+
+
+def test_greedy_tokens_score_exactly_their_top_alternative(model, tokenizer):
+    """lm-eval's is_greedy compares a token's logprob with max(top_logprobs) for equality: same float, same tensor."""
+    prompt = tokenizer.encode("the cat").ids
+    completion = generate(model, tokenizer, prompt, SamplingParams(max_tokens=10, temperature=0, logprobs=1))
+    assert all(score.top == ((score.token_id, score.logprob),) for score in completion.logprobs)
+
+
+def test_echo_scores_the_prompt_from_the_prefill(model, tokenizer, monkeypatch):
+    from serve import generation
+
+    monkeypatch.setattr(generation, "PROMPT_LOGPROB_ROWS", 4)  # several slices, the last one short
+    prompt = tokenizer.encode("the cat sat on the mat with his hat").ids
+    assert len(prompt) > 9
+    completion = generate(model, tokenizer, prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=2,
+                                                                   echo=True))
+    scores = completion.logprobs
+    assert len(scores) == len(prompt) + 1 and [s.token_id for s in scores[:-1]] == prompt
+    assert (scores[0].logprob, scores[0].top) == (None, ())  # nothing predicts the first token
+    reference = _reference_logprobs(model, prompt + [scores[-1].token_id])
+    for position, score in enumerate(scores[1:]):
+        assert score.logprob == pytest.approx(float(reference[position, score.token_id]), abs=1e-5)
+        assert [i for i, _ in score.top] == reference[position].topk(2).indices.tolist()
+    assert completion.text == tokenizer.decode([scores[-1].token_id])  # the text holds the completion only
+
+
+def test_echo_with_no_tokens_to_generate_only_scores_the_prompt(model, tokenizer):
+    prompt = tokenizer.encode("the cat").ids
+    chunks = stream(model, tokenizer, prompt, SamplingParams(max_tokens=0, echo=True, logprobs=0))
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in chunks] == [("", "length", 0)]
+    assert [s.token_id for s in chunks[0].logprobs] == prompt and all(s.top == () for s in chunks[0].logprobs)
+    unscored = stream(model, tokenizer, prompt, SamplingParams(max_tokens=0, echo=True))
+    assert [(c.text, c.completion_tokens, c.logprobs) for c in unscored] == [("", 0, ())]
+
+
+def test_streamed_scores_cover_every_counted_token_once(scripted, tokenizer):
+    """A token whose text is held back (part of "€", a possible stop string) is scored in the chunk that
+    releases it; EOS and the token completing a stop string are scored too."""
+    model, prompt = scripted
+    for params in (SamplingParams(max_tokens=20, temperature=0, logprobs=1),
+                   SamplingParams(max_tokens=20, temperature=0, logprobs=1, stop=["€ jam"]),
+                   SamplingParams(max_tokens=20, temperature=0, logprobs=1, stop=["jo"])):
+        chunks = stream(model, tokenizer, prompt, params)
+        scored = [s.token_id for c in chunks for s in c.logprobs]
+        assert len(scored) == chunks[-1].completion_tokens
+        assert scored == char_tokens(tokenizer, "5€ jolt!")[: len(scored)] + [tokenizer.token_to_id(EOS_TOKEN)][
+            : max(0, len(scored) - 10)]
+        assert scored == [s.token_id for s in generate(model, tokenizer, prompt, params).logprobs]
+
+
+def test_stop_token_ids_replace_the_tokenizers_eos(scripted, tokenizer):
+    model, prompt = scripted
+    j_token = char_tokens(tokenizer, "j")[0]
+    completion = generate(model, tokenizer, prompt, SamplingParams(max_tokens=20, temperature=0),
+                          stop_token_ids=[j_token])
+    assert (completion.text, completion.finish_reason) == ("5€ ", "stop")
+    # With no stop ids at all EOS is just a token (decoded to nothing): generation runs to max_tokens.
+    assert generate(model, tokenizer, prompt, SamplingParams(max_tokens=14, temperature=0),
+                    stop_token_ids=[]).finish_reason == "length"
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 6}, "logprobs"), ({"logprobs": -1}, "logprobs"),
+])
+def test_sampling_params_refuse_bad_logprobs_settings(fields, says):
+    with pytest.raises(ValueError, match=says):
+        SamplingParams(**fields)
+    SamplingParams(max_tokens=0, echo=True)  # scoring the prompt alone

@@ -119,7 +119,7 @@ def test_serving_refuses_a_production_version_that_fails_its_checksums(trained_r
     from serve.deploy import deploy
 
     promote_run(trained_runs("llm-ddp", LLM_STRATEGY_RUNS["ddp"]), registry_dir, tmp_path)
-    weights = registry_dir / MODEL / "versions" / "000001" / "model.safetensors"
+    weights = next((registry_dir / MODEL / "versions" / "000001").glob("model-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"oops")
-    with pytest.raises(ValueError, match="model.safetensors"):
+    with pytest.raises(ValueError, match=weights.name):
         deploy(ServeConfig(registry=str(registry_dir)), model=MODEL)

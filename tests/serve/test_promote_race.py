@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conf.schema import ServeConfig
 from serve import promote
-from serve.export import WEIGHTS_FILE, export_checkpoint
+from serve.export import export_checkpoint
 from serve.registry import AliasMoved, Registry
 from tests.helpers import LLM_STRATEGY_RUNS
 
@@ -26,10 +26,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _noisy_export(candidate: promote.Candidate, directory: Path, *, scale: float) -> Path:
     """The run's export with Gaussian noise on every weight: the larger `scale`, the worse the model."""
     export_checkpoint(candidate.checkpoint, directory, info={"step": candidate.step, "noise": scale})
-    weights = load_file(str(directory / WEIGHTS_FILE))
     generator = torch.Generator().manual_seed(0)
-    noisy = {name: tensor + scale * torch.randn(tensor.shape, generator=generator) for name, tensor in weights.items()}
-    save_file(noisy, str(directory / WEIGHTS_FILE))
+    for shard in sorted(directory.glob("model-*.safetensors")):  # the Hugging Face layout of an LLM export
+        weights = load_file(str(shard))
+        noisy = {name: tensor + scale * torch.randn(tensor.shape, generator=generator)
+                 for name, tensor in weights.items()}
+        save_file(noisy, str(shard), metadata={"format": "pt"})
     return directory
 
 

@@ -204,7 +204,7 @@ def test_a_version_that_fails_its_checksum_never_takes_traffic(endpoint):
     wait_for_version(url, 1)
     registry = Registry(serve_cfg.registry)
     version = registry.register(MODEL, root / "ddp", metadata={"family": "llm"})["version"]
-    weights = Path(registry.root) / MODEL / "versions" / f"{version:06d}" / "model.safetensors"
+    weights = next((Path(registry.root) / MODEL / "versions" / f"{version:06d}").glob("model-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
     registry.move_alias(MODEL, "production", version, reason="test: a corrupted version")
     try:
@@ -336,10 +336,11 @@ def nan_export(export_dir: Path, out_dir: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(export_dir, out_dir)
-    state = load_file(str(out_dir / "model.safetensors"))
-    name = next(key for key in state if key.startswith("output"))
-    state[name] = torch.full_like(state[name], float("nan"))
-    save_file(state, str(out_dir / "model.safetensors"))
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    shard = out_dir / index["weight_map"]["lm_head.weight"]  # the Hugging Face layout of an LLM export
+    state = load_file(str(shard))
+    state["lm_head.weight"] = torch.full_like(state["lm_head.weight"], float("nan"))
+    save_file(state, str(shard), metadata={"format": "pt"})
     return out_dir
 
 

@@ -25,13 +25,72 @@ Batch = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class ExportLayout:
+    """How a family's exported weights lie on disk, so that the tools of its ecosystem load the export as is.
+
+    Export streams (serve/export.py): `plan` cuts the model's names into the groups the layout writes one file
+    each from, export reads the checkpoint one group at a time (CheckpointFormat.consolidate_groups), and
+    `write_groups` takes the groups as they come, dropping each tensor once written."""
+
+    # (shapes: {our name: shape}, *, model_config, dtype, shard_bytes) -> [[our name, ...], ...]: the names of
+    # each weights file, in order; names the layout does not store (a tied output projection) are left out
+    plan: Callable[..., list[list[str]]]
+    # (groups: iterable of {our name: full tensor}, one per planned file, out_dir, *, model_config, dtype) -> None;
+    # writes the weights and any metadata files the layout needs (the side files, e.g. tokenizer.json, are
+    # already there)
+    write_groups: Callable[..., None]
+    # (directory, *, names: our parameter names, device) -> {our name: tensor}
+    read: Callable[..., dict]
+    identity_file: str  # the file whose checksum identifies the weights (the registry keeps one version per weights)
+
+    def write(self, state: dict[str, torch.Tensor], out_dir, *, model_config: dict, dtype: torch.dtype,
+              shard_bytes: int) -> None:
+        """A whole state dict (random or small models): planned and written as an export streams it."""
+        plan = self.plan({name: tuple(t.shape) for name, t in state.items()}, model_config=model_config,
+                         dtype=dtype, shard_bytes=shard_bytes)
+        self.write_groups(({name: state[name] for name in names} for names in plan), out_dir,
+                          model_config=model_config, dtype=dtype)
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _plan_plain(shapes: dict, *, model_config: dict, dtype: torch.dtype, shard_bytes: int) -> list[list[str]]:
+    return [list(shapes)]
+
+
+def _write_plain(groups, out_dir, *, model_config: dict, dtype: torch.dtype) -> None:
+    """One file, so the groups are collected first: this layout is for rankers, whose dense weights are small
+    (an LLM-sized model goes through the sharded Hugging Face layout, trainers/pretrained.py)."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for group in groups:
+        for name in list(group):
+            state[name] = group.pop(name).to(dtype).contiguous()
+    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"family": model_config["family"]})
+
+
+def _read_plain(directory, *, names: list[str], device) -> dict:
+    from safetensors.torch import load_file
+
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist: expected an export directory")
+    return load_file(str(weights), device=str(device))
+
+
+# One model.safetensors under the plain model's names: nothing outside Slipway reads a ranker's weights.
+PLAIN_LAYOUT = ExportLayout(plan=_plan_plain, write_groups=_write_plain, read=_read_plain, identity_file=WEIGHTS_FILE)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     # Config: the schemas of conf/model/*.yaml and conf/data/*.yaml files of this family (registered with
     # Hydra by trainers/config.py), the data.kind it trains on and the data= choices that give it.
     model_schema: type
-    data_schema: type
-    data_kind: str
+    data_schemas: dict[str, type]  # data.kind -> its schema: the kinds of data this family trains on
     data_choices: str  # e.g. "data=stdlib, text_dir or parquet", for the error when the data does not match
     check_config: Callable[..., None]  # (model cfg, data cfg): checks across the two, before anything starts
     # Data: (model cfg, data cfg, *, cache_root) -> the prepared data (datasets/), built once and cached;
@@ -42,6 +101,10 @@ class Family:
     build_model: Callable[..., nn.Module]  # (model cfg, *, data: dict, device) -> module
     count_parameters: Callable[..., int]  # (model cfg, *, data: dict) -> parameters, without building
     blocks: Callable[[nn.Module], nn.ModuleList]  # the units FSDP2 shards one by one (and LLMs checkpoint)
+    # Pretrained weights: (model cfg) -> the checkpoint directory a run starts from, or None; and
+    # (model, directory) -> fills the model's parameters (or this rank's shards of them) from it.
+    pretrained_from: Callable[..., str | None]
+    load_pretrained: Callable[[nn.Module, str], None] | None
     supports_activation_checkpointing: bool
     # Training and evaluation
     loss: Callable[[nn.Module, Batch], torch.Tensor]  # mean loss of one micro-batch
@@ -66,6 +129,7 @@ class Family:
     # model_config keys that name a side file copied into exports (tokenizer.json, feature_spec.json).
     checkpoint_payload: Callable[..., dict]
     asset_keys: tuple[str, ...]
+    export_layout: ExportLayout
     # Serving: the replica class, as "module:Class" under serve/. The class lives in the serving layer, which
     # imports this one, so the spec names it and serve/deploy.py resolves it (trainers never imports serve).
     # The class declares its routes and its sample request (serve/replicas.py).

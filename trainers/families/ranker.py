@@ -10,7 +10,7 @@ from cluster.activations import ranker_activations
 from conf.schema import ClickLogDataConfig, RankerConfig
 from datasets.metrics import binary_metrics, logloss, roc_auc
 from trainers import ranker
-from trainers.families import Batch, Family, model_config_dict
+from trainers.families import PLAIN_LAYOUT, Batch, Family, model_config_dict
 
 
 def _check_config(model_cfg: RankerConfig, data_cfg: ClickLogDataConfig) -> None:
@@ -95,8 +95,7 @@ def _activations(cfg: RankerConfig, *, data: dict, micro_batch: int, compute_byt
 RANKER = Family(
     name="ranker",
     model_schema=RankerConfig,
-    data_schema=ClickLogDataConfig,
-    data_kind="clicklog",
+    data_schemas={"clicklog": ClickLogDataConfig},
     data_choices="data=synthetic_clicks or criteo_tsv",
     check_config=_check_config,
     prepare_data=_prepare,
@@ -108,6 +107,9 @@ RANKER = Family(
         cfg, num_dense=data["num_dense"], table_sizes=data["table_sizes"]
     )["total"],
     blocks=lambda model: model.tables,  # one FSDP2 unit per table: sharded at rest, gathered one at a time
+    pretrained_from=lambda cfg: None,
+    export_layout=PLAIN_LAYOUT,
+    load_pretrained=None,
     supports_activation_checkpointing=False,  # nothing worth recomputing: the tables hold the memory
     loss=_loss,
     predict=_predict,

@@ -19,7 +19,7 @@ switches on a strategy's name: the checkpoint manager (trainers/checkpointing.py
 and the launch plan (cluster/) and the run's checks read the record.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,6 +34,7 @@ from trainers.discovery import Registry
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+WeightLoader = Callable[[nn.Module], None]
 
 
 class Strategy(Protocol):
@@ -41,8 +42,16 @@ class Strategy(Protocol):
 
     model: nn.Module  # the wrapped model: what forward runs on
 
+    def init_context(self, *, pretrained: bool) -> AbstractContextManager:
+        """Where the model is built: DeepSpeed ZeRO-3 partitions a pretrained model's parameters as they are
+        created, so no rank ever holds the whole model; the others build as asked (the meta device included)."""
+
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer: OptimizerFactory,
-              build_scheduler: SchedulerFactory, weight_decay: float, activation_checkpointing: bool) -> None: ...
+              build_scheduler: SchedulerFactory, weight_decay: float, activation_checkpointing: bool,
+              load_weights: WeightLoader | None = None) -> None:
+        """Wrap `model` and build its optimizer. `load_weights(model)` (pretrained weights), when given, is
+        called once the parameters this rank holds are on its device and before anything copies them (an
+        optimizer's master weights, DDP's broadcast); a model built on the meta device is materialized first."""
 
     def micro_step(self, *, is_last: bool) -> AbstractContextManager: ...
 
@@ -66,12 +75,41 @@ class Strategy(Protocol):
 @dataclass(frozen=True)
 class CheckpointFormat:
     """How a strategy's part of a checkpoint is laid out, and how to read it back whole without any process
-    group (export)."""
+    group (export).
+
+    Reading streams: `consolidate_groups(checkpoint_dir, template, groups=[[name, ...], ...])` yields one
+    {name: full tensor} per group, in order, reading no more of the checkpoint than that group, so an export
+    holds one group (one output file) at a time rather than the whole model (an 8B model is 32 GB in fp32).
+    Before the first group it checks that the checkpoint holds exactly the template's names and shapes
+    (check_stored).
+    A consumer that drops each tensor as it writes it (pops it from the group) frees it: the formats keep no
+    reference to a group once it is yielded and the next one is asked for."""
 
     name: str  # recorded in export.json: ddp, fsdp (DCP) or deepspeed
     marker: str  # the file or directory it writes: how a checkpoint that does not name its strategy is read
-    # (checkpoint directory, {name: tensor shaped like the plain model's}) -> full tensors under those names
-    consolidate: Callable[[Path, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    # (checkpoint directory, {name: tensor shaped like the plain model's}, *, groups: lists of those names)
+    # -> an iterator of {name: full tensor}, one per group, tensors in fp32 or the dtype they were stored in
+    consolidate_groups: Callable[..., Iterator[dict[str, torch.Tensor]]]
+
+    def consolidate(self, checkpoint_dir: Path, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every tensor of the template, full, at once: one group of everything (small models, tests)."""
+        state: dict[str, torch.Tensor] = {}
+        for group in self.consolidate_groups(checkpoint_dir, template, groups=[list(template)]):
+            state.update(group)
+        return state
+
+
+def check_stored(stored: Mapping[str, object], template: dict, *, source: Path) -> None:
+    """The checkpoint at `source` holds exactly the tensors of the plain model its model_config.json describes:
+    `stored` maps each name it holds to its full shape (a tuple, or anything with a .shape)."""
+    missing, unexpected = sorted(template.keys() - stored.keys()), sorted(stored.keys() - template.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match its model_config.json: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, tensor in template.items():
+        shape = tuple(getattr(stored[name], "shape", stored[name]))
+        if shape != tuple(tensor.shape):
+            raise ValueError(f"{source}: {name} has shape {shape}, the model config says {tuple(tensor.shape)}")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ class TorchStrategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
 
+    def init_context(self, *, pretrained: bool):
+        return contextlib.nullcontext()
+
     def _finish_setup(self, *, build_optimizer: OptimizerFactory, build_scheduler: SchedulerFactory,
                       weight_decay: float) -> None:
         self.optimizer = build_optimizer(parameter_groups(self.model, weight_decay=weight_decay))

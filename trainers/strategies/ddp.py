@@ -1,6 +1,7 @@
 """DistributedDataParallel: every worker holds the whole model; gradients are all-reduced after backward."""
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from torch import nn
 from cluster.memory import ADAM_MOMENTS, BF16, FP32, ModelShape, ModelStates
 from conf.schema import Precision, StrategyConfig, StrategyName
 from trainers.safe_loading import load_tensors
-from trainers.strategies import CheckpointFormat, StrategySpec
-from trainers.strategies.common import TorchStrategy, apply_activation_checkpointing, ring_share
+from trainers.strategies import CheckpointFormat, StrategySpec, check_stored
+from trainers.strategies.common import TorchStrategy, apply_activation_checkpointing, is_on_meta, ring_share
 
 
 @dataclass
@@ -21,12 +22,17 @@ class DDPConfig(StrategyConfig):
 
 class DDPStrategy(TorchStrategy):
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer, build_scheduler,
-              weight_decay: float, activation_checkpointing: bool) -> None:
+              weight_decay: float, activation_checkpointing: bool, load_weights=None) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         if activation_checkpointing:
             apply_activation_checkpointing(blocks)
-        model.to(self.device)
+        if is_on_meta(model):  # built on meta only to be loaded: every replica reads the whole checkpoint
+            model.to_empty(device=self.device)
+        else:
+            model.to(self.device)
+        if load_weights is not None:
+            load_weights(model)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # Gradients live in DDP's communication buckets instead of being copied there after backward: on a small
         # ranker on 2 CPU workers that copy was a fifth of the step (scripts/bench_ranker.py).
@@ -62,8 +68,23 @@ class DDPStrategy(TorchStrategy):
 MODEL_FILE = "model.pt"
 
 
-def consolidate(checkpoint_dir: Path, template: dict) -> dict:
-    return load_tensors(checkpoint_dir / MODEL_FILE)
+def consolidate_groups(checkpoint_dir: Path, template: dict, *, groups: list[list[str]]) -> Iterator[dict]:
+    """model.pt holds the whole model: map it (mmap) rather than read it, and hand out one group at a time.
+
+    Memory: a mapped file's pages count in the process's RSS (ru_maxrss included) once touched, as clean
+    file-backed pages the kernel may drop under pressure, and stay counted while the mapping lives, which is as
+    long as any tensor of it does. So each group maps the file afresh and keeps nothing of it once the group
+    is handed out: when the consumer has dropped the group's tensors (export casts and writes them one by one)
+    the mapping goes and so do its pages, and RSS holds at most one group of the file at a time. Mapping again
+    re-reads only the pickled index, not the tensors."""
+    path = checkpoint_dir / MODEL_FILE
+    check_stored(load_tensors(path, mmap=True), template, source=path)
+    for names in groups:
+        state = load_tensors(path, mmap=True)
+        group = {name: state[name] for name in names}
+        del state  # the rest of the file's tensors; the group's keep the mapping alive until they are dropped
+        yield group
+        del group
 
 
 def model_states(cfg: DDPConfig, *, shape: ModelShape, world: int, precision: Precision, accum_steps: int,
@@ -93,7 +114,8 @@ def communication_bytes(cfg: DDPConfig, *, params: int, world: int, accum_steps:
 
 SPECS = (StrategySpec(
     name="ddp", summary="DistributedDataParallel: full replicas, gradients all-reduced", schema=DDPConfig,
-    build=DDPStrategy, checkpoint=CheckpointFormat(name="ddp", marker=MODEL_FILE, consolidate=consolidate),
+    build=DDPStrategy,
+    checkpoint=CheckpointFormat(name="ddp", marker=MODEL_FILE, consolidate_groups=consolidate_groups),
     meta_init=False, elastic=True,  # the checkpoint holds the whole model: any world size loads it
     model_states=model_states, communication_bytes=communication_bytes, autocast_over_fp32=True,
 ),)

@@ -6,6 +6,7 @@ on a 2-D mesh rather than a class of its own design.
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from torch import nn
 
 from cluster.memory import ADAM_MOMENTS, BF16, FP32, ModelShape, ModelStates, dtype_name, human_count
 from conf.schema import Precision, StrategyConfig, StrategyName
-from trainers.safe_loading import load_dcp, load_tensors
-from trainers.strategies import CheckpointFormat, StrategySpec
+from trainers.safe_loading import dcp_tensor_shapes, load_dcp, load_tensors
+from trainers.strategies import CheckpointFormat, StrategySpec, check_stored
 from trainers.strategies.common import TorchStrategy, apply_activation_checkpointing, is_on_meta, ring_share
 
 DCP_DIR = "dcp"
@@ -49,17 +50,20 @@ class FSDPStrategy(TorchStrategy):
         return None
 
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer, build_scheduler,
-              weight_decay: float, activation_checkpointing: bool) -> None:
+              weight_decay: float, activation_checkpointing: bool, load_weights=None) -> None:
         if activation_checkpointing:
             apply_activation_checkpointing(blocks)
         apply_fsdp(model, blocks=blocks, mesh=self.device_mesh(),
                    reshard_after_forward=self.cfg.fsdp_reshard_after_forward, precision=self.precision)
         if is_on_meta(model):
-            # Materialize only this rank's shards, then initialize them in place.
+            # Materialize only this rank's shards, then fill them in place (pretrained weights or a fresh init).
             model.to_empty(device=self.device)
-            model.init_weights()
+            if load_weights is None:
+                model.init_weights()
         else:
             model.to(self.device)
+        if load_weights is not None:
+            load_weights(model)  # each rank reads the slices of its own shards
         self.model = model
         self._finish_setup(build_optimizer=build_optimizer, build_scheduler=build_scheduler,
                            weight_decay=weight_decay)
@@ -92,17 +96,24 @@ class FSDPStrategy(TorchStrategy):
         self.scheduler.load_state_dict(load_tensors(directory / "scheduler.pt"))
 
 
-def consolidate(checkpoint_dir: Path, template: dict) -> dict:
-    """Read DCP's shards into full CPU tensors shaped like the plain model's (no process group needed). DCP
-    reshards on load, so this reads what any mesh wrote."""
-    state = {"model": {name: torch.empty(t.shape, dtype=torch.float32) for name, t in template.items()}}
-    with warnings.catch_warnings():  # DCP warns that it runs without a process group, which is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        load_dcp(state, checkpoint_dir / DCP_DIR, no_dist=True)
-    return state["model"]
-
-
-DCP_FORMAT = CheckpointFormat(name="fsdp", marker=DCP_DIR, consolidate=consolidate)
+def consolidate_groups(checkpoint_dir: Path, template: dict, *, groups: list[list[str]]) -> Iterator[dict]:
+    """Read DCP's shards into full fp32 CPU tensors shaped like the plain model's (no process group needed),
+    one group per dcp.load: a load asks only for the group's keys, and DCP reads only the byte ranges of the
+    items those keys cover (FileSystemReader.read_data), so the rest of the model and the optimizer state stay
+    on disk. DCP reshards on load, so this reads what any mesh wrote (HSDP included)."""
+    directory = checkpoint_dir / DCP_DIR
+    stored = {name.removeprefix("model."): shape for name, shape in dcp_tensor_shapes(directory).items()
+              if name.startswith("model.")}
+    check_stored(stored, template, source=directory)
+    for names in groups:
+        state = {"model": {name: torch.empty(template[name].shape, dtype=torch.float32) for name in names}}
+        with warnings.catch_warnings():  # DCP warns that it runs without a process group, which is the point
+            warnings.simplefilter("ignore", UserWarning)
+            load_dcp(state, directory, no_dist=True)
+        group = state.pop("model")
+        yield group
+        del group
+DCP_FORMAT = CheckpointFormat(name="fsdp", marker=DCP_DIR, consolidate_groups=consolidate_groups)
 
 
 def sharded_model_states(shape: ModelShape, *, shards: int, precision: Precision, accum_steps: int,

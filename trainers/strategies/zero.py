@@ -6,6 +6,8 @@ them with DeepSpeed's own estimators.
 """
 
 import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from torch import nn
 from cluster.memory import ADAM_MOMENTS, BF16, FP32, ModelShape, ModelStates, dtype_name, human_count
 from conf.schema import Precision, StrategyConfig, StrategyName
 from trainers.safe_loading import check_deepspeed_files, install_safe_deepspeed_loader, weights_only_loads
-from trainers.strategies import CheckpointFormat, StrategySpec
+from trainers.strategies import CheckpointFormat, StrategySpec, check_stored
 from trainers.strategies.common import apply_activation_checkpointing, parameter_groups, ring_share
 
 STATE_DIR = "deepspeed"
@@ -63,13 +65,29 @@ class DeepSpeedStrategy:
             "wall_clock_breakdown": False,
         }
 
+    def init_context(self, *, pretrained: bool):
+        """ZeRO-3 with pretrained weights builds the model inside deepspeed.zero.Init: each parameter is cut into
+        partitions as its module is created, so no rank holds the whole model, and each rank then reads only its
+        partitions from the checkpoint. A fresh model keeps the whole build below (its initialization needs the
+        whole tensors, and the same seed on every rank gives every rank the same weights)."""
+        if self.stage == 3 and pretrained:
+            import deepspeed
+
+            # zero.Init reads the world size from DeepSpeed's communicator, which initialize() would set up only
+            # later: attach it to Ray Train's process group now.
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+            return deepspeed.zero.Init(config_dict_or_path=self.deepspeed_config())
+        return contextlib.nullcontext()
+
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer, build_scheduler,
-              weight_decay: float, activation_checkpointing: bool) -> None:
+              weight_decay: float, activation_checkpointing: bool, load_weights=None) -> None:
         import deepspeed
 
         if activation_checkpointing:
             apply_activation_checkpointing(blocks)
         model.to(self.device)
+        if load_weights is not None:
+            load_weights(model)  # before initialize copies the parameters into the optimizer's fp32 partitions
         optimizer = build_optimizer(parameter_groups(model, weight_decay=weight_decay))
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=build_scheduler, config=self.deepspeed_config(),
@@ -119,16 +137,89 @@ def _stage(name: str) -> int:
     return int(name.removeprefix("zero"))
 
 
-def consolidate(checkpoint_dir: Path, template: dict) -> dict:
-    """Merge ZeRO-1/2/3 partitions from the fp32 master weights in the optimizer files (bf16 runs included)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def consolidate_groups(checkpoint_dir: Path, template: dict, *, groups: list[list[str]]) -> Iterator[dict]:
+    """Merge ZeRO-1/2/3 partitions from the fp32 master weights in the optimizer files (bf16 runs included),
+    one group at a time.
 
-    check_deepspeed_files(checkpoint_dir / STATE_DIR)
+    DeepSpeed's zero_to_fp32 maps the optimizer files (torch.load(mmap=True)) and, in lazy mode, gives ZeRO-3
+    parameters as GatheredTensor, gathered from every rank's partition only when asked (.contiguous()). For
+    ZeRO-1/2 its lazy mode still concatenates each param group's partitions into one whole fp32 vector, so
+    those are read through _lazy_zero12 instead. Touched pages of a mapped file count in RSS while it stays
+    mapped, so each group maps the files afresh and drops them (see ddp.consolidate_groups)."""
+    from deepspeed.utils import zero_to_fp32
+
+    directory = checkpoint_dir / STATE_DIR
+    check_deepspeed_files(directory)  # before DeepSpeed's loader runs, so a refusal names the file
+    with weights_only_loads(), contextlib.redirect_stdout(None):
+        # Once: ZeRO-1/2's model-states file holds the whole module in the training dtype, read whole (and
+        # dropped once its buffers and parameter shapes are taken).
+        model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(directory / "state")))
+    check_stored(_lazy_state(directory, model_states), template, source=directory)
+    for names in groups:
+        state = _lazy_state(directory, model_states)
+        group = {name: state[name].contiguous() for name in names}
+        del state
+        yield group
+        del group
+
+
+def _lazy_state(directory: Path, model_states: list) -> dict:
+    """{name: full fp32 tensor, or a lazy one whose .contiguous() gathers it}, the optimizer files mapped and
+    loaded tensors-only (their pickles are read again on each call: small next to the tensors)."""
+    from deepspeed.utils import zero_to_fp32
+
+    state_dir = str(directory / "state")
     with weights_only_loads(), contextlib.redirect_stdout(None):  # the tool prints its progress
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / STATE_DIR), tag="state")
+        files = zero_to_fp32.get_optim_files(state_dir)
+        stage, world, fp32_groups, paddings = zero_to_fp32.parse_optim_states(files, state_dir)
+        if stage == 3:
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="state",
+                                                                         lazy_mode=True)
+        state = dict(model_states[0].buffers)
+        zero_to_fp32._zero2_merge_frozen_params(state, model_states)  # none in our models; small where there are
+    state.update(_lazy_zero12(model_states[0].param_shapes, fp32_groups, paddings, world=world))
+    for name, source in model_states[0].shared_params:  # a tied output projection is the embedding
+        if source in state:
+            state[name] = state[source]
+    return state
 
 
-DEEPSPEED_FORMAT = CheckpointFormat(name="deepspeed", marker=STATE_DIR, consolidate=consolidate)
+class _FlatSlice:
+    """A ZeRO-1/2 parameter: `shape.numel()` elements from `offset` of its param group's fp32 master vector,
+    which is every rank's partition end to end; gathered (copied) from the partitions when asked."""
+
+    def __init__(self, partitions: list[torch.Tensor], offset: int, shape: torch.Size):
+        self.partitions, self.offset, self.shape = partitions, offset, torch.Size(shape)
+
+    def contiguous(self) -> torch.Tensor:
+        start, end, base, pieces = self.offset, self.offset + self.shape.numel(), 0, []
+        for part in self.partitions:
+            low, high = max(start, base), min(end, base + part.numel())
+            if low < high:
+                pieces.append(part[low - base:high - base])
+            base += part.numel()
+        return torch.cat(pieces).view(self.shape) if pieces else torch.empty(self.shape, dtype=torch.float32)
+
+
+def _lazy_zero12(param_shapes: list[dict], fp32_groups: list[list[torch.Tensor]], paddings, *, world: int) -> dict:
+    """zero_to_fp32._zero2_merge_trainable_params without concatenating: the same offsets (each parameter
+    after the previous one, plus its alignment padding where recorded) and the same closing check."""
+    state, align = {}, 2 * world
+    for index, shapes in enumerate(param_shapes):
+        partitions = [rank_groups[index] for rank_groups in fp32_groups]
+        offset = 0
+        for position, (name, shape) in enumerate(shapes.items()):
+            state[name] = _FlatSlice(partitions, offset, shape)
+            offset += math.prod(shape)
+            if paddings is not None:
+                offset += paddings[index][position]
+        available = sum(part.numel() for part in partitions)
+        if align * math.ceil(offset / align) != align * math.ceil(available / align):
+            raise ValueError(f"ZeRO param group {index}: its parameters cover {offset} elements of {available}")
+    return state
+
+
+DEEPSPEED_FORMAT = CheckpointFormat(name="deepspeed", marker=STATE_DIR, consolidate_groups=consolidate_groups)
 
 
 # ----------------------------------------------------------------------------------------- memory, traffic
