@@ -48,14 +48,13 @@ from datasets.cache import META_FILE, build_into_place, prepared_from_dict, read
 from datasets.chat_records import Record, iter_records, record_error
 from datasets.chat_template import ChatTemplate, ChatTemplateError
 from datasets.text import split_score
+from datasets.tokenizer import PRETRAINED_TOKENIZER_FILES, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 logger = logging.getLogger(__name__)
 
 # Bump when the prepared layout, the masking or the packing changes, so old caches are not reused by new code.
 FORMAT_VERSION = 1
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+TOKENIZER_FILES = PRETRAINED_TOKENIZER_FILES  # both are needed: the tokenizer, and the template with the EOS
 SPLITS = ("train", "val")
 COLUMNS = ["tokens", "loss_mask", "document_ids"]
 # Examples per encode_batch call: enough to keep the tokenizer's threads busy, small enough to stream.

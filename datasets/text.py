@@ -33,6 +33,7 @@ from datasets.sources import Document, iter_documents
 from datasets.tokenizer import (
     EOS_TOKEN,
     PRETRAINED_TOKENIZER_FILES,
+    TOKENIZER_FILE,
     check_vocab_size,
     load_pretrained_tokenizer,
     tokenizer_digest,
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 # Bump when the prepared layout or the packing changes, so old caches are not reused by new code.
 FORMAT_VERSION = 1
-TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 # Documents per encode_batch call: enough to keep the tokenizer's threads busy, small enough to stream.
 ENCODE_BATCH_DOCS = 256

@@ -25,16 +25,15 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from datasets.chat_template import ChatTemplate, ChatTemplateError
-from datasets.tokenizer import EOS_TOKEN
+from datasets.tokenizer import EOS_TOKEN, TOKENIZER_CONFIG_FILE
 from serve.export import LoadedModel
 from serve.generation import SamplingParams, generate_stream
 from serve.logprobs import CompletionLogprobs, TokenTexts, join_logprobs
 from trainers.llm import Transformer
+from trainers.pretrained import GENERATION_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 @dataclass
