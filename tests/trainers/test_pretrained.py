@@ -1,7 +1,7 @@
 """Hugging Face Llama checkpoints in (model.init_from): config.json becomes our config, the weights load into
 every strategy's model, and the logits equal transformers' own on the same tokens (fp32, under 1e-4) — on one
-process, and on 2 gloo workers under DDP, FSDP2, ZeRO-2 and ZeRO-3 (FSDP2 and ZeRO-3 ranks holding and reading
-only their part).
+process, and on gloo workers under DDP, FSDP2, ZeRO-2, ZeRO-3 (2 each) and HSDP (4: a 2x2 mesh), the sharding
+strategies' ranks holding and reading only their part.
 Every bad checkpoint gets an error naming the file and the key or tensor."""
 
 import json
@@ -24,6 +24,7 @@ from trainers.pretrained import check_checkpoint_tensors, load_pretrained
 from trainers.strategies import build_strategy
 from trainers.strategies.ddp import DDPConfig
 from trainers.strategies.fsdp import FSDPConfig
+from trainers.strategies.hsdp import HSDPConfig
 from trainers.strategies.zero import ZeroConfig
 
 TOLERANCE = 1e-4
@@ -173,7 +174,8 @@ def _load_on_rank(rank: int, world: int, port: int, strategy_name: str, director
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     cfg = model_config(directory)
-    options = {"ddp": DDPConfig(), "fsdp": FSDPConfig()}.get(strategy_name) or ZeroConfig(name=strategy_name)
+    options = {"ddp": DDPConfig(), "fsdp": FSDPConfig(),
+               "hsdp": HSDPConfig(hsdp_shard_size=2)}.get(strategy_name) or ZeroConfig(name=strategy_name)
     strategy = build_strategy(options, device=torch.device("cpu"), precision="fp32", accum_steps=1, grad_clip=1.0,
                               micro_batch_size=len(TOKENS))
     # As trainers/loop.py builds it: on meta for FSDP2 (and DDP, which materializes it whole), inside ZeRO-3's
@@ -200,16 +202,19 @@ def _load_on_rank(rank: int, world: int, port: int, strategy_name: str, director
 
 
 # FSDP2 and ZeRO-3 shard the parameters (each rank holds half the embedding table, never all of it); DDP and
-# ZeRO-2 hold them whole on every rank (ZeRO-2 partitions only gradients and optimizer state).
-SHARE_HELD = {"fsdp": 0.5, "zero3": 0.5, "ddp": 1.0, "zero2": 1.0}
+# ZeRO-2 hold them whole on every rank (ZeRO-2 partitions only gradients and optimizer state). HSDP runs on 4
+# workers, 2 replicas of 2-way shard groups: each rank holds half, as in its shard group.
+SHARE_HELD = {"fsdp": 0.5, "zero3": 0.5, "ddp": 1.0, "zero2": 1.0, "hsdp": 0.5}
+WORKERS = {"hsdp": 4}
 
 
 @pytest.mark.parametrize("strategy_name", list(SHARE_HELD))
-def test_imported_logits_equal_transformers_on_two_gloo_workers(checkpoints, tmp_path, strategy_name):
-    directory = checkpoints["tied_sharded"]
-    mp.spawn(_load_on_rank, args=(2, free_port(), strategy_name, str(directory), str(tmp_path)), nprocs=2, join=True)
+def test_imported_logits_equal_transformers_on_gloo_workers(checkpoints, tmp_path, strategy_name):
+    directory, world = checkpoints["tied_sharded"], WORKERS.get(strategy_name, 2)
+    mp.spawn(_load_on_rank, args=(world, free_port(), strategy_name, str(directory), str(tmp_path)), nprocs=world,
+             join=True)
     logits = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert (logits - reference_logits(directory)).abs().max().item() < TOLERANCE
-    for rank in range(2):
+    for rank in range(world):
         held = json.loads((tmp_path / f"held-{rank}.json").read_text())
         assert held["held"] <= math.ceil(held["full"] * SHARE_HELD[strategy_name])
