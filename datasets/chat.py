@@ -48,7 +48,12 @@ from datasets.cache import META_FILE, build_into_place, prepared_from_dict, read
 from datasets.chat_records import Record, iter_records, record_error
 from datasets.chat_template import ChatTemplate, ChatTemplateError
 from datasets.text import split_score
-from datasets.tokenizer import PRETRAINED_TOKENIZER_FILES, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from datasets.tokenizer import (
+    PRETRAINED_TOKENIZER_FILES,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    load_pretrained_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,19 +195,10 @@ def _fingerprint(cfg: ChatDataConfig, *, data_file: Path, tokenizer_dir: Path) -
 
 
 def _load_model_files(cfg: ChatDataConfig, tokenizer_dir: Path) -> _Model:
+    tokenizer, eos = load_pretrained_tokenizer(tokenizer_dir)  # its eos_token ends a completion
     config_path = tokenizer_dir / TOKENIZER_CONFIG_FILE
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / TOKENIZER_FILE))
     template = ChatTemplate.from_tokenizer_config(config_path) if cfg.format == ChatFormat.chat_jsonl else None
-    try:
-        eos = json.loads(config_path.read_text()).get("eos_token")
-    except (ValueError, AttributeError):
-        raise ValueError(f"{config_path}: expected a JSON object (a Hugging Face tokenizer_config.json)") from None
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    eos_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
-    if eos_id is None:
-        raise ValueError(f"{config_path}: eos_token {eos!r} is not a token of {tokenizer_dir / TOKENIZER_FILE}; "
-                         "expected the end-of-sequence token that ends a completion")
-    return _Model(tokenizer=tokenizer, template=template, eos_id=eos_id)
+    return _Model(tokenizer=tokenizer, template=template, eos_id=tokenizer.token_to_id(eos))
 
 
 def _build(cfg: ChatDataConfig, directory: Path, *, data_file: Path, tokenizer_dir: Path, fingerprint: str) -> None:

@@ -20,6 +20,8 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from datasets.tokenizer import token_text
+
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -54,13 +56,6 @@ def _compile(source: str, *, origin: str) -> jinja2.Template:
             f"{origin}: chat_template does not compile at line {err.lineno}: {err.message}{hint}") from None
 
 
-def _token_text(value) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with `content`."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
-
-
 @dataclass
 class ChatTemplate:
     source: str
@@ -88,7 +83,7 @@ class ChatTemplate:
         if not isinstance(source, str) or not source.strip():
             raise ChatTemplateError(f"{path}: has no chat_template; this model cannot render conversations "
                                     "(use a chat model's tokenizer, or prompt/completion data)")
-        tokens = {key: _token_text(config.get(key)) for key in SPECIAL_TOKEN_KEYS}
+        tokens = {key: token_text(config.get(key)) for key in SPECIAL_TOKEN_KEYS}
         return cls(source=source, origin=str(path), special_tokens={k: v for k, v in tokens.items() if v})
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:

@@ -82,6 +82,13 @@ def load_pretrained_tokenizer(directory: str | Path) -> tuple[Tokenizer, str]:
     return tokenizer, eos
 
 
+def token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with `content`."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def special_token(directory: str | Path, key: str) -> str | None:
     """A special token's text from tokenizer_config.json (a string, or an AddedToken dict with `content`)."""
     path = Path(directory) / TOKENIZER_CONFIG_FILE
@@ -91,8 +98,7 @@ def special_token(directory: str | Path, key: str) -> str | None:
         return None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    value = config.get(key) if isinstance(config, dict) else None
-    return value.get("content") if isinstance(value, dict) else value
+    return token_text(config.get(key)) if isinstance(config, dict) else None
 
 
 def tokenizer_digest(directory: str | Path) -> str:

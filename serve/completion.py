@@ -25,7 +25,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from datasets.chat_template import ChatTemplate, ChatTemplateError
-from datasets.tokenizer import EOS_TOKEN, TOKENIZER_CONFIG_FILE
+from datasets.tokenizer import EOS_TOKEN, TOKENIZER_CONFIG_FILE, token_text
 from serve.export import LoadedModel
 from serve.generation import SamplingParams, generate_stream
 from serve.logprobs import CompletionLogprobs, TokenTexts, join_logprobs
@@ -82,9 +82,8 @@ def stop_token_ids(tokenizer: Tokenizer, tokenizer_config: dict, generation_conf
     own) and tokenizer_config.json's eos_token, as vLLM takes both; neither given: <|endoftext|>, our BPE's EOS."""
     ids = generation_config.get("eos_token_id")
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    eos = tokenizer_config.get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
+    eos = token_text(tokenizer_config.get("eos_token"))
+    if eos is not None and tokenizer.token_to_id(eos) is not None:
         ids.append(tokenizer.token_to_id(eos))
     if not ids and tokenizer.token_to_id(EOS_TOKEN) is not None:
         ids.append(tokenizer.token_to_id(EOS_TOKEN))

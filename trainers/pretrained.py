@@ -332,6 +332,3 @@ def _special_token_ids(out_dir: Path, special_token) -> dict[str, int | None]:
         ids[key] = tokenizer.token_to_id(text) if text else None
     return ids
 
-
-def read_hf_export(directory: Path, *, names: list[str], device: str | torch.device = "cpu") -> dict:
-    return read_hf_weights(directory, names=names, device=device)

@@ -156,7 +156,7 @@ LLM = Family(
     count_parameters=lambda cfg, *, data: llm.count_parameters(cfg, vocab_size=vocab_size(cfg, data))["total"],
     blocks=lambda model: model.layers,
     pretrained_from=lambda cfg: cfg.init_from,
-    load_pretrained=lambda model, directory: pretrained.load_pretrained(model, directory),
+    load_pretrained=pretrained.load_pretrained,
     supports_activation_checkpointing=True,
     loss=_loss,
     predict=_predict,
@@ -180,7 +180,7 @@ LLM = Family(
     asset_keys=("tokenizer", "tokenizer_config"),
     # A Hugging Face Llama directory: transformers' from_pretrained and `vllm serve` load the export as is.
     export_layout=ExportLayout(plan=pretrained.plan_hf_export, write_groups=pretrained.write_hf_export,
-                               read=pretrained.read_hf_export, identity_file=pretrained.INDEX_FILE),
+                               read=pretrained.read_hf_weights, identity_file=pretrained.INDEX_FILE),
     serving_replica="serve.replicas:LLMReplica",
 )
 
