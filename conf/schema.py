@@ -398,13 +398,13 @@ class ServeConfig:
     target_ongoing_requests: float = 2.0
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
-    max_ongoing_requests: int = 16
+    max_ongoing_requests: int = 16  # ranker requests a replica works on at once (LLMs: max_running_requests)
     num_cpus: float = 1.0  # per replica
     num_gpus: float = 0.0  # per replica; a fraction shares a GPU between replicas
     health_check_period_s: float = 5.0
     graceful_shutdown_timeout_s: float = 20.0  # in-flight requests get this long to finish on a swap or stop
-    # Requests waiting for a replica, per caller, beyond max_ongoing_requests per replica; more get 503 with
-    # Retry-After rather than an ever longer wait
+    # Requests a replica holds waiting beyond those it works on (an LLM's: in its engine's queue); more get 503
+    # with Retry-After rather than an ever longer wait
     max_queued_requests: int = 64
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are read (256 Criteo rows: ~0.2 MiB)
     # Exports (stage=promote): weights in this dtype (auto: bf16 if the run trained on GPUs, else fp32), in
@@ -416,6 +416,10 @@ class ServeConfig:
     version: int | None = None
     # LLM requests
     max_tokens_limit: int = 256  # the largest max_tokens a request may ask for
+    # The batching engine (serve/engine.py), per loaded version: sequences generated together (KV-cache slots of
+    # max_seq_len each), and tokens per forward step (decode tokens first, then chunks of new prompts)
+    max_running_requests: int = 16
+    max_batched_tokens: int = 256
     sample_prompt: str = "def "  # printed with its completion once the endpoint is up
     # Ranker requests
     max_candidates: int = 256

@@ -1,6 +1,6 @@
 """What serving costs: Ray Serve's HTTP path against the same models called in-process, on a local Ray.
 
-    python scripts/bench_serve.py                                  # random llm_tiny + dlrm_small, 3-4 min
+    python scripts/bench_serve.py                                  # random llm_tiny + dlrm_small, 5-6 min
     python scripts/bench_serve.py --seconds 2 --concurrency 1 4    # a smoke run
     python scripts/bench_serve.py --registry /path/to/registry --llm-model llm_tiny --ranker-model ranker_dlrm
 
@@ -10,24 +10,31 @@ seq_len 128) and conf/model/dlrm_small.yaml (26 tables sized by conf/data/synthe
 encoding), exported, registered in a temporary registry and promoted to production. With --registry the
 production versions of the named models are benchmarked instead (either or both).
 
-Each app is deployed by serve/deploy.py (Router -> replicas) on an embedded Ray, one at a time at route "/".
-The load tests pin one replica (min = max = 1, --num-cpus CPUs) so the levels compare like with like:
-  1. closed-loop load at each --concurrency: N client threads, each with its own keep-alive HTTP connection,
-     sending the next request when the last is answered; after --warmup-s, requests/s, p50 and p99 latency
-     and errors over --seconds. LLM: POST /v1/completions (fixed prompt, --max-tokens, temperature 0);
-     ranker: POST /v1/rank with --candidates candidates.
+Each app is deployed by serve/deploy.py (the production deployment is the HTTP ingress) on an embedded Ray, one
+at a time at route "/". The load tests pin one replica (min = max = 1, --num-cpus CPUs) so the levels compare like
+with like:
+  0. the floor (--parts floor): a bare Serve deployment that reads the body and answers a constant, p50 at
+     concurrency 1: what any Serve application costs on this machine.
+  1. closed-loop load at each level: N client threads, each with its own keep-alive HTTP connection, sending
+     the next request when the last is answered; after --warmup-s, requests/s, p50 and p99 latency and errors
+     over --seconds. LLM (--concurrency, default 1 4 16 64): POST /v1/completions (fixed prompt, --max-tokens,
+     temperature 0), with generated tokens/s from the answers' usage; then the same requests streamed for as
+     long, for the time to the first token and the mean gap between a request's tokens (p50 and p99 over
+     requests); with --parts baseline the same levels again with serve.max_running_requests=1, one sequence
+     at a time as before continuous batching. Ranker
+     (--ranker-concurrency, default 1 16 64): POST /v1/rank with --candidates candidates.
   2. the same work in this process, without Ray (generate(); encode + forward), with as many torch threads
      as Ray gives a replica, measured right before the load levels: p50, and the serve overhead = p50 at
-     concurrency 1 minus in-process p50; GET /healthz (proxy + router, no model replica) shows how much of
-     that the HTTP front end takes. The ranker's overhead includes @serve.batch's wait (batch_wait_timeout_s).
-  3. dynamic batching: the ranker at --batch-concurrency with serve.max_batch_size=1 against the default
+     concurrency 1 minus in-process p50, against the floor; GET /healthz (proxy and ingress, no model) shows how
+     much of that the HTTP front end takes. The ranker's overhead includes @serve.batch's wait.
+  3. dynamic batching: the ranker at --batch-concurrency (64) with serve.max_batch_size=1 against the default
      (64); requests/s of each and their ratio.
   4. autoscaling: the ranker with min 1, max 2 replicas, target_ongoing_requests 1, upscale_delay_s 1,
      0.5 CPU each; a load step to --autoscale-concurrency; seconds from the step to a second replica asked
      for (STARTING), RUNNING, the first request answered after that and the first one the new replica
      answered (from its Serve log file), and how many of the requests in --autoscale-hold-s it answered.
 
-On a 2-core machine the client threads, the proxy, the router and the replicas all share the same two cores,
+On a 2-core machine the client threads, the proxy and the replicas all share the same two cores,
 so absolute figures are low and move between runs: quote them as ratios taken from one run (serve vs
 in-process, batched vs unbatched, one concurrency vs another), not as capacity.
 """
@@ -51,18 +58,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LLM_NAME, RANKER_NAME = "bench_llm", "bench_ranker"
 PROMPT = "import os\n\n\ndef read_config(path):\n    "
 SEED = 0
-PARTS = ("llm", "ranker", "batching", "autoscaling")
+PARTS = ("floor", "llm", "baseline", "ranker", "batching", "autoscaling")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client threads per level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
+                        help="client threads per LLM load level")
+    parser.add_argument("--ranker-concurrency", type=int, nargs="+", default=[1, 16, 64],
+                        help="client threads per ranker load level")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per load level")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-tokens", type=int, default=16, help="LLM completion length")
     parser.add_argument("--candidates", type=int, default=64, help="candidates per /v1/rank request")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica in the load tests")
-    parser.add_argument("--batch-concurrency", type=int, default=16, help="client threads of the batching test")
+    parser.add_argument("--batch-concurrency", type=int, default=64, help="client threads of the batching test")
     parser.add_argument("--autoscale-concurrency", type=int, default=8, help="client threads of the load step")
     parser.add_argument("--autoscale-hold-s", type=float, default=5.0,
                         help="seconds the load step goes on once the second replica is RUNNING")
@@ -76,8 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "slipway-bench-serve",
                         help="output folder; each invocation writes a new bench-<time>/ inside it")
     args = parser.parse_args(argv)
-    if min(args.concurrency) < 1 or args.batch_concurrency < 1 or args.autoscale_concurrency < 1:
-        parser.error("--concurrency, --batch-concurrency and --autoscale-concurrency must be at least 1")
+    if min(args.concurrency + args.ranker_concurrency) < 1 or args.batch_concurrency < 1 or \
+            args.autoscale_concurrency < 1:
+        parser.error("--concurrency, --ranker-concurrency, --batch-concurrency and --autoscale-concurrency must "
+                     "be at least 1")
     if args.seconds <= 0 or args.warmup_s < 0:
         parser.error("--seconds must be positive and --warmup-s not negative")
     if args.registry and not (args.llm_model or args.ranker_model):
@@ -196,6 +208,11 @@ def llm_request(model: str, *, max_tokens: int) -> dict:
     return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
 
 
+def streamed(body: dict) -> dict:
+    """The same request streamed, so the client sees when each token arrives, with the usage at the end."""
+    return {**body, "stream": True, "stream_options": {"include_usage": True}}
+
+
 def ranker_request(model: str, *, spec_path: Path, candidates: int) -> dict:
     """A shared context (the first half of the features) and `candidates` rows of the rest, from a fixed seed."""
     import numpy as np
@@ -290,6 +307,13 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     first_error: str | None = None
+    # Streamed LLM requests only: completion tokens per second over all clients, time to the first token and the
+    # mean gap between a request's tokens (p50 and p99 over requests)
+    tokens_per_s: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
 
 
 class _NoDelayConnection(http.client.HTTPConnection):
@@ -305,13 +329,15 @@ class _NoDelayConnection(http.client.HTTPConnection):
 class ClosedLoop:
     """`concurrency` threads, each sending `body` to `path` over its own keep-alive connection, back to back.
 
-    Every answer is kept as (sent, answered, ok) in perf_counter seconds, so any window can be cut out later.
+    Every answer is kept as (sent, answered, ok, first token, last token, completion tokens) in perf_counter
+    seconds, so any window can be cut out later; the token fields are set for streamed (SSE) answers only.
     """
 
     port: int
     path: str
     body: bytes | None  # None: GET
     concurrency: int
+    count_tokens: bool = False  # read completion_tokens from each (non-streamed) answer's usage
     samples: list = field(default_factory=list)
     errors: list = field(default_factory=list)
 
@@ -340,27 +366,59 @@ class ClosedLoop:
                 connection.request("GET" if self.body is None else "POST", self.path, body=self.body,
                                    headers=headers)
                 response = connection.getresponse()
-                answer = response.read()
                 ok = response.status == 200
+                events = ok and response.getheader("content-type", "").startswith("text/event-stream")
+                first, last, tokens = _read_events(response) if events else (None, None, 0)
+                answer = b"" if events else response.read()
+                if ok and not events and self.count_tokens:
+                    tokens = json.loads(answer)["usage"]["completion_tokens"]
                 if not ok:
                     self.errors.append(f"HTTP {response.status}: {answer[:300]!r}")
-            except (OSError, http.client.HTTPException) as error:
+            except (OSError, http.client.HTTPException, ValueError) as error:
                 self.errors.append(repr(error))
                 connection.close() if connection else None
-                connection = None
-            self.samples.append((sent, time.perf_counter(), ok))  # list.append is atomic under the GIL
+                connection, ok, first, last, tokens = None, False, None, None, 0
+            # list.append is atomic under the GIL
+            self.samples.append((sent, time.perf_counter(), ok, first, last, tokens))
             if not ok:
                 time.sleep(0.05)  # a refusing server must not turn the client into a busy loop
 
     def window(self, start: float, end: float) -> LoadResult:
         """Figures for the requests answered between `start` and `end`."""
         answered = [s for s in list(self.samples) if start <= s[1] <= end]
-        latencies = sorted((done - sent) * 1e3 for sent, done, ok in answered if ok)
+        good = [s for s in answered if s[2]]
+        latencies = sorted((s[1] - s[0]) * 1e3 for s in good)
         seconds = end - start
-        return LoadResult(concurrency=self.concurrency, seconds=seconds, requests=len(latencies),
-                          errors=sum(1 for s in answered if not s[2]), rps=len(latencies) / seconds,
-                          p50_ms=_percentile(latencies, 50), p99_ms=_percentile(latencies, 99),
-                          first_error=self.errors[0] if self.errors else None)
+        result = LoadResult(concurrency=self.concurrency, seconds=seconds, requests=len(latencies),
+                            errors=len(answered) - len(good), rps=len(latencies) / seconds,
+                            p50_ms=_percentile(latencies, 50), p99_ms=_percentile(latencies, 99),
+                            first_error=self.errors[0] if self.errors else None)
+        if self.count_tokens:
+            result.tokens_per_s = sum(s[5] for s in good) / seconds
+        events = [s for s in good if s[3] is not None]
+        if events:
+            ttft = sorted((first - sent) * 1e3 for sent, _, _, first, _, _ in events)
+            gaps = sorted((last - first) * 1e3 / (tokens - 1) for _, _, _, first, last, tokens in events if tokens > 1)
+            result.ttft_p50_ms, result.ttft_p99_ms = _percentile(ttft, 50), _percentile(ttft, 99)
+            result.itl_p50_ms, result.itl_p99_ms = _percentile(gaps, 50), _percentile(gaps, 99)
+        return result
+
+
+def _read_events(response) -> tuple[float | None, float | None, int]:
+    """Read an SSE completion to its end: when the first and the last text arrived, and the completion tokens
+    its usage chunk counts (include_usage)."""
+    first = last = None
+    tokens = 0
+    for line in iter(response.readline, b""):
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[len(b"data: "):])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        if any(choice.get("text") for choice in event.get("choices", [])):
+            last = time.perf_counter()
+            first = first or last
+    return first, last, tokens
 
 
 def _percentile(sorted_values: list[float], percent: float) -> float:
@@ -371,8 +429,9 @@ def _percentile(sorted_values: list[float], percent: float) -> float:
 
 
 def closed_loop(port: int, path: str, body: dict | None, *, concurrency: int, seconds: float,
-                warmup_s: float) -> LoadResult:
-    loop = ClosedLoop(port, path, None if body is None else json.dumps(body).encode(), concurrency).start()
+                warmup_s: float, count_tokens: bool = False) -> LoadResult:
+    loop = ClosedLoop(port, path, None if body is None else json.dumps(body).encode(), concurrency,
+                      count_tokens=count_tokens).start()
     started = time.perf_counter()
     time.sleep(warmup_s + seconds)
     result = loop.window(started + warmup_s, started + warmup_s + seconds)
@@ -436,12 +495,27 @@ def pinned_config(registry_uri: str, *, port: int, num_cpus: float, **overrides)
                        **overrides)
 
 
-def load_levels(port: int, path: str, body: dict, *, levels: list[int], args, label: str) -> list[LoadResult]:
+def load_levels(port: int, path: str, body: dict, *, levels: list[int], args, label: str,
+                llm: bool = False) -> list[LoadResult]:
+    """Each level's closed loop. For an LLM, requests/s, latency and tokens/s are of plain requests (as clients
+    that want the whole answer send them); a second loop of the same requests streamed measures the time to the
+    first token and between tokens, since only a stream shows when each token leaves the server."""
     results = []
     for concurrency in levels:
-        result = closed_loop(port, path, body, concurrency=concurrency, seconds=args.seconds, warmup_s=args.warmup_s)
+        result = closed_loop(port, path, body, concurrency=concurrency, seconds=args.seconds, warmup_s=args.warmup_s,
+                             count_tokens=llm)
+        if llm:
+            timing = closed_loop(port, path, streamed(body), concurrency=concurrency, seconds=args.seconds,
+                                 warmup_s=args.warmup_s)
+            result.ttft_p50_ms, result.ttft_p99_ms = timing.ttft_p50_ms, timing.ttft_p99_ms
+            result.itl_p50_ms, result.itl_p99_ms = timing.itl_p50_ms, timing.itl_p99_ms
+            result.errors += timing.errors
+            result.first_error = result.first_error or timing.first_error
+        tokens = "" if result.tokens_per_s is None else (
+            f"  {result.tokens_per_s:7.1f} tok/s  TTFT p50 {_number(result.ttft_p50_ms)} ms  inter-token p50 "
+            f"{_number(result.itl_p50_ms)} ms")
         print(f"  {label} concurrency {concurrency:>3}: {result.rps:8.1f} req/s  p50 {result.p50_ms:8.1f} ms  "
-              f"p99 {result.p99_ms:8.1f} ms  errors {result.errors}", flush=True)
+              f"p99 {result.p99_ms:8.1f} ms{tokens}  errors {result.errors}", flush=True)
         if result.first_error:
             print(f"    first error: {result.first_error}", flush=True)
         results.append(result)
@@ -450,20 +524,21 @@ def load_levels(port: int, path: str, body: dict, *, levels: list[int], args, la
 
 def _replica_logs(app: str, deployment: str) -> dict[str, Path]:
     """Replica id -> its Serve log file. Serve keeps no per-replica request counts that a driver can read, but
-    every replica writes one access-log line per call ("CALL rank OK") to a file of its own."""
+    every replica writes one access-log line per request it answers ("POST /v1/rank 200 ...": the production
+    replicas are the HTTP ingress) to a file of its own."""
     from ray.serve._private.logging_utils import get_serve_logs_dir
 
     prefix = f"replica_{app}_{deployment}_"
     return {path.stem.removeprefix(prefix): path for path in Path(get_serve_logs_dir()).glob(f"{prefix}*.log")}
 
 
-def _answers_logged(path: Path, *, method: str) -> list[float]:
-    """Wall-clock times of the calls a replica's log file shows it answered."""
+def _answers_logged(path: Path, *, route: str) -> list[float]:
+    """Wall-clock times of the requests to `route` that a replica's log file shows it answered with 200."""
     from datetime import datetime
 
     times = []
     for line in path.read_text(errors="replace").splitlines():
-        if f"CALL {method} OK" in line:
+        if f"POST {route} 200" in line:
             stamp = " ".join(line.split()[1:3])  # "INFO 2026-11-28 05:54:04,076 ..."
             times.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp())
     return times
@@ -497,7 +572,8 @@ def measure_autoscaling(registry_uri: str, *, port: int, model: str, body: dict,
     asked, scaled = _wait_for_second_replica(app, deployment, timeout_s=args.autoscale_timeout)
     first_answer = None
     while scaled is not None and first_answer is None and time.perf_counter() - scaled < 30:
-        first_answer = min((done for _, done, ok in list(loop.samples) if ok and done >= scaled), default=None)
+        first_answer = min((sample[1] for sample in list(loop.samples) if sample[2] and sample[1] >= scaled),
+                           default=None)
         time.sleep(0.05)
     if scaled is not None:
         time.sleep(max(0.0, scaled + args.autoscale_hold_s - time.perf_counter()))
@@ -506,7 +582,7 @@ def measure_autoscaling(registry_uri: str, *, port: int, model: str, body: dict,
     after = loop.window(scaled, held_end) if scaled is not None else None
     loop.stop()
     new_logs = [path for rid, path in _replica_logs(app, deployment).items() if rid not in first_replicas]
-    new_answers = sorted(t for path in new_logs for t in _answers_logged(path, method="rank"))
+    new_answers = sorted(t for path in new_logs for t in _answers_logged(path, route="/v1/rank"))
 
     def since_step(moment):
         return None if moment is None else moment - step
@@ -523,18 +599,25 @@ def measure_autoscaling(registry_uri: str, *, port: int, model: str, body: dict,
 # -------------------------------------------------------------------------------------------- report
 
 def _print_table(results: dict) -> None:
-    print("\n" + "=" * 78)
-    print(f"{'model':<8} {'concurrency':>11} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    print("\n" + "=" * 118)
+    print(f"{'model':<11} {'concurrency':>11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'tok/s':>8} "
+          f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'errors':>7}")
     for family, rows in results["load"].items():
         for row in rows:
-            print(f"{family:<8} {row['concurrency']:>11} {row['rps']:>9.1f} {row['p50_ms']:>9.1f} "
-                  f"{row['p99_ms']:>9.1f} {row['errors']:>7}")
+            print(f"{family:<11} {row['concurrency']:>11} {row['rps']:>8.1f} {row['p50_ms']:>8.1f} "
+                  f"{row['p99_ms']:>8.1f} {_number(row['tokens_per_s']):>8} {_number(row['ttft_p50_ms']):>9} "
+                  f"{_number(row['ttft_p99_ms']):>9} {_number(row['itl_p50_ms']):>8} "
+                  f"{_number(row['itl_p99_ms']):>8} {row['errors']:>7}")
+    _print_ratios(results)
+    floor = results.get("floor")
     for family, figures in results["in_process"].items():
         print(f"{family} in-process p50: {_describe_in_process(figures)}")
         if "overhead_ms" in figures:
+            versus = f"; x{figures['overhead_ms'] / floor['p50_ms']:.2f} the bare Serve floor" if floor else ""
             print(f"{family} serve overhead (p50 at concurrency {figures['served_concurrency']} minus in-process "
-                  f"p50): {figures['overhead_ms']:.2f} ms, of which proxy + router (GET /healthz p50) "
-                  f"{figures['healthz_p50_ms']:.2f} ms")
+                  f"p50): {figures['overhead_ms']:.2f} ms{versus}; GET /healthz p50 {figures['healthz_p50_ms']:.2f} ms")
+    if floor:
+        print(f"bare Serve floor (a deployment answering a constant, concurrency 1): p50 {floor['p50_ms']:.2f} ms")
     if batching := results.get("batching"):
         print(f"ranker dynamic batching at concurrency {batching['concurrency']}: max_batch_size="
               f"{batching['default_max_batch_size']} {batching['batched_rps']:.1f} req/s vs max_batch_size=1 "
@@ -546,7 +629,17 @@ def _print_table(results: dict) -> None:
               f"{_seconds(scaling['to_first_answer_after_s'])}, first answer by the new replica at "
               f"{_seconds(scaling['to_first_answer_by_new_replica_s'])} ({scaling['answered_by_new_replica']} of "
               f"{scaling['answered_after_scale_up']} answers in the {scaling['hold_s']:g} s after RUNNING)")
-    print("=" * 78)
+    print("=" * 118)
+
+
+def _print_ratios(results: dict) -> None:
+    """Generated tokens/s at each concurrency against concurrency 1, with batching and with one slot."""
+    for label in ("llm", "llm 1 slot"):
+        rows = {row["concurrency"]: row for row in results["load"].get(label, [])}
+        if 1 in rows and rows[1]["tokens_per_s"]:
+            gains = ", ".join(f"{c}: x{row['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}"
+                              for c, row in sorted(rows.items()) if c != 1 and row["tokens_per_s"])
+            print(f"{label} tokens/s against concurrency 1: {gains}")
 
 
 def _describe_in_process(figures: dict) -> str:
@@ -559,33 +652,61 @@ def _describe_in_process(figures: dict) -> str:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def _seconds(value: float | None) -> str:
     return "never (timed out)" if value is None else f"{value:.1f} s"
 
 
-def bench_family(family: str, *, model: str, body: dict, port: int, args) -> dict:
+def bench_family(family: str, *, model: str, body: dict, port: int, args, levels: list[int], label: str,
+                 **overrides) -> dict:
     """In-process p50, then the load levels and GET /healthz against the deployed app, back to back so that
     the machine's other load is about the same for all of them."""
     path = "/v1/completions" if family == "llm" else "/v1/rank"
-    deploy_app(pinned_config(args.registry_uri, port=port, num_cpus=args.num_cpus), model=model)
+    deploy_app(pinned_config(args.registry_uri, port=port, num_cpus=args.num_cpus, **overrides), model=model)
     local = in_process_p50(args.registry_uri, model=model, family=family, body=body, seconds=min(args.seconds, 5.0))
-    print(f"  {family} in-process p50: {_describe_in_process(local)}", flush=True)
-    print(f"  {family}: closed-loop load on {path} ({args.seconds:g} s per level after {args.warmup_s:g} s "
+    print(f"  {label} in-process p50: {_describe_in_process(local)}", flush=True)
+    print(f"  {label}: closed-loop load on {path} ({args.seconds:g} s per level after {args.warmup_s:g} s "
           f"warmup)", flush=True)
-    levels = load_levels(port, path, body, levels=args.concurrency, args=args, label=family)
-    # GET /healthz goes through the proxy and the router but never reaches a model replica: the share of the
-    # overhead that the HTTP front end costs.
+    rows = load_levels(port, path, body, levels=levels, args=args, label=label, llm=family == "llm")
+    # GET /healthz goes through the proxy and the ingress but never reaches the model: the share of the overhead
+    # that the HTTP front end costs.
     health = closed_loop(port, "/healthz", None, concurrency=1, seconds=min(args.seconds, 3.0), warmup_s=0.5)
-    print(f"  {family} GET /healthz (proxy + router only) concurrency 1: p50 {health.p50_ms:.1f} ms", flush=True)
-    lowest = min(levels, key=lambda row: row.concurrency)
+    print(f"  {label} GET /healthz (proxy and ingress, no model) concurrency 1: p50 {health.p50_ms:.1f} ms",
+          flush=True)
+    lowest = min(rows, key=lambda row: row.concurrency)
     local.update(served_concurrency=lowest.concurrency, overhead_ms=lowest.p50_ms - local["p50_ms"],
                  healthz_p50_ms=health.p50_ms)
-    print(f"Serve overhead for {family} (p50 at concurrency {lowest.concurrency} minus in-process p50): "
+    print(f"Serve overhead for {label} (p50 at concurrency {lowest.concurrency} minus in-process p50): "
           f"{local['overhead_ms']:.2f} ms", flush=True)
-    return {"levels": levels, "in_process": local}
+    return {"levels": rows, "in_process": local}
+
+
+class _Constant:
+    """The least a Serve application can do: read the body and answer a constant."""
+
+    async def __call__(self, request) -> dict:
+        await request.body()
+        return {"ok": True}
+
+
+def bench_floor(*, port: int, args) -> dict:
+    """p50 at concurrency 1 of a bare Serve deployment (proxy -> one replica -> constant) on the same machine:
+    the floor under any Serve application's overhead."""
+    from ray import serve
+
+    for app in serve.status().applications:
+        serve.delete(app)
+    deployment = serve.deployment(_Constant).options(name="constant", num_replicas=1,
+                                                     ray_actor_options={"num_cpus": args.num_cpus})
+    serve.run(deployment.bind(), name="floor", route_prefix="/")
+    result = closed_loop(port, "/", {"model": "constant"}, concurrency=1, seconds=min(args.seconds, 5.0),
+                         warmup_s=args.warmup_s)
+    serve.delete("floor")
+    print(f"  bare Serve deployment returning a constant, concurrency 1: p50 {result.p50_ms:.2f} ms, "
+          f"p99 {result.p99_ms:.2f} ms", flush=True)
+    return asdict(result)
 
 
 def bench_batching(*, model: str, body: dict, port: int, args, batched: LoadResult | None) -> dict:
@@ -632,13 +753,24 @@ def run_benchmarks(names: dict[str, str], bodies: dict[str, dict], *, args) -> d
 
     port = start_serve(cores=args.cores)
     results = {"load": {}, "in_process": {}}
+    if "floor" in args.parts:
+        print("floor: a bare Serve deployment", flush=True)
+        results["floor"] = bench_floor(port=port, args=args)
     for family, model in names.items():
         rows = []
+        levels = args.concurrency if family == "llm" else args.ranker_concurrency
         if family in args.parts:
-            measured = bench_family(family, model=model, body=bodies[family], port=port, args=args)
+            measured = bench_family(family, model=model, body=bodies[family], port=port, args=args, levels=levels,
+                                    label=family)
             rows = measured["levels"]
             results["load"][family] = [asdict(row) for row in rows]
             results["in_process"][family] = measured["in_process"]
+        if family == "llm" and "baseline" in args.parts:
+            # One KV-cache slot: requests decode one at a time, as before continuous batching.
+            print("llm without batching (serve.max_running_requests=1)", flush=True)
+            measured = bench_family(family, model=model, body=bodies[family], port=port, args=args, levels=levels,
+                                    label="llm 1 slot", max_running_requests=1)
+            results["load"]["llm 1 slot"] = [asdict(row) for row in measured["levels"]]
         if family == "ranker":
             results.update(bench_ranker_extras(model=model, body=bodies[family], port=port, args=args, levels=rows))
     serve.shutdown()
@@ -683,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _families(parts: list[str]) -> set[str]:
-    return {"llm"} & set(parts) | ({"ranker"} if {"ranker", "batching", "autoscaling"} & set(parts) else set())
+    families = {"llm"} if {"llm", "baseline"} & set(parts) else set()
+    return families | ({"ranker"} if {"ranker", "batching", "autoscaling"} & set(parts) else set())
 
 
 def _spec_path(registry_uri: str, model: str) -> Path:

@@ -18,6 +18,7 @@ from serve.generation import MAX_LOGPROBS, MAX_STOP_STRINGS
 MAX_JSON_DEPTH = 16
 MAX_PROMPTS = 128  # prompts in one /v1/completions batch: lm-eval's batches are far smaller
 MAX_TOKEN_ID = 2**31  # token ids travel as int64 tensors: a bigger number is refused here, not in torch
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells clients: queues of short requests drain within seconds
 
 COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                                "stream_options", "logprobs", "echo", "user"})
@@ -38,9 +39,19 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
 
-def error_from_dict(error: dict, *, status: int = 400) -> RequestError:
-    """A replica's `{"error": {"message", "param"}}` answer as the RequestError the router raises."""
-    return RequestError(status, error["message"], error.get("param"))
+def error_from_dict(error: dict) -> RequestError:
+    """A replica's `{"error": {"message", "param"}}` answer as the RequestError the router raises: a 400, or a
+    503 with Retry-After when the replica says it is full (`"retry_after_s"`, see `overloaded_dict`)."""
+    if "retry_after_s" in error:
+        return RequestError(503, error["message"], None, type="server_error",
+                            headers={"retry-after": str(error["retry_after_s"])})
+    return RequestError(400, error["message"], error.get("param"))
+
+
+def overloaded_dict(message: str, *, retry_after_s: int) -> dict:
+    """A replica's answer for a request its queue has no room for (the router sends 503 with Retry-After)."""
+    return {"error": {"message": f"{message}; the server is at capacity, retry after {retry_after_s} s",
+                      "param": None, "retry_after_s": retry_after_s}}
 
 
 def check_content_length(value: str | None, *, limit: int) -> None:

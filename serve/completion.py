@@ -2,8 +2,9 @@
 
 A request comes from serve/api.py (`kind` "completion": `prompts`, each a string or token ids) or serve/chat.py
 (`kind` "chat": `messages`, rendered with the model's chat template). Each prompt becomes one choice, generated
-one after another on one KV cache at a time; `stream_choices` yields each choice's chunks as plain dicts (they
-travel from the replica to the router), `join_choices` makes the answer of a non-streamed request out of them.
+in a replica by the batching engine (serve/engine.py) or here one after another (`stream_choices`); either
+way `ChoiceChunks` turns them into plain dicts (they travel from the replica to the router), and `join_choices`
+makes the answer of a non-streamed request out of them.
 
 Prompt text and token ids follow transformers and vLLM: a string prompt is encoded with the tokenizer's
 post-processor (which adds BOS for Llama tokenizers and nothing for our own BPE), token ids are used as given,
@@ -43,6 +44,7 @@ class LoadedLLM:
     version: int
     chat_template: ChatTemplate | None = None
     stop_token_ids: tuple[int, ...] = ()  # the ids that end a generation (EOS, end of turn)
+    engine: object = None  # in a replica, the AsyncEngine that batches this version's requests (serve/engine.py)
     texts: TokenTexts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -170,18 +172,30 @@ def _max_tokens(llm: LoadedLLM, request: dict, prompt_ids: list[int], *, index: 
     return wanted
 
 
+class ChoiceChunks:
+    """One choice's StreamChunks as the dicts that travel from the replica to the router: {"index", "text",
+    "finish_reason", "logprobs", "prompt_tokens", "completion_tokens"} (counts running per choice). With echo
+    the first chunk starts with the prompt's text."""
+
+    def __init__(self, llm: LoadedLLM, job: Job):
+        self.index, self.echo = job.index, job.echo_text
+        self.scores = CompletionLogprobs(llm.texts) if job.params.logprobs is not None else None
+
+    def to_dict(self, chunk) -> dict:
+        text, self.echo = self.echo + chunk.text, ""
+        return {"index": self.index, "text": text, "finish_reason": chunk.finish_reason,
+                "logprobs": self.scores.add(chunk.logprobs) if self.scores is not None else None,
+                "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
+
+
 def stream_choices(llm: LoadedLLM, jobs: list[Job]) -> Iterator[dict]:
-    """Each choice's chunks in turn: {"index", "text", "finish_reason", "logprobs", "prompt_tokens",
-    "completion_tokens"} (counts running per choice). With echo a choice's first chunk starts with its prompt."""
+    """Each choice's chunks in turn, generated one request at a time without the engine (in-process callers and
+    the benchmark's per-request baseline; replicas batch requests through serve/engine.py)."""
     for job in jobs:
-        scores = CompletionLogprobs(llm.texts) if job.params.logprobs is not None else None
-        echo = job.echo_text
+        choice = ChoiceChunks(llm, job)
         for chunk in generate_stream(llm.model, llm.tokenizer, job.prompt_ids, job.params,
                                      stop_token_ids=llm.stop_token_ids):
-            yield {"index": job.index, "text": echo + chunk.text, "finish_reason": chunk.finish_reason,
-                   "logprobs": scores.add(chunk.logprobs) if scores is not None else None,
-                   "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
-            echo = ""
+            yield choice.to_dict(chunk)
 
 
 def join_choices(chunks: list[dict]) -> dict:

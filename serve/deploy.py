@@ -7,7 +7,6 @@ traffic (serve/router.py).
 """
 
 import errno
-import importlib
 import json
 import logging
 import signal
@@ -18,23 +17,13 @@ import urllib.error
 import urllib.request
 
 from conf.schema import RootConfig, ServeConfig
+from serve import api
 from serve.registry import Registry
-from serve.replicas import replica_cache_dir
-from trainers.families import get_family
+from serve.replicas import replica_cache_dir, replica_class
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
-RETRY_AFTER_S = 1.0  # what a 503 for a full queue tells clients: queues of short requests drain within seconds
-
-
-def replica_class(family: str) -> type:
-    """The serving replica a model family's spec names ("module:Class" under serve/, see trainers/families/)."""
-    path = get_family(family).serving_replica
-    module, _, name = path.partition(":")
-    if not module.startswith("serve.") or not name.isidentifier():
-        raise ValueError(f"model family {family}: serving_replica={path!r} must name a class in serve/ as module:Class")
-    return getattr(importlib.import_module(module), name)
 
 
 def serve_settings(serve_cfg: ServeConfig, *, model: str, family: str) -> dict:
@@ -44,7 +33,9 @@ def serve_settings(serve_cfg: ServeConfig, *, model: str, family: str) -> dict:
             "api_key": serve_cfg.api_key, "refresh_s": serve_cfg.refresh_s,
             "max_tokens_limit": serve_cfg.max_tokens_limit, "max_candidates": serve_cfg.max_candidates,
             "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
-            "max_body_bytes": serve_cfg.max_body_bytes}
+            "max_body_bytes": serve_cfg.max_body_bytes, "max_running_requests": serve_cfg.max_running_requests,
+            "max_batched_tokens": serve_cfg.max_batched_tokens, "max_queued_requests": serve_cfg.max_queued_requests,
+            "ongoing_limit": replica_class(family).ongoing_limit(serve_cfg)}
 
 
 def _check_serve_config(serve_cfg: ServeConfig) -> None:
@@ -62,62 +53,90 @@ def _check_serve_config(serve_cfg: ServeConfig) -> None:
     if serve_cfg.max_queued_requests < 1:
         raise ValueError(f"serve.max_queued_requests={serve_cfg.max_queued_requests} must be at least 1: an unbounded "
                          "queue turns overload into ever longer waits instead of a 503 that clients can retry")
+    if serve_cfg.max_running_requests < 1:
+        raise ValueError(f"serve.max_running_requests={serve_cfg.max_running_requests} must be at least 1")
+    if serve_cfg.max_batched_tokens < serve_cfg.max_running_requests:
+        raise ValueError(f"serve.max_batched_tokens={serve_cfg.max_batched_tokens} must be at least "
+                         f"serve.max_running_requests={serve_cfg.max_running_requests}: each running sequence "
+                         "decodes one token in every engine step")
     if serve_cfg.max_body_bytes < 1024:
         raise ValueError(f"serve.max_body_bytes={serve_cfg.max_body_bytes} must be at least 1024")
 
 
 def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
-    """The Serve application graph: Router -> the family's production and canary deployments (serve/replicas.py).
-    The production deployment comes first among the router's arguments and keeps its name `<family>_replica`."""
-    from ray import serve
-
+    """The Serve application graph: the production deployment, which is also the HTTP ingress (serve/router.py:
+    proxy -> the replica that computes), and the canary's deployment of the family's replica class
+    (serve/replicas.py), which the production replicas call for the canary's share. The production deployment
+    keeps the name `<family>_replica`."""
     from serve.router import Router
 
     _check_serve_config(serve_cfg)
     settings = serve_settings(serve_cfg, model=model, family=family)
-    replicas = _replica_deployment(serve_cfg, family=family, name=f"{family}_replica",
-                                   min_replicas=serve_cfg.min_replicas, initial_replicas=max(serve_cfg.min_replicas, 1))
-    # The canary scales to zero while there is none; the router's warm-up call brings up its first replica.
+    # The canary scales to zero while there is none; the production replicas' first check brings up its first.
     canary = _replica_deployment(serve_cfg, family=family, name=f"{family}_canary", min_replicas=0,
                                  initial_replicas=0)
-    # The router only parses and forwards: a sliver of a CPU, and enough concurrency for streamed answers. The
-    # proxy counts a burst of arrivals as queued until each is assigned, so the router's queue is as deep as
-    # its concurrency: it refuses only when it is really full, and the replicas' queue refuses in OpenAI's shape.
-    concurrency = max(64, 4 * serve_cfg.max_ongoing_requests)
-    router = serve.deployment(Router).options(name="router", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
-                                              max_ongoing_requests=concurrency,
-                                              **_queue_options(max(concurrency, serve_cfg.max_queued_requests)))
-    return router.bind(replicas.bind({**settings, "role": "production"}), canary.bind({**settings, "role": "canary"}),
-                       settings=settings)
+    # The ingress refuses requests beyond ongoing_limit itself, in OpenAI's shape. Serve lets many more through
+    # so that they reach it (a refusal costs a parse), and the proxy's queue behind that is as deep: the proxy
+    # counts a burst of arrivals as queued until each is assigned, and its own refusal is a plain-text 503.
+    concurrency = max(64, 4 * settings["ongoing_limit"])
+    production = _replica_deployment(serve_cfg, family=family, name=f"{family}_replica",
+                                     min_replicas=serve_cfg.min_replicas,
+                                     initial_replicas=max(serve_cfg.min_replicas, 1), ingress=Router,
+                                     max_ongoing_requests=concurrency,
+                                     max_queued_requests=max(concurrency, serve_cfg.max_queued_requests))
+    return production.bind(canary.bind({**settings, "role": "canary"}), settings=settings)
 
 
 def _replica_deployment(serve_cfg: ServeConfig, *, family: str, name: str, min_replicas: int,
-                        initial_replicas: int):
+                        initial_replicas: int, ingress: type | None = None, max_ongoing_requests: int | None = None,
+                        max_queued_requests: int | None = None):
+    """The family's replica class as an autoscaled deployment, or `ingress` (the Router, which holds one)."""
     from ray import serve
 
-    return serve.deployment(replica_class(family)).options(
+    return serve.deployment(ingress or replica_class(family)).options(
         name=name,
-        autoscaling_config={"min_replicas": min_replicas, "max_replicas": serve_cfg.max_replicas,
-                            "initial_replicas": initial_replicas,
-                            "target_ongoing_requests": serve_cfg.target_ongoing_requests,
-                            "upscale_delay_s": serve_cfg.upscale_delay_s,
-                            "downscale_delay_s": serve_cfg.downscale_delay_s},
+        autoscaling_config=autoscaling_config(serve_cfg, min_replicas=min_replicas, initial_replicas=initial_replicas),
         ray_actor_options={"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus},
-        max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        max_ongoing_requests=max_ongoing_requests or replica_class(family).ongoing_limit(serve_cfg),
         user_config={"preload_aliases": True},  # Serve awaits each replica's reconfigure() before it serves
         health_check_period_s=serve_cfg.health_check_period_s,
         graceful_shutdown_timeout_s=serve_cfg.graceful_shutdown_timeout_s,
-        **_queue_options(serve_cfg.max_queued_requests),
+        **_queue_options(max_queued_requests or serve_cfg.max_queued_requests),
     )
 
 
+# How fresh the autoscaler's view of the load is. In Ray 2.60 every handle that calls a deployment (Serve's proxies
+# for the ingress, our replicas for the canary) samples the requests it has queued and ongoing there every
+# min(metrics_interval_s, look_back_period_s / 5) and pushes them to the controller every metrics_interval_s
+# (ray/serve/_private/router.py RouterMetricsManager.update_deployment_config; replica.py likewise where replicas
+# report); the controller averages what it got over look_back_period_s. Serve's defaults, 10 s and 30 s, put the
+# first sight of a load step up to 10 s late and dilute it with 30 s of the load before: 10-11 s from a step to
+# a second replica asked for (scripts/bench_serve.py --parts autoscaling). Half a second and 5 s: the decision
+# then waits mostly for upscale_delay_s, which is the user's to set; the cost is two small calls a second from
+# each calling handle to the controller. Both are per-deployment settings that travel with the application, so
+# they hold on an embedded Ray and on any cluster with nothing set there. Ray marks metrics_interval_s deprecated
+# in favour of RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S, but 2.60 defines those variables
+# without reading them (tests/serve/test_autoscaling_settings.py checks this).
+AUTOSCALING_METRICS_INTERVAL_S = 0.5
+AUTOSCALING_LOOK_BACK_S = 5.0
+
+
+def autoscaling_config(serve_cfg: ServeConfig, *, min_replicas: int, initial_replicas: int) -> dict:
+    """Ray Serve's AutoscalingConfig of a model deployment."""
+    return {"min_replicas": min_replicas, "max_replicas": serve_cfg.max_replicas,
+            "initial_replicas": initial_replicas, "target_ongoing_requests": serve_cfg.target_ongoing_requests,
+            "upscale_delay_s": serve_cfg.upscale_delay_s, "downscale_delay_s": serve_cfg.downscale_delay_s,
+            "metrics_interval_s": AUTOSCALING_METRICS_INTERVAL_S, "look_back_period_s": AUTOSCALING_LOOK_BACK_S}
+
+
 def _queue_options(depth: int) -> dict:
-    """A bounded queue at each caller: beyond it the router's handle raises BackPressureError (the router answers
-    503 in OpenAI's shape) and the proxy answers 503 itself for the router; both say when to retry."""
+    """A bounded queue at each caller: beyond it the canary's handle (in a production replica) raises
+    BackPressureError, answered 503 in OpenAI's shape, and the proxy answers 503 itself for the production
+    deployment; both say when to retry."""
     from ray.serve.config import BackpressureConfig
 
     return {"max_queued_requests": depth,
-            "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S)}
+            "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=api.RETRY_AFTER_S)}
 
 
 def production_version(registry: Registry, model: str) -> tuple[int, str]:

@@ -8,6 +8,10 @@ a served candidate and a prepared row with the same raw values get the same inpu
 A row maps feature names to raw values. An absent feature or a null is missing, as an empty field is in the
 data: dense 0, bucket 0. Every refusal is a FeatureError naming the offending field, e.g.
 `candidates[3].C7: expected a hex string of 1-16 digits or null, got 12.5`.
+
+A server encodes many requests at once with `encode_requests`: the values of all their rows are checked and
+converted in a few passes that run in C, which is what lets dynamic batching amortize the encoding too. A
+request it refuses gets the same FeatureError as from `encode`, and the others are encoded all the same.
 """
 
 import difflib
@@ -16,6 +20,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,10 @@ CATEGORY_INPUTS = ("int", "hex")
 # Hashed integer ids are hashed as id + 1 (as preparation does), and that must fit in a uint64.
 MAX_HASHED_ID = 2**64 - 2
 _MAX_SHOWN_CHARS = 60
+# The exact types a JSON decoder produces, coded so a whole batch's types are checked in one numpy comparison;
+# anything else (bool, numpy scalars, lists) sends the batch to the per-request path, which judges it.
+_NULL, _INT, _FLOAT, _STR, _OTHER_TYPE = range(5)
+_TYPE_CODES = {type(None): _NULL, int: _INT, float: _FLOAT, str: _STR}
 
 
 class FeatureSpecError(ValueError):
@@ -53,6 +62,7 @@ class FeatureError(ValueError):
 
     `field` is where it is, `problem` what is wrong with it; str(error) is "<field>: <problem>". `row` is
     the index of the row in the encoded list and `feature` the feature name, each None when not applicable.
+    `request` is the index of the request in an `encode_requests` batch (None from `encode`).
     """
 
     def __init__(self, field: str, problem: str, *, row: int | None = None, feature: str | None = None):
@@ -61,6 +71,7 @@ class FeatureError(ValueError):
         self.problem = problem
         self.row = row
         self.feature = feature
+        self.request: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,9 @@ class FeatureEncoder:
         self.category = category
         self._names = (*self.dense_names, *self.categorical_names)
         self._name_set = frozenset(self._names)
+        self._column_of = {name: column for column, name in enumerate(self._names)}
         self._lowered = {name.lower(): name for name in self._names}
+        self._id_limits = np.array(category.limits, dtype=np.uint64)
 
     @classmethod
     def from_spec(cls, spec: Mapping, *, source: str = FEATURE_SPEC_FILE) -> "FeatureEncoder":
@@ -146,6 +159,86 @@ class FeatureEncoder:
             sparse[:, table] = self._bucket_column(columns[name], table=table, where=_Where(field_prefix, name))
         return transform_dense(values, missing), sparse
 
+    def encode_requests(self, requests: Sequence[tuple[Mapping, Sequence[Mapping]]], *,
+                        field_prefix: str = "candidates") -> list[tuple[np.ndarray, np.ndarray] | FeatureError]:
+        """Per (context, rows) request, what `encode([{**context, **row} for row in rows])` returns, or the
+        FeatureError it raises, with `request` set to the request's index: a bad request fails alone.
+
+        The rows of all requests are encoded together, each conversion one numpy operation over every value
+        of the batch, and a context once per request rather than once per row. A batch holding anything this
+        path would have to judge value by value (a refused value, a type JSON does not produce) is encoded a
+        request at a time instead, and a request that needs it by `encode`, so that errors and rare types are
+        handled exactly as there.
+        """
+        if not requests:
+            return []
+        encoded = self._encode_batch(requests)
+        if encoded is not None:
+            return encoded
+        return [self._encode_request(index, context, rows, field_prefix=field_prefix)
+                for index, (context, rows) in enumerate(requests)]
+
+    def _encode_request(self, index: int, context: Mapping, rows: Sequence[Mapping], *,
+                        field_prefix: str) -> tuple[np.ndarray, np.ndarray] | FeatureError:
+        alone = self._encode_batch([(context, rows)])  # the good requests of a batch with a bad one stay fast
+        if alone is not None:
+            return alone[0]
+        try:
+            if not isinstance(context, Mapping):
+                raise FeatureError("context", f"expected an object mapping feature names to values, got "
+                                              f"{_show(context)}")
+            if isinstance(rows, Sequence) and not isinstance(rows, str | bytes | Mapping):
+                # A row that is not an object is passed on as is, for encode to name it.
+                rows = [{**context, **row} if isinstance(row, Mapping) else row for row in rows]
+            return self.encode(rows, field_prefix=field_prefix)
+        except FeatureError as error:
+            error.request = index
+            return error
+
+    def _encode_batch(self, requests: Sequence[tuple[Mapping, Sequence[Mapping]]]) -> list | None:
+        """encode_requests' fast path: each request's (dense, sparse), or None where `encode` must judge."""
+        entries = _flatten(requests, column_of=self._column_of)
+        if entries is None:
+            return None
+        is_dense = entries.column < len(self.dense_names)
+        dense_entries = entries.subset(is_dense)
+        categorical_entries = entries.subset(~is_dense, column_offset=len(self.dense_names))
+        dense, categorical = _dense_values(dense_entries), self._category_values(categorical_entries)
+        if dense is None or categorical is None:
+            return None
+        values, missing = dense_entries.candidate_matrix(*dense, width=len(self.dense_names))
+        parsed, absent = categorical_entries.candidate_matrix(*categorical, width=len(self.categorical_names))
+        sparse = np.zeros(parsed.shape, dtype=np.int64)
+        for table in range(len(self.categorical_names)):
+            sparse[:, table] = self._buckets(parsed[:, table], absent[:, table], table=table)
+        bounds = np.cumsum(entries.candidates)[:-1]
+        return list(zip(np.split(transform_dense(values, missing), bounds), np.split(sparse, bounds), strict=True))
+
+    def _category_values(self, entries: "_Entries") -> tuple[np.ndarray, np.ndarray] | None:
+        """(uint64 values as preparation stores or hashes them, is_missing) of categorical entries, whose
+        `column` is the table; None if any value is refused."""
+        null = entries.type_code == _NULL
+        if self.category.input == "hex":
+            if not (null | (entries.type_code == _STR)).all():
+                return None
+            try:
+                parsed, missing, bad = hex_to_uint64(pa.array(entries.value, type=pa.string()))
+            except (UnicodeError, pa.ArrowException):  # a lone surrogate cannot be encoded as UTF-8
+                return None
+            return None if bad is not None else (parsed, missing)
+        if not (null | (entries.type_code == _INT)).all():
+            return None
+        ids = entries.value.copy()
+        ids[null] = 0
+        try:
+            ids = ids.astype(np.uint64)
+        except OverflowError:  # negative, or beyond 64 bits
+            return None
+        if (ids >= self._id_limits[entries.column]).any():
+            return None
+        # Preparation stores (or hashes) id + 1, keeping bucket 0 for missing; see datasets/clicklog.py.
+        return ids + np.uint64(1), null
+
     def _columns(self, rows: Sequence[Mapping], *, field_prefix: str) -> dict[str, list]:
         """Raw values per feature name, None where a row lacks the feature."""
         if isinstance(rows, str | bytes | Mapping) or not isinstance(rows, Sequence):
@@ -180,9 +273,12 @@ class FeatureEncoder:
             ids, missing = _id_column(values, limit=category.limits[table], where=where)
             # Preparation stores (or hashes) id + 1, keeping bucket 0 for missing; see datasets/clicklog.py.
             parsed = ids + np.uint64(1)
-        if category.kind == CATEGORY_ID_PLUS_ONE:
+        return self._buckets(parsed, missing, table=table)
+
+    def _buckets(self, parsed: np.ndarray, missing: np.ndarray, *, table: int) -> np.ndarray:
+        if self.category.kind == CATEGORY_ID_PLUS_ONE:
             return np.where(missing, MISSING_BUCKET, parsed.astype(np.int64))
-        return hash_to_buckets(parsed, missing, table=table, buckets=category.buckets[table])
+        return hash_to_buckets(parsed, missing, table=table, buckets=self.category.buckets[table])
 
 
 @dataclass(frozen=True)
@@ -194,6 +290,79 @@ class _Where:
 
     def error(self, row: int, problem: str) -> FeatureError:
         return FeatureError(f"{self.prefix}[{row}].{self.feature}", problem, row=row, feature=self.feature)
+
+
+@dataclass(frozen=True)
+class _Entries:
+    """Every feature value given in a batch's rows, one entry each. Rows are numbered contexts first (one per
+    request), then the candidate rows of every request in order."""
+
+    row: np.ndarray  # intp
+    column: np.ndarray  # intp: the feature's index in feature_names (less any offset `subset` took off)
+    value: np.ndarray  # object: None, int, float or str (_flatten let nothing else through)
+    type_code: np.ndarray  # int8: _TYPE_CODES of value
+    requests: int
+    candidates: np.ndarray  # intp: candidate rows per request
+
+    def subset(self, mask: np.ndarray, *, column_offset: int = 0) -> "_Entries":
+        return _Entries(row=self.row[mask], column=self.column[mask] - column_offset, value=self.value[mask],
+                        type_code=self.type_code[mask], requests=self.requests, candidates=self.candidates)
+
+    def candidate_matrix(self, values: np.ndarray, missing: np.ndarray, *,
+                         width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, is_missing) per candidate row and column, from each entry's value: a candidate's own
+        where it gives the feature (a null included), else its context's, as {**context, **row} has it;
+        missing where neither gives it."""
+        rows, where = self.requests + int(self.candidates.sum()), (self.row, self.column)
+        matrix = np.zeros((rows, width), dtype=values.dtype)
+        absent = np.ones((rows, width), dtype=bool)
+        given = np.zeros((rows, width), dtype=bool)
+        matrix[where], absent[where], given[where] = values, missing, True
+        own, context_of = given[self.requests:], np.repeat(np.arange(self.requests), self.candidates)
+        return (np.where(own, matrix[self.requests:], matrix[context_of]),
+                np.where(own, absent[self.requests:], absent[context_of]))
+
+
+def _flatten(requests: Sequence[tuple[Mapping, Sequence[Mapping]]], *, column_of: dict[str, int]) -> _Entries | None:
+    """The entries of every (context, rows) request, or None where a request is not the plain shape a JSON
+    decoder gives (dicts in a list), names an unknown feature or holds a value of another type.
+
+    Each step is one pass in C (chain, map, fromiter) over all the values: no Python code runs per value."""
+    contexts = [context for context, _ in requests]
+    candidate_lists = [rows for _, rows in requests]
+    if not all(type(rows) is list for rows in candidate_lists):
+        return None
+    rows = [*contexts, *chain.from_iterable(candidate_lists)]
+    if not set(map(type, rows)) <= {dict}:
+        return None
+    try:
+        column = np.fromiter(map(column_of.__getitem__, chain.from_iterable(rows)), dtype=np.intp)
+    except KeyError:
+        return None
+    values = list(chain.from_iterable(map(dict.values, rows)))
+    type_code = np.fromiter(map(_TYPE_CODES.get, map(type, values), repeat(_OTHER_TYPE)), dtype=np.int8,
+                            count=len(values))
+    if (type_code == _OTHER_TYPE).any():
+        return None
+    lengths = np.fromiter(map(len, rows), dtype=np.intp, count=len(rows))
+    return _Entries(row=np.repeat(np.arange(len(rows)), lengths), column=column,
+                    value=np.array(values, dtype=object),  # only scalars here, so never a nested array
+                    type_code=type_code, requests=len(contexts),
+                    candidates=np.fromiter(map(len, candidate_lists), dtype=np.intp, count=len(candidate_lists)))
+
+
+def _dense_values(entries: _Entries) -> tuple[np.ndarray, np.ndarray] | None:
+    """(float64 values, is_missing) of dense entries; None if any value is refused."""
+    null = entries.type_code == _NULL
+    if not (null | (entries.type_code == _INT) | (entries.type_code == _FLOAT)).all():
+        return None
+    numbers_in = entries.value.copy()
+    numbers_in[null] = 0.0
+    try:
+        values = numbers_in.astype(np.float64)
+    except OverflowError:  # an int beyond float range
+        return None
+    return (values, null) if np.isfinite(values).all() else None
 
 
 def _dense_column(values: list, where: _Where) -> tuple[np.ndarray, np.ndarray]:

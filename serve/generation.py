@@ -1,7 +1,9 @@
 """Text generation for one request: a KV-cached decode loop, sampling, and stop handling that is safe to stream.
 
-`generate_stream` is the single implementation; `generate` only concatenates its chunks, so a streamed and a
-non-streamed request with the same parameters and seed produce the same text by construction.
+`Decoding` is the single implementation of what happens to each new row of logits (sampling, stops, scores,
+releasing text); `generate_stream` drives it one request at a time on a KV cache of its own, and the batching
+engine (serve/engine.py) drives many at once. `generate` only concatenates `generate_stream`'s chunks, so a
+streamed and a non-streamed request with the same parameters and seed produce the same text by construction.
 
 Log-probabilities (`logprobs`, and the prompt's with `echo`) come from the very logits that generation samples
 from: the prefill's logits at every prompt position score the prompt, each step's logits score the token drawn
@@ -154,47 +156,96 @@ def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
     The request is checked here, before the first chunk is asked for, so a server can still answer 400.
     """
     check_request(model, prompt_ids, params)
+    decoding = Decoding(tokenizer, prompt_ids, params, stop_ids=stop_ids_of(tokenizer, stop_token_ids),
+                        device=model.tok_embeddings.weight.device)
+    return _decode(model, decoding)
+
+
+class Decoding:
+    """One sequence's generation once its prompt is in a KV cache: what to do with each row of logits it gets.
+
+    The per-request loop (`generate_stream`) and the batching engine (serve/engine.py) both drive it, so
+    sampling, stop tokens and strings, scores and the release of text have one implementation, and a seeded
+    request draws the same numbers from its own generator whatever else shares its batch.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+                 stop_ids: frozenset[int], device: torch.device):
+        self.prompt_ids, self.params, self.stop_ids = prompt_ids, params, stop_ids
+        self.scored, self.top = params.logprobs is not None, params.logprobs or 0
+        self.generator = _seeded_generator(params.seed, device=device)
+        self.text = StreamingText(tokenizer, stop=params.stop)
+        self.completion_tokens = 0
+        self.pending: list[TokenLogprob] = []  # scores not yet handed out with a chunk
+
+    @property
+    def needs_model(self) -> bool:
+        """False for the prompt alone, unscored (max_tokens 0 with echo): no forward pass is needed."""
+        return self.params.max_tokens > 0 or self.scored
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether every prompt position's logits are wanted (echo with logprobs), not only the last one's."""
+        return self.scored and self.params.echo
+
+    def without_model(self) -> StreamChunk:
+        return StreamChunk("", "length", len(self.prompt_ids), 0)
+
+    def score_prompt(self, logits: torch.Tensor, *, start: int) -> None:
+        """Score the prompt tokens that `logits` (rows for prompt positions start, start + 1, ...) predict."""
+        self.pending.extend(prompt_logprobs(logits, self.prompt_ids, top=self.top, start=start))
+
+    def advance(self, logits: torch.Tensor) -> tuple[list[StreamChunk], int | None]:
+        """Sample the next token from `logits` (vocab,) of the newest position. Returns the chunks to hand out
+        (often none, the last one with its finish_reason) and the token to feed next, None once finished."""
+        if self.completion_tokens == self.params.max_tokens:  # echo of a scored prompt with max_tokens 0
+            return [self._chunk(self.text.finish(), "length")], None
+        token = sample_token(logits, self.params, generator=self.generator)
+        self.completion_tokens += 1
+        if self.scored:
+            self.pending.append(token_logprob(logits, token, top=self.top))
+        if token in self.stop_ids:
+            return [self._chunk(self.text.finish(), "stop")], None
+        delta = self.text.push(token)
+        if self.text.stopped:  # `delta` runs up to the stop string; nothing after it is ever released
+            return [self._chunk(delta, "stop")], None
+        chunks = [self._chunk(delta, None)] if delta else []
+        if self.completion_tokens == self.params.max_tokens:  # the last token's logits would go unused
+            return [*chunks, self._chunk(self.text.finish(), "length")], None
+        return chunks, token
+
+    def _chunk(self, text: str, finish_reason: str | None) -> StreamChunk:
+        chunk = StreamChunk(text, finish_reason, len(self.prompt_ids), self.completion_tokens, tuple(self.pending))
+        self.pending = []
+        return chunk
+
+
+def stop_ids_of(tokenizer: Tokenizer, stop_token_ids: Sequence[int] | None) -> frozenset[int]:
+    """The ids that end a generation: those given, or (None) the tokenizer's <|endoftext|> if it has one."""
     if stop_token_ids is None:
         eos_id = tokenizer.token_to_id(EOS_TOKEN)
         stop_token_ids = () if eos_id is None else (eos_id,)
-    return _decode(model, tokenizer, prompt_ids, params, stop_ids=frozenset(stop_token_ids))
+    return frozenset(stop_token_ids)
 
 
-def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
-            stop_ids: frozenset[int]) -> Iterator[StreamChunk]:
-    scored, top = params.logprobs is not None, params.logprobs or 0
-    if params.max_tokens == 0 and not scored:  # the prompt alone, unscored: no forward pass is needed
-        yield StreamChunk("", "length", len(prompt_ids), 0)
+def _decode(model: Transformer, decoding: Decoding) -> Iterator[StreamChunk]:
+    if not decoding.needs_model:
+        yield decoding.without_model()
         return
-    generator = _seeded_generator(params.seed, device=model.tok_embeddings.weight.device)
-    cache = _new_cache(model, max_len=len(prompt_ids) + params.max_tokens)
-    pending: list[TokenLogprob] = []  # scores not yet handed out with a chunk
-    if scored and params.echo:
+    prompt_ids = decoding.prompt_ids
+    cache = _new_cache(model, max_len=len(prompt_ids) + decoding.params.max_tokens)
+    if decoding.scores_prompt:
         prompt_logits = _prefill_logits(model, prompt_ids, cache=cache)
-        pending.extend(prompt_logprobs(prompt_logits, prompt_ids, top=top))
+        decoding.score_prompt(prompt_logits, start=0)
         logits = prompt_logits[-1]
     else:
         logits = _next_token_logits(model, prompt_ids, cache=cache)
-    text = StreamingText(tokenizer, stop=params.stop)
-    completion_tokens, finish_reason = 0, "length"
-    while completion_tokens < params.max_tokens:
-        token = sample_token(logits, params, generator=generator)
-        completion_tokens += 1
-        if scored:
-            pending.append(token_logprob(logits, token, top=top))
-        if token in stop_ids:
-            finish_reason = "stop"
-            break
-        delta = text.push(token)
-        if text.stopped:  # `delta` runs up to the stop string; nothing after it is ever released
-            yield StreamChunk(delta, "stop", len(prompt_ids), completion_tokens, tuple(pending))
+    while True:
+        chunks, token = decoding.advance(logits)
+        yield from chunks
+        if token is None:
             return
-        if delta:
-            yield StreamChunk(delta, None, len(prompt_ids), completion_tokens, tuple(pending))
-            pending = []
-        if completion_tokens < params.max_tokens:  # the last token's logits would go unused
-            logits = _next_token_logits(model, [token], cache=cache)
-    yield StreamChunk(text.finish(), finish_reason, len(prompt_ids), completion_tokens, tuple(pending))
+        logits = _next_token_logits(model, [token], cache=cache)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
@@ -254,15 +305,16 @@ def token_logprob(logits: torch.Tensor, token: int, *, top: int) -> TokenLogprob
 
 
 @torch.inference_mode()
-def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], *, top: int) -> list[TokenLogprob]:
-    """Each prompt token's score from the prefill's `logits` (len(prompt), vocab): position i predicts token
-    i + 1, and the first token has no score (OpenAI's null). Rows go through log-softmax a slice at a time."""
-    scores = [TokenLogprob(prompt_ids[0], None)]
-    targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)
-    for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROB_ROWS):
-        rows = torch.log_softmax(logits[start : start + PROMPT_LOGPROB_ROWS].float(), dim=-1)
-        rows = rows[: len(targets) - start]
-        chosen = rows.gather(-1, targets[start : start + len(rows), None])[:, 0].tolist()
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], *, top: int, start: int = 0) -> list[TokenLogprob]:
+    """The scores of the prompt tokens that `logits` predict: row i holds the logits at prompt position start + i
+    and scores token start + i + 1 (a row past the prompt's end predicts no prompt token and is skipped). The
+    prompt's first token has no score (OpenAI's null). Rows go through log-softmax a slice at a time."""
+    scores = [TokenLogprob(prompt_ids[0], None)] if start == 0 else []
+    targets = prompt_ids[start + 1 : start + 1 + len(logits)]
+    target_ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
+    for offset in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+        rows = torch.log_softmax(logits[offset : min(offset + PROMPT_LOGPROB_ROWS, len(targets))].float(), dim=-1)
+        chosen = rows.gather(-1, target_ids[offset : offset + len(rows), None])[:, 0].tolist()
         if top:
             best = rows.topk(top, dim=-1)
             alternatives = [tuple(zip(i, v, strict=True)) for i, v in zip(best.indices.tolist(),
@@ -270,7 +322,7 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], *, top: int) ->
         else:
             alternatives = [()] * len(chosen)
         scores.extend(TokenLogprob(token, logprob, alts) for token, logprob, alts in
-                      zip(prompt_ids[start + 1 : start + 1 + len(rows)], chosen, alternatives, strict=True))
+                      zip(targets[offset : offset + len(rows)], chosen, alternatives, strict=True))
     return scores
 
 

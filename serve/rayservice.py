@@ -32,7 +32,8 @@ ARGS = ("model", "registry", "exp", "overrides", "api_key_env")
 
 
 def app(args: dict):
-    """The Serve application (Router -> model deployment) that `stage=serve` deploys for these args."""
+    """The Serve application (the production deployment as ingress, and the canary's) that `stage=serve` deploys
+    for these args."""
     from serve.deploy import build_app, production_version
     from serve.registry import Registry
 

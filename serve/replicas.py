@@ -18,10 +18,12 @@ the serve stage needs to know of the family: its ROUTES (the router answers othe
 """
 
 import asyncio
+import importlib
 import logging
 import tempfile
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +32,23 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
+from serve import api
 from serve.export import LoadedModel, load_export
 from serve.registry import Registry
+from trainers.families import get_family
 
 logger = logging.getLogger(__name__)
 
 VERSIONS_PER_REPLICA = 3  # production, canary, and the version a swap is moving away from
+
+
+def replica_class(family: str) -> type:
+    """The serving replica a model family's spec names ("module:Class" under serve/, see trainers/families/)."""
+    path = get_family(family).serving_replica
+    module, _, name = path.partition(":")
+    if not module.startswith("serve.") or not name.isidentifier():
+        raise ValueError(f"model family {family}: serving_replica={path!r} must name a class in serve/ as module:Class")
+    return getattr(importlib.import_module(module), name)
 
 
 def replica_cache_dir() -> Path:
@@ -90,15 +103,23 @@ class _VersionedReplica:
         self.loaded[version] = loaded
         return loaded
 
-    async def current(self):
-        return await self.get_model(serve.get_multiplexed_model_id())
+    async def current(self, version: int | None = None):
+        """The loaded `version` (the ingress calls in-process with it), or else the version Serve's handle tagged
+        this call with (multiplexed_model_id: calls to the canary's deployment)."""
+        return await self.get_model(serve.get_multiplexed_model_id() if version is None else str(version))
 
-    async def warm(self) -> int:
-        """Load the version this call is tagged with and check that it computes finite outputs. The router calls
-        it before routing traffic to a version, and every serve.refresh_s on the canary while there is one."""
-        loaded = await self.current()
+    async def warm(self, version: int | None = None) -> int:
+        """Load the version and check that it computes finite outputs. The ingress calls it before production
+        switches to a version, and every serve.refresh_s on the canary while there is one."""
+        loaded = await self.current(version)
         await asyncio.to_thread(self._check, loaded)
         return loaded.version
+
+    @staticmethod
+    def ongoing_limit(serve_cfg) -> int:
+        """Model requests one replica takes at once: those it works on (serve.max_ongoing_requests) and as many
+        waiting (serve.max_queued_requests); the ingress refuses more with a 503 (serve/router.py)."""
+        return serve_cfg.max_ongoing_requests + serve_cfg.max_queued_requests
 
     def check_health(self) -> None:
         """Serve restarts a replica whose loaded versions stop producing finite outputs."""
@@ -109,18 +130,25 @@ class _VersionedReplica:
 # --------------------------------------------------------------------------------------------------- LLM
 
 class LLMReplica(_VersionedReplica):
-    """Completions and chat (serve/completion.py does the work of a request, in a thread; this class adds
-    versions, cancellation and metrics)."""
+    """Completions and chat: serve/completion.py reads a request into jobs, and each loaded version's batching
+    engine (serve/engine.py) generates them together with every other request that version is running. This
+    class adds versions, the engine's bounded queue as a 503, cancellation and metrics."""
 
     ROUTES = ("/v1/completions", "/v1/chat/completions")
 
     def __init__(self, settings: dict):
         super().__init__(settings)
-        # Tokens actually computed: with requests' completion_tokens it shows whether generation stops when the
-        # client that asked for it has gone away.
-        self.generated_tokens = metrics.Counter(
-            "slipway_generated_tokens", description="Completion tokens generated, including those of requests "
-            "whose client went away", tag_keys=("model", "version"))
+        # On a GPU one thread steps the engines of every version this replica holds (during a swap the two
+        # versions' steps take turns); on the CPU they step on the event loop (serve/engine.py: AsyncEngine).
+        cuda = replica_device().type == "cuda"
+        self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine") if cuda else None
+        self.engine_metrics = EngineMetrics()
+
+    @staticmethod
+    def ongoing_limit(serve_cfg) -> int:
+        """Model requests one replica takes at once: all its engine can run plus the engine's queue, where they
+        wait in order (a request of several prompts is refused there when they do not fit)."""
+        return serve_cfg.max_running_requests + serve_cfg.max_queued_requests
 
     @staticmethod
     def sample_request(serve_cfg, *, model: str, fetch_export) -> tuple[str, dict]:
@@ -135,65 +163,70 @@ class LLMReplica(_VersionedReplica):
 
     def _build(self, version: int):
         from serve.completion import load_llm
+        from serve.engine import AsyncEngine, Engine, EngineConfig
 
         export = _fetch_and_load(self.settings["registry"], self.settings["model"], version)
-        return load_llm(export, version=version)
+        llm = load_llm(export, version=version)
+        config = EngineConfig(max_running=self.settings["max_running_requests"],
+                              max_batched_tokens=self.settings["max_batched_tokens"],
+                              max_waiting=self.settings["max_queued_requests"])
+        engine = Engine(llm.model, llm.tokenizer, stop_token_ids=llm.stop_token_ids, config=config)
+        tags = {"model": self.settings["model"], "version": str(version)}
+        llm.engine = AsyncEngine(engine, executor=self.engine_thread,
+                                 on_step=lambda report, stats: self.engine_metrics.record(report, stats, tags=tags))
+        return llm
 
     @serve.multiplexed(max_num_models_per_replica=VERSIONS_PER_REPLICA)
     async def get_model(self, model_id: str):
         return await self._load(model_id)
 
-    async def complete(self, request: dict) -> dict:
-        """A whole answer: {"choices", "usage", "version"}, or an error answer for a prompt the model cannot take."""
+    async def complete(self, request: dict, version: int | None = None) -> dict:
+        """A whole answer: {"choices", "usage", "version"}, or an error answer (a prompt the model cannot take: 400;
+        a full queue: 503)."""
         from serve.completion import join_choices, prepare
 
-        llm = await self.current()
+        llm = await self.current(version)
         jobs = prepare(llm, request)
         if isinstance(jobs, dict):
             return jobs
-        return {**join_choices([chunk async for chunk in self._chunks(llm, jobs)]), "version": llm.version}
+        chunks = await self._generate(llm, jobs)
+        if isinstance(chunks, dict):
+            return chunks
+        return {**join_choices([chunk async for chunk in chunks]), "version": llm.version}
 
-    async def complete_stream(self, request: dict):
-        """First an answer saying whether the request was accepted (so the router can still send a 400), then
-        one dict per chunk of text (serve/completion.py: stream_choices)."""
+    async def complete_stream(self, request: dict, version: int | None = None):
+        """First an answer saying whether the request was accepted (so the router can still send a 400 or 503),
+        then one dict per chunk of text (serve/completion.py: ChoiceChunks)."""
         from serve.completion import prepare
 
-        llm = await self.current()
+        llm = await self.current(version)
         jobs = prepare(llm, request)
-        if isinstance(jobs, dict):
-            yield jobs
+        chunks = jobs if isinstance(jobs, dict) else await self._generate(llm, jobs)
+        if isinstance(chunks, dict):
+            yield chunks
             return
         yield {"accepted": True, "version": llm.version}
-        async for chunk in self._chunks(llm, jobs):
+        async for chunk in chunks:
             yield chunk
 
-    async def _chunks(self, llm, jobs):
-        """stream_choices' chunks, each computed in a thread (the event loop stays free for other requests).
+    async def _generate(self, llm, jobs):
+        """The jobs queued on the version's engine, and their chunks as dicts as they come; or the 503 answer of a
+        full queue. Ray Serve cancels a request whose client disconnects: the CancelledError reaches the engine's
+        stream, which cancels its sequences, so their slots free up at the next step."""
+        from serve.completion import ChoiceChunks
+        from serve.engine import EngineFull
 
-        Ray Serve cancels a request whose client disconnects: the CancelledError arrives at an await here, so
-        generation stops after the token in flight instead of running on to max_tokens for nobody."""
-        from serve.completion import stream_choices
-
-        chunks = stream_choices(llm, jobs)
-        loop, step, counted = asyncio.get_running_loop(), None, {}
-        tags = {"model": self.settings["model"], "version": str(llm.version)}
         try:
-            while True:
-                step = loop.run_in_executor(None, next, chunks, None)
-                # shield: on cancellation the step still finishes in its thread, and closes the generator below
-                chunk = await asyncio.shield(step)
-                if chunk is None:
-                    return
-                new = chunk["completion_tokens"] - counted.get(chunk["index"], 0)
-                if new > 0:  # a chunk may only release text held back earlier
-                    self.generated_tokens.inc(new, tags=tags)
-                    counted[chunk["index"]] = chunk["completion_tokens"]
-                yield chunk
-        finally:
-            if step is not None and not step.done():  # a generator cannot be closed while it runs
-                step.add_done_callback(lambda _: chunks.close())
-            else:
-                chunks.close()
+            stream = await llm.engine.generate([(job.index, job.prompt_ids, job.params) for job in jobs])
+        except EngineFull as err:
+            return api.overloaded_dict(f"{err} (serve.max_queued_requests)", retry_after_s=api.RETRY_AFTER_S)
+        choices = {job.index: ChoiceChunks(llm, job) for job in jobs}
+
+        async def dicts():
+            async for index, chunk in stream:
+                yield choices[index].to_dict(chunk)
+
+        return dicts()
 
     @staticmethod
     def _check(llm) -> None:
@@ -201,6 +234,51 @@ class LLMReplica(_VersionedReplica):
             logits = llm.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
         if not torch.isfinite(logits).all():
             raise RuntimeError(f"version {llm.version} produced non-finite logits")
+
+
+TOKEN_LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+
+
+class EngineMetrics:
+    """What an operator watches on an LLM server, per model and version (cluster/grafana/ charts them): time to
+    first token, inter-token latency, tokens generated, the engine's queue, running batch and KV-cache use."""
+
+    def __init__(self):
+        tags = ("model", "version")
+        # Tokens actually computed: with requests' completion_tokens it shows whether generation stops when the
+        # client that asked for it has gone away.
+        self.generated_tokens = metrics.Counter(
+            "slipway_generated_tokens", description="Completion tokens generated, including those of requests "
+            "whose client went away", tag_keys=tags)
+        self.time_to_first_token = metrics.Histogram(
+            "slipway_time_to_first_token_ms", description="From a sequence's arrival at the engine to its first "
+            "token", boundaries=TOKEN_LATENCY_BOUNDARIES_MS, tag_keys=tags)
+        self.inter_token = metrics.Histogram(
+            "slipway_inter_token_latency_ms", description="Between two tokens of one sequence",
+            boundaries=TOKEN_LATENCY_BOUNDARIES_MS, tag_keys=tags)
+        self.step_tokens = metrics.Histogram(
+            "slipway_engine_step_tokens", description="Tokens in one engine step (decode tokens + prefill chunks)",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096], tag_keys=tags)
+        self.waiting = metrics.Gauge("slipway_engine_waiting_requests", description="Sequences queued for a KV-cache "
+                                     "slot", tag_keys=tags)
+        self.running = metrics.Gauge("slipway_engine_running_requests", description="Sequences in the running batch",
+                                     tag_keys=tags)
+        self.kv_cache_usage = metrics.Gauge("slipway_engine_kv_cache_usage", description="Fraction of the KV "
+                                            "cache's preallocated positions holding a running sequence's tokens",
+                                            tag_keys=tags)
+
+    def record(self, report, stats: dict, *, tags: dict) -> None:
+        if report.sampled:
+            self.generated_tokens.inc(report.sampled, tags=tags)
+        for seconds in report.time_to_first_token_s:
+            self.time_to_first_token.observe(seconds * 1000, tags=tags)
+        for seconds in report.inter_token_s:
+            self.inter_token.observe(seconds * 1000, tags=tags)
+        if report.tokens:
+            self.step_tokens.observe(report.tokens, tags=tags)
+        self.waiting.set(stats["waiting"], tags=tags)
+        self.running.set(stats["running"], tags=tags)
+        self.kv_cache_usage.set(stats["kv_cache_usage"], tags=tags)
 
 
 # ------------------------------------------------------------------------------------------------ ranker
@@ -214,9 +292,11 @@ class LoadedRanker:
 
 @dataclass
 class _ScoreItem:
+    """One request as it waits for its batch: raw features, encoded there with the rest of the batch."""
+
     ranker: LoadedRanker
-    dense: np.ndarray
-    sparse: np.ndarray
+    context: dict
+    candidates: list[dict]
 
 
 class RankerReplica(_VersionedReplica):
@@ -260,39 +340,56 @@ class RankerReplica(_VersionedReplica):
     async def get_model(self, model_id: str) -> LoadedRanker:
         return await self._load(model_id)
 
-    async def rank(self, context: dict, candidates: list[dict]) -> dict:
+    async def rank(self, context: dict, candidates: list[dict], version: int | None = None) -> dict:
         from serve.features import FeatureError
 
-        ranker = await self.current()
-        try:
-            dense, sparse = ranker.encoder.encode([{**context, **c} for c in candidates], field_prefix="candidates")
-        except FeatureError as err:
-            return _error(str(err), err.field)
-        scores = await self.score(_ScoreItem(ranker=ranker, dense=dense, sparse=sparse))
+        ranker = await self.current(version)
+        # The features are encoded in the batch, not here: a batch encodes all its requests' rows in a few numpy
+        # passes, where each request on its own would pay Python's work per value again.
+        scores = await self.score(_ScoreItem(ranker=ranker, context=context, candidates=candidates))
+        if isinstance(scores, FeatureError):
+            return _error(str(scores), scores.field)
         return {"scores": scores.tolist(), "version": ranker.version}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score(self, items: list[_ScoreItem]) -> list[np.ndarray]:
-        """Click probabilities for the candidates of many requests, one forward pass per version."""
+    async def score(self, items: list[_ScoreItem]) -> list:
+        """Per request, the click probabilities of its candidates, or the FeatureError that refuses it (the other
+        requests of the batch are scored all the same). One encoding and one forward pass per version."""
         self.batch_requests.observe(len(items), tags={"model": self.settings["model"]})
-        results: list[np.ndarray | None] = [None] * len(items)
+        results: list = [None] * len(items)
         for version in {item.ranker.version for item in items}:
             members = [i for i, item in enumerate(items) if item.ranker.version == version]
-            probs = await asyncio.to_thread(self._forward, [items[i] for i in members])
-            self.batch_rows.observe(len(probs), tags={"model": self.settings["model"], "version": str(version)})
-            bounds = np.cumsum([0] + [len(items[i].dense) for i in members])
-            for slot, (start, stop) in zip(members, zip(bounds[:-1], bounds[1:], strict=True), strict=True):
-                results[slot] = probs[start:stop]
+            # One thread hop for both steps: the event loop stays free to take the next batch's requests.
+            scored, rows = await asyncio.to_thread(self._encode_and_forward, [items[i] for i in members])
+            if rows:
+                self.batch_rows.observe(rows, tags={"model": self.settings["model"], "version": str(version)})
+            for slot, outcome in zip(members, scored, strict=True):
+                results[slot] = outcome
         return results
 
     @staticmethod
-    def _forward(items: list[_ScoreItem]) -> np.ndarray:
-        model = items[0].ranker.export.model
+    def _encode_and_forward(items: list[_ScoreItem]) -> tuple[list, int]:
+        """Each item's scores or FeatureError (items of one version), and the rows the forward pass took."""
+        from serve.features import FeatureError
+
+        ranker = items[0].ranker
+        encoded = ranker.encoder.encode_requests([(item.context, item.candidates) for item in items],
+                                                 field_prefix="candidates")
+        valid = [inputs for inputs in encoded if not isinstance(inputs, FeatureError)]
+        if not valid:
+            return encoded, 0
+        probs = RankerReplica._forward(ranker, dense=np.concatenate([dense for dense, _ in valid]),
+                                       sparse=np.concatenate([sparse for _, sparse in valid]))
+        scores = iter(np.split(probs, np.cumsum([len(dense) for dense, _ in valid])[:-1]))
+        return [inputs if isinstance(inputs, FeatureError) else next(scores) for inputs in encoded], len(probs)
+
+    @staticmethod
+    def _forward(ranker: LoadedRanker, *, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        model = ranker.export.model
         device = next(model.parameters()).device
-        dense = torch.from_numpy(np.concatenate([item.dense for item in items])).to(device)
-        sparse = torch.from_numpy(np.concatenate([item.sparse for item in items])).to(device)
         with torch.no_grad():
-            return torch.sigmoid(model(dense, sparse).float()).cpu().numpy()
+            scores = model(torch.from_numpy(dense).to(device), torch.from_numpy(sparse).to(device))
+            return torch.sigmoid(scores.float()).cpu().numpy()
 
     @staticmethod
     def _check(ranker: LoadedRanker) -> None:

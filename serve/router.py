@@ -1,18 +1,27 @@
-"""The ingress: HTTP in, a version chosen per request, the model replicas called, metrics recorded.
+"""The ingress: HTTP in, a version chosen per request, the model run, metrics recorded.
 
-The router follows the registry rather than its own config: a thread re-reads the model's aliases every
+One hop: the production deployment is the ingress. Each of its replicas parses and authenticates a request,
+picks the version (production or canary), and runs production's share on the model it holds itself (the
+family's replica object, serve/replicas.py, living in the same process): Serve's proxy hands the request
+straight to the replica that computes it. Only the canary's share takes a second hop, to the canary's own
+deployment. (A separate router deployment in front cost every request an extra proxy-to-router-to-replica
+trip; scripts/bench_serve.py measures what is left against a bare Serve deployment.)
+
+Every replica follows the registry rather than its own config: a task re-reads the model's aliases every
 `serve.refresh_s`, so `stage=rollback`, `stage=promote` or `stage=canary` from any machine that sees the
-registry changes what is served within seconds, with no redeploy. Before a new version takes traffic the
-router warms it on a replica, so the swap never sends a request to a version that cannot load.
+registry changes what is served within seconds, with no redeploy. Before a new production version takes
+traffic the replica loads and checks it, so the swap never sends a request to a version that cannot load,
+and requests already running finish on the version they started with.
 
-The canary has a deployment of its own (serve/deploy.py). A second thread warms it every `serve.refresh_s`
+The canary has a deployment of its own (serve/deploy.py). A second task warms it every `serve.refresh_s`
 (load, then a forward pass that must give finite outputs); only a canary that passed its last check gets
 traffic, and a canary call that fails is answered by production instead. A broken canary therefore costs
 its share of requests nothing but latency, and never the production replicas.
 
 Refusals, whatever their cause, are OpenAI-shaped JSON: an unknown route gets 404 and a wrong method 405, a body
 over serve.max_body_bytes 413 before it is read, a full queue (serve.max_queued_requests) 503 with Retry-After,
-and an unexpected failure 500.
+and an unexpected failure 500. A replica admits at most `ongoing_limit` model requests at once (what its
+engine can run plus queue; serve/replicas.py) and refuses more itself, so the refusal has that shape too.
 """
 
 import asyncio
@@ -22,7 +31,6 @@ import json
 import logging
 import math
 import random
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +44,7 @@ from starlette.exceptions import HTTPException
 
 from serve import api, chat
 from serve.registry import Registry
+from serve.replicas import replica_class
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +140,14 @@ class _Metrics:
             self.errors.inc(tags={**tags, "status": str(status)})
 
 
+async def _close(chunks) -> None:
+    """Stop a generation whose stream is abandoned: a canary call's stream is cancelled, a local one closed."""
+    if hasattr(chunks, "cancel"):
+        chunks.cancel()
+    else:
+        await chunks.aclose()
+
+
 def _overloaded(err: BackPressureError) -> api.RequestError:
     retry_after = max(1, math.ceil(err.retry_after_s or 1))
     return api.RequestError(503, f"{err.message} The server is at capacity (serve.max_queued_requests); retry "
@@ -138,45 +155,74 @@ def _overloaded(err: BackPressureError) -> api.RequestError:
                             headers={"retry-after": str(retry_after)})
 
 
+def _at_capacity(in_flight: int) -> api.RequestError:
+    return api.RequestError(503, f"{in_flight} requests are already in flight on this replica, as many as it runs and "
+                                 f"queues (serve.max_queued_requests); the server is at capacity, retry after "
+                                 f"{api.RETRY_AFTER_S} s", None, type="server_error",
+                            headers={"retry-after": str(api.RETRY_AFTER_S)})
+
+
 # Whatever the router's methods use must be defined above this line: serve.ingress copies the class with the
 # module's globals as they are when the decorator runs.
 @serve.ingress(app)
 class Router:
-    def __init__(self, replicas, canary_replicas, *, settings: dict):
-        self.replicas, self.canary_replicas = replicas, canary_replicas
+    """The production deployment's replica: HTTP, auth and the version choice around the family's model replica
+    (`self.local`), which answers production's share in this process."""
+
+    def __init__(self, canary_replicas, *, settings: dict):
+        self.canary_replicas = canary_replicas
         self.settings = settings
         self.model = settings["model"]
+        self.local = replica_class(settings["family"])({**settings, "role": "production"})
         self.registry = Registry(settings["registry"])
         self.routes = routes_from_aliases(self.registry.aliases(self.model), model=self.model)
         self.healthy_canary: int | None = None  # the canary version that passed its last check
         self.created: dict[int, int] = {}  # registration times of versions, for /v1/models
         self.metrics = _Metrics()
         self.random = random.Random()
-        self._stop = threading.Event()
-        threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
-        threading.Thread(target=self._watch_canary, name="canary-watcher", daemon=True).start()
+        self.in_flight = 0  # model requests admitted and not yet answered
+        self._tasks: list[asyncio.Task] = []
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve awaits this before the replica takes traffic: production's version is loaded, and the tasks that
+        follow the registry and check the canary start on the replica's event loop."""
+        await self.local.reconfigure(config)
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._follow_registry()), loop.create_task(self._watch_canary())]
+
+    def check_health(self) -> None:
+        self.local.check_health()
+
+    def __del__(self):
+        for task in self._tasks:
+            task.cancel()
 
     # ------------------------------------------------------------------------ following the registry
 
-    def _follow_registry(self) -> None:
-        while not self._stop.wait(self.settings["refresh_s"]):
+    async def _follow_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings["refresh_s"])
             try:
-                routes = routes_from_aliases(self.registry.aliases(self.model), model=self.model)
+                aliases = await asyncio.to_thread(self.registry.aliases, self.model)
+                routes = routes_from_aliases(aliases, model=self.model)
                 if routes != self.routes:
                     if routes.production != self.routes.production:
-                        self._warm(self.replicas, routes.production, timeout_s=600)
+                        await self.local.warm(version=routes.production)
                     logger.info("%s routes: %s -> %s", self.model, self.routes, routes)
                     self.routes = routes
             except Exception:  # an unreadable registry or a version that fails to load keeps the current routes
                 logger.exception("could not switch to the registry's aliases; still serving %s", self.routes)
 
-    def _watch_canary(self) -> None:
+    async def _watch_canary(self) -> None:
         """Check the canary on its own deployment every refresh; traffic goes only to a canary that passed."""
-        while not self._stop.wait(self.settings["refresh_s"]):
+        while True:
+            await asyncio.sleep(self.settings["refresh_s"])
             canary, healthy = self.routes.canary, None
             if canary is not None:
                 try:
-                    self._warm(self.canary_replicas, canary, timeout_s=CANARY_CHECK_TIMEOUT_S)
+                    warm = self.canary_replicas.options(multiplexed_model_id=str(canary)).warm.remote()
+                    await asyncio.wait_for(warm, timeout=CANARY_CHECK_TIMEOUT_S)
                     healthy = canary
                 except Exception as err:
                     if self.healthy_canary is not None:
@@ -185,13 +231,6 @@ class Router:
                 logger.info("canary v%d passed its check; it takes %g%% of the traffic", healthy,
                             self.routes.canary_percent)
             self.healthy_canary = healthy
-
-    @staticmethod
-    def _warm(replicas, version: int, *, timeout_s: float) -> None:
-        replicas.options(multiplexed_model_id=str(version)).warm.remote().result(timeout_s=timeout_s)
-
-    def __del__(self):
-        self._stop.set()
 
     # ---------------------------------------------------------------------------------- plumbing
 
@@ -219,11 +258,14 @@ class Router:
 
     async def _answer(self, request: Request, route: str, handler) -> JSONResponse | StreamingResponse:
         """Run `handler(payload, version, canary)`, turning every failure into an OpenAI-shaped answer and
-        recording metrics."""
-        started, version, status = time.perf_counter(), None, 500
+        recording metrics. The request counts as in flight until it is answered, or (streamed) until the model
+        accepted it: the engine's own bounded queue holds running streams (serve/engine.py)."""
+        started, version, status, admitted = time.perf_counter(), None, 500, False
         try:
             self._check_auth(request)
             payload = api.parse_json_object(await self._read_body(request))
+            self._admit()
+            admitted = True
             version, canary = self._pick()
             response = await handler(payload, version, canary)
             status = response.status_code
@@ -241,7 +283,14 @@ class Router:
                                      type="server_error")
             return AsciiJSONResponse(error.body(), status_code=500)
         finally:
+            if admitted:
+                self.in_flight -= 1
             self.metrics.record(model=self.model, version=version, route=route, status=status, started=started)
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.settings["ongoing_limit"]:
+            raise _at_capacity(self.in_flight)
+        self.in_flight += 1
 
     def _pick(self) -> tuple[int, bool]:
         """This request's version, and whether it is the canary (a canary that failed its check gets none)."""
@@ -251,14 +300,16 @@ class Router:
             return version, True
         return routes.production, False
 
-    def _handle(self, version: int, *, canary: bool = False):
-        replicas = self.canary_replicas if canary else self.replicas
-        return replicas.options(multiplexed_model_id=str(version))
+    def _canary_handle(self, version: int):
+        return self.canary_replicas.options(multiplexed_model_id=str(version))
 
     async def _call(self, method: str, version: int, canary: bool, *args):
-        """One replica call, answered by production if the canary fails it."""
+        """One model call: production's in this process, the canary's on its deployment (answered by production
+        if the canary fails it)."""
         async def attempt(target: int, on_canary: bool):
-            return await getattr(self._handle(target, canary=on_canary), method).remote(*args)
+            if on_canary:
+                return await getattr(self._canary_handle(target), method).remote(*args)
+            return await getattr(self.local, method)(*args, version=target)
 
         return await self._with_production_fallback(attempt, version, canary)
 
@@ -341,7 +392,10 @@ class Router:
         """The replica's stream and its first answer (accepted, or a 4xx); a canary that fails before it
         accepts hands the request to production."""
         async def attempt(target: int, on_canary: bool):
-            chunks = self._handle(target, canary=on_canary).options(stream=True).complete_stream.remote(params)
+            if on_canary:
+                chunks = self._canary_handle(target).options(stream=True).complete_stream.remote(params)
+            else:
+                chunks = self.local.complete_stream(params, version=target)
             return chunks, await chunks.__anext__()
 
         return await self._with_production_fallback(attempt, version, canary)
@@ -360,7 +414,8 @@ class Router:
 
     async def _events(self, chunks, events, *, version: int):
         """The SSE body. The 200 is sent by now, so a failure can only be told as a last event, OpenAI-style;
-        a client that goes away cancels this generator, and with it the replica's generation."""
+        a client that goes away cancels this generator, and with it the generation (in this process or on the
+        canary's replica)."""
         finished = False
         try:
             async for chunk in chunks:
@@ -375,7 +430,7 @@ class Router:
             return
         finally:
             if not finished:
-                chunks.cancel()
+                await _close(chunks)
         for event in events.end():
             yield event
 

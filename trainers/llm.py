@@ -103,6 +103,45 @@ class KVCache:
         return self.keys[layer_index][:, :, :end], self.values[layer_index][:, :, :end]
 
 
+@dataclass(frozen=True)
+class SlotBatch:
+    """One step of a serving engine: the new tokens of several sequences end to end, each sequence continuing the
+    one a row ("slot") of a KV cache holds (a KVCache built with batch_size = slots; its `length` is unused, every
+    slot has its own). Decoding sequences come first, one token each, then prefill chunks of any length.
+
+    Linear layers see all T tokens as one (1, T) row, which is what makes batching pay; attention, which must
+    not mix sequences, runs once for all decoding sequences (keys gathered from their slots, padding masked)
+    and once per prefill chunk (Orca's selective batching).
+    """
+
+    slots: torch.Tensor  # (T,) each token's slot
+    positions: torch.Tensor  # (T,) each token's position in its sequence
+    decode_slots: torch.Tensor  # (D,) the decoding sequences' slots: tokens 0..D-1
+    decode_mask: torch.Tensor  # (D, 1, 1, span): which of the first `span` cached positions each may see
+    chunks: tuple[tuple[int, int, int], ...]  # (slot, start, length) per prefill chunk, in token order after D
+    single_decode: tuple[int, int] | None  # (slot, span) when one sequence decodes: attended without a gather
+
+    @classmethod
+    def build(cls, *, decode: list[tuple[int, int]], chunks: list[tuple[int, int, int]],
+              device: torch.device) -> "SlotBatch":
+        """`decode`: (slot, position) of each decoding sequence's token; `chunks`: (slot, start, length)."""
+        slots = [slot for slot, _ in decode] + [slot for slot, _, length in chunks for _ in range(length)]
+        positions = [pos for _, pos in decode] + [pos for _, start, length in chunks
+                                                   for pos in range(start, start + length)]
+        seen = torch.tensor([pos for _, pos in decode], dtype=torch.long, device=device)
+        span = int(seen.max()) + 1 if decode else 0
+        mask = torch.arange(span, device=device)[None, :] <= seen[:, None]
+        return cls(slots=torch.tensor(slots, dtype=torch.long, device=device),
+                   positions=torch.tensor(positions, dtype=torch.long, device=device),
+                   decode_slots=torch.tensor([slot for slot, _ in decode], dtype=torch.long, device=device),
+                   decode_mask=mask[:, None, None, :], chunks=tuple(chunks),
+                   single_decode=(decode[0][0], decode[0][1] + 1) if len(decode) == 1 else None)
+
+    @property
+    def decode_count(self) -> int:
+        return len(self.decode_slots)
+
+
 def causal_mask_after(start: int, *, seq: int, device: torch.device) -> torch.Tensor:
     """Boolean (seq, start + seq) mask letting query i (at position start + i) see keys at positions <= start + i.
 
@@ -151,17 +190,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer_index: int = 0, mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` and `positions` come together from `document_layout` for packed rows (never with a cache)."""
+                layer_index: int = 0, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                slots: SlotBatch | None = None) -> torch.Tensor:
+        """`mask` and `positions` come together from `document_layout` for packed rows (never with a cache);
+        `slots` with a cache of slots describes a serving engine's step (x is then one row of its tokens)."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        start = 0 if cache is None else cache.length
+        # An engine step's cos/sin arrive as one row per token already (forward_slots), so they start at 0.
+        start = 0 if cache is None or slots is not None else cache.length
         q = apply_rope(q, cos, sin, start=start, positions=positions)
         k = apply_rope(k, cos, sin, start=start, positions=positions)
-        if mask is not None:
+        if slots is not None:
+            out = self._attend_slots(q, k, v, cache=cache, slots=slots, layer_index=layer_index)
+        elif mask is not None:
             # Key/value heads repeated by hand rather than enable_gqa: SDPA's GQA support does not cover every
             # masked kernel, and the math fallback would materialize (batch, heads, seq, seq) scores.
             groups = self.n_heads // self.n_kv_heads
@@ -186,6 +229,42 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
 
+    def _attend_slots(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache: KVCache, slots: SlotBatch,
+                      layer_index: int) -> torch.Tensor:
+        """Attention of an engine step's tokens (q, k, v: (1, heads, T, head_dim)), each over its own slot."""
+        keys, values = cache.keys[layer_index], cache.values[layer_index]
+        # Indexing dims 0 and 2 with a slice between puts the token dim first: (T, kv_heads, head_dim).
+        keys[slots.slots, :, slots.positions] = k[0].transpose(0, 1)
+        values[slots.slots, :, slots.positions] = v[0].transpose(0, 1)
+        gqa = self.n_heads != self.n_kv_heads
+        outs, decoding = [], slots.decode_count
+        if decoding == 1:  # alone: its slot's span in place, no gather and no padding to mask
+            slot, span = slots.single_decode
+            out = F.scaled_dot_product_attention(q[:, :, :1], keys[slot : slot + 1, :, :span],
+                                                 values[slot : slot + 1, :, :span], enable_gqa=gqa)
+            outs.append(out[0])
+        elif decoding:
+            span = slots.decode_mask.shape[-1]
+            queries = q[0, :, :decoding].transpose(0, 1).unsqueeze(2)  # (D, heads, 1, head_dim)
+            out = F.scaled_dot_product_attention(queries, keys[slots.decode_slots, :, :span],
+                                                 values[slots.decode_slots, :, :span], attn_mask=slots.decode_mask,
+                                                 enable_gqa=gqa)
+            outs.append(out[:, :, 0].transpose(0, 1))  # (heads, D, head_dim)
+        offset = decoding
+        for slot, start, length in slots.chunks:
+            queries = q[:, :, offset : offset + length]
+            end = start + length
+            chunk_keys, chunk_values = keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end]
+            if start == 0:
+                out = F.scaled_dot_product_attention(queries, chunk_keys, chunk_values, is_causal=True, enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(queries, chunk_keys, chunk_values, enable_gqa=gqa,
+                                                     attn_mask=causal_mask_after(start, seq=length, device=q.device))
+            outs.append(out[0])
+            offset += length
+        return torch.cat(outs, dim=1).unsqueeze(0)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -206,10 +285,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer_index: int = 0, mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                layer_index: int = 0, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                slots: SlotBatch | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, layer_index=layer_index, mask=mask,
-                               positions=positions)
+                               positions=positions, slots=slots)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -260,6 +339,19 @@ class Transformer(nn.Module):
                 h = layer(h, self.rope_cos, self.rope_sin, cache=cache, layer_index=index)
             cache.length += tokens.shape[1]
         return self.output(self.norm(h))
+
+    def forward_slots(self, tokens: torch.Tensor, *, cache: KVCache, slots: SlotBatch,
+                      rows: torch.Tensor) -> torch.Tensor:
+        """A serving engine's step: `tokens` (T,) laid out by `slots` continue the sequences of a slotted KV
+        cache (see SlotBatch), whose keys and values they add. Returns the logits of `rows` only (indices into
+        the T tokens): the positions whose next token is sampled or scored, sparing the output projection the
+        rest of a prefill chunk."""
+        h = self.tok_embeddings(tokens[None])
+        # Each token's rotary row, gathered once for every layer (apply_rope then reads them from row 0).
+        cos, sin = self.rope_cos[slots.positions], self.rope_sin[slots.positions]
+        for index, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache=cache, layer_index=index, slots=slots)
+        return self.output(self.norm(h[0, rows]))
 
     def _check_cache_room(self, cache: KVCache, tokens: torch.Tensor) -> None:
         if tokens.shape[0] != cache.batch_size:

@@ -287,14 +287,14 @@ def test_rayservice_builds_the_serve_stage_application(tmp_path, monkeypatch):
 
     built = call_user_app_builder_with_args_if_necessary(app, args)
     assert isinstance(built, Application)
-    router = built._bound_deployment
-    replicas = router.init_args[0]._bound_deployment
+    production = built._bound_deployment  # the ingress: HTTP, and production's share computed in place
+    canary = production.init_args[0]._bound_deployment
     cfg = compose_config(args)
-    assert router.name == "router" and replicas.name == "llm_replica"
-    assert replicas.ray_actor_options == {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus}
-    assert replicas._deployment_config.autoscaling_config.max_replicas == cfg.serve.max_replicas
-    assert router.init_kwargs["settings"]["api_key"] == "secret"
-    assert router.init_kwargs["settings"]["registry"] == str(Registry(args["registry"]).uri)
+    assert production.name == "llm_replica" and canary.name == "llm_canary"
+    assert production.ray_actor_options == {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus}
+    assert production._deployment_config.autoscaling_config.max_replicas == cfg.serve.max_replicas
+    assert production.init_kwargs["settings"]["api_key"] == "secret"
+    assert production.init_kwargs["settings"]["registry"] == str(Registry(args["registry"]).uri)
 
 
 def test_rayservice_builder_names_what_is_wrong(tmp_path):

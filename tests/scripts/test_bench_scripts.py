@@ -39,7 +39,8 @@ SMOKE_ARGS = {
                         "--micro-batch", "128"],
     "bench_sweep.py": ["--trials", "1", "--steps", "2", "--workers", "1"],
     # Long enough per load level that a request completes while the other scripts load both cores.
-    "bench_serve.py": ["--seconds", "2", "--warmup-s", "2", "--concurrency", "1", "--batch-concurrency", "1",
+    "bench_serve.py": ["--seconds", "2", "--warmup-s", "2", "--concurrency", "1", "2", "--ranker-concurrency", "1",
+                       "--batch-concurrency", "1",
                        "--autoscale-concurrency", "4", "--autoscale-hold-s", "0.5", "--autoscale-timeout", "8",
                        "--candidates", "4", "--max-tokens", "2"],
     # A 23M-parameter Llama of the 1B's architecture (the default writes and loads 2.5 GB).
@@ -159,18 +160,29 @@ def test_bench_sweep(outputs):
 
 def test_bench_serve(outputs):
     output = output_of(outputs, "serve")
+    assert figure(output, rf"\nranker\s+1\s+{NUMBER}\s+[\d.]+\s+[\d.]+(\s+-){{5}}\s+0\n") > 0  # req/s, 0 errors
+    for label in ("llm", "llm 1 slot"):
+        for concurrency in (1, 2):  # req/s, then tokens/s and TTFT p50 after p50 and p99, and 0 errors
+            row = rf"\n{label}\s+{concurrency}\s+"
+            assert figure(output, rf"{row}{NUMBER}\s+[\d.]+\s+[\d.]+\s+[\d.]+(\s+[\d.]+){{4}}\s+0\n") > 0
+            assert figure(output, rf"{row}(?:[\d.]+\s+){{3}}{NUMBER}") > 0
+            assert figure(output, rf"{row}(?:[\d.]+\s+){{4}}{NUMBER}") > 0
+        assert figure(output, rf"{label} tokens/s against concurrency 1: 2: x{NUMBER}") > 0
     for family in ("llm", "ranker"):
-        assert figure(output, rf"\n{family}\s+1\s+{NUMBER}\s+[\d.]+\s+[\d.]+\s+0\n") > 0  # req/s, and 0 errors
         assert figure(output, rf"{family} in-process p50: {NUMBER} ms") > 0
         assert math.isfinite(figure(output, rf"{family} serve overhead .*?: {NUMBER} ms"))
+        assert figure(output, rf"{family} serve overhead .*? ms; x{NUMBER} the bare Serve floor") != 0
+    assert figure(output, rf"bare Serve floor \(.*\): p50 {NUMBER} ms") > 0
     assert figure(output, rf"ranker dynamic batching at concurrency 1: .*: x{NUMBER}") > 0
     # Whether a second replica comes up within the smoke run's short timeout depends on the machine's load.
     assert re.search(r"autoscaling 1 -> 2 replicas on a step to concurrency 4: second replica asked for after "
                      r"(\d+\.\d s|never \(timed out\))", output), output[-4000:]
     results = results_json(output)
-    for family in ("llm", "ranker"):
-        (level,) = results["load"][family]
-        assert level["requests"] > 0 and level["errors"] == 0, level
+    assert [level["concurrency"] for level in results["load"]["llm"]] == [1, 2]
+    for family in ("llm", "llm 1 slot", "ranker"):
+        for level in results["load"][family]:
+            assert level["requests"] > 0 and level["errors"] == 0, level
+    assert results["floor"]["requests"] > 0 and results["floor"]["errors"] == 0
     assert results["batching"]["unbatched"]["errors"] == 0
 
 

@@ -81,8 +81,9 @@ def test_refusal_body_has_openai_error_shape():
 def test_replica_error_becomes_the_routers_refusal():
     error = api.error_from_dict({"message": "prompt is too long", "param": "prompt"})
     assert (error.status, error.message, error.param) == (400, "prompt is too long", "prompt")
-    assert api.error_from_dict({"message": "boom"}, status=503).param is None
-    assert api.error_from_dict({"message": "boom"}, status=503).status == 503
+    full = api.error_from_dict(api.overloaded_dict("7 requests wait", retry_after_s=2)["error"])
+    assert (full.status, full.param, full.headers, full.type) == (503, None, {"retry-after": "2"}, "server_error")
+    assert full.message.startswith("7 requests wait") and "retry after 2 s" in full.message
 
 
 # ----------------------------------------------------------------------------------- /v1/completions

@@ -197,7 +197,7 @@ def refusal(spec: dict, bad: dict) -> FeatureError:
 CRITEO, SYNTHETIC_SPEC = criteo_spec(), synthetic_spec()
 
 
-@pytest.mark.parametrize(("spec", "bad", "message"), [
+BAD_VALUES = [
     (CRITEO, {"C7": 12.5}, "candidates[3].C7: expected a hex string of 1-16 digits or null, got 12.5"),
     (CRITEO, {"C7": 12}, "candidates[3].C7: expected a hex string of 1-16 digits or null, got 12"),
     (CRITEO, {"C7": "0x1f"}, 'candidates[3].C7: expected a hex string of 1-16 digits or null, got "0x1f"'),
@@ -213,7 +213,10 @@ CRITEO, SYNTHETIC_SPEC = criteo_spec(), synthetic_spec()
     (SYNTHETIC_SPEC, {"C9": 1.0}, "candidates[3].C9: expected an integer category id or null, got 1.0"),
     (SYNTHETIC_SPEC, {"C9": "1"}, 'candidates[3].C9: expected an integer category id or null, got "1"'),
     (SYNTHETIC_SPEC, {"C9": False}, "candidates[3].C9: expected an integer category id or null, got false"),
-])
+]
+
+
+@pytest.mark.parametrize(("spec", "bad", "message"), BAD_VALUES)
 def test_bad_values_name_the_field(spec, bad, message):
     error = refusal(spec, bad)
     assert str(error).startswith(message)
@@ -258,6 +261,120 @@ def test_missing_values_and_no_rows():
     assert not dense.any() and not sparse.any()
     dense, sparse = encoder.encode([])
     assert dense.shape == (0, NUM_DENSE) and sparse.shape == (0, NUM_CATEGORICAL)
+
+
+# -------------------------------------------------------------------------------------------- many requests
+
+HASHED_INT = {**synthetic_spec(), "table_sizes": [50] * NUM_CATEGORICAL,
+              "category_encoding": {"kind": "hash", "input": "int", "buckets": [50] * NUM_CATEGORICAL,
+                                    "function": HASH_FUNCTION}}
+
+
+def mixed_requests(spec: dict) -> list[tuple[dict, list[dict]]]:
+    """Valid requests that exercise what the batch path merges and converts: contexts and candidates sharing
+    a request's features, a candidate's null overriding its context's value, absent and empty features, ints
+    and floats, the largest accepted ids, a request without candidates, and one with a numpy value (a type
+    JSON does not produce, which the batch leaves to encode)."""
+    hex_input = spec["category_encoding"].get("input") == "hex"
+    largest = "f" * 16 if hex_input else (2**64 - 2 if spec is HASHED_INT else 2)  # C9 has 3 ids unhashed
+
+    def category(number: int):
+        return format(number * 40503 + 1, "x") if hex_input else number % 2
+
+    requests = []
+    for index in range(7):
+        context = {"I1": index, "I2": 2.5 * index, "C1": category(index), "C2": None}
+        if index % 2:
+            context["I13"] = 2**62 + 1  # rounds to float64 as preparation rounds it
+        candidates = [{"I3": -row, "I4": row / 3, "C3": category(row), "C9": largest if row == 2 else None,
+                       **({"I1": None, "C1": None} if row == 1 else {}),  # a null wins over the context's value
+                       **({"C4": ""} if hex_input and row == 3 else {})}
+                      for row in range(index % 4 + 1)]
+        requests.append((context, candidates))
+    requests.append(({"I5": 1}, []))
+    requests.append(({}, [{}, {"I6": 7}]))
+    requests.append(({"I7": np.float64(0.5)}, [{"I8": 1}]))
+    return requests
+
+
+def no_per_request_encoding(*args, **kwargs):
+    raise AssertionError("a batch of valid JSON-typed requests was encoded a request at a time")
+
+
+@pytest.mark.parametrize("spec", [CRITEO, SYNTHETIC_SPEC, HASHED_INT], ids=["hex", "id_plus_one", "hashed_int"])
+@pytest.mark.parametrize("numpy_value", [False, True], ids=["json_types", "with_numpy_value"])
+def test_a_batch_of_requests_encodes_as_each_request_alone(spec, numpy_value):
+    encoder = FeatureEncoder.from_spec(spec)
+    requests = mixed_requests(spec)[slice(None) if numpy_value else slice(-1)]
+    with pytest.MonkeyPatch.context() as patch:
+        if not numpy_value:  # JSON's types alone must not need encode's value by value path
+            patch.setattr(encoder, "encode", no_per_request_encoding)
+        encoded = encoder.encode_requests(requests)
+    assert len(encoded) == len(requests)
+    for (context, candidates), (dense, sparse) in zip(requests, encoded, strict=True):
+        alone = encoder.encode([{**context, **row} for row in candidates], field_prefix="candidates")
+        assert dense.dtype == alone[0].dtype and sparse.dtype == alone[1].dtype
+        np.testing.assert_array_equal(dense, alone[0])
+        np.testing.assert_array_equal(sparse, alone[1])
+    assert encoder.encode_requests([]) == []
+
+
+def test_a_batch_of_criteo_requests_encodes_as_the_prepared_rows(criteo):
+    prepared, rows = criteo
+    encoder = FeatureEncoder.from_file(prepared.feature_spec_path)
+    # Requests of 1..20 rows; each moves the features its first row gives among C1..C5 into its context.
+    requests, start = [], 0
+    while start < len(rows):
+        chunk = rows[start:start + start % 20 + 1]
+        context = {name: chunk[0][name] for name in ("C1", "C2", "C3", "C4", "C5") if name in chunk[0]}
+        requests.append((context, [{name: value for name, value in row.items() if name not in context}
+                                   for row in chunk]))
+        start += len(chunk)
+    expected = [encoder.encode([{**context, **row} for row in candidates]) for context, candidates in requests]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoder, "encode", no_per_request_encoding)
+        encoded = encoder.encode_requests(requests)
+    for (dense, sparse), (dense_alone, sparse_alone) in zip(encoded, expected, strict=True):
+        np.testing.assert_array_equal(dense, dense_alone)
+        np.testing.assert_array_equal(sparse, sparse_alone)
+
+
+def good_request(spec: dict, number: int) -> tuple[dict, list[dict]]:
+    category = format(number + 10, "x") if spec is CRITEO else number % 2
+    return {"I1": number, "C1": category}, [{"I2": 1.5}, {"C2": category}]
+
+
+@pytest.mark.parametrize(("spec", "bad", "message"), BAD_VALUES)
+def test_a_bad_request_fails_alone_in_a_batch(spec, bad, message):
+    encoder = FeatureEncoder.from_spec(spec)
+    bad_rows = [{"I1": 1, "C1": "a1" if spec is CRITEO else 0}, {}, {"I2": None}, {"I3": 2, **bad}]
+    requests = [good_request(spec, 0), ({}, bad_rows), good_request(spec, 1)]
+    encode, judged = encoder.encode, []
+    with pytest.MonkeyPatch.context() as patch:  # only the bad request takes encode's value by value path
+        patch.setattr(encoder, "encode", lambda rows, **kwargs: judged.append(rows) or encode(rows, **kwargs))
+        first, error, last = encoder.encode_requests(requests)
+    assert len(judged) == 1
+    assert isinstance(error, FeatureError) and str(error).startswith(message)
+    assert (error.field, error.row, error.feature, error.request) == (message.split(":")[0], 3, next(iter(bad)), 1)
+    for (context, candidates), (dense, sparse) in ((requests[0], first), (requests[2], last)):
+        alone = encoder.encode([{**context, **row} for row in candidates], field_prefix="candidates")
+        np.testing.assert_array_equal(dense, alone[0])
+        np.testing.assert_array_equal(sparse, alone[1])
+
+
+@pytest.mark.parametrize(("request_", "field", "message"), [
+    (({"C7": 12.5}, [{}, {}]), "candidates[0].C7", "expected a hex string"),  # the context's value, as merged
+    (({}, [{"I1": 1}, {"c7": "a"}]), "candidates[1].c7", "unknown feature"),
+    (({}, [{}, ["I1", 1]]), "candidates[1]", "expected an object mapping feature names to values"),
+    (({}, {"I1": 1}), "candidates", "expected a list of objects"),
+    ((["I1"], [{}]), "context", "expected an object mapping feature names to values"),
+], ids=["context-value", "unknown-name", "row-not-object", "rows-not-list", "context-not-object"])
+def test_malformed_requests_fail_alone_in_a_batch(request_, field, message):
+    encoder = FeatureEncoder.from_spec(CRITEO)
+    encoded = encoder.encode_requests([good_request(CRITEO, 0), request_])
+    assert not isinstance(encoded[0], FeatureError)
+    assert isinstance(encoded[1], FeatureError) and (encoded[1].field, encoded[1].request) == (field, 1)
+    assert str(encoded[1]).startswith(f"{field}: {message}")
 
 
 # -------------------------------------------------------------------------------------------------- specs

@@ -56,16 +56,37 @@ def rank(url: str, body, *, headers=AUTH):
     return request(url + "/v1/rank", body, headers=headers)
 
 
+def exported_scores(export_dir, context: dict, candidates: list[dict]) -> np.ndarray:
+    """The click probabilities the exported model gives, computed here without Serve."""
+    loaded = load_export(export_dir)
+    dense, sparse = FeatureEncoder.from_file(export_dir / "feature_spec.json").encode(
+        [{**context, **c} for c in candidates])
+    with torch.no_grad():
+        return torch.sigmoid(loaded.model(torch.from_numpy(dense), torch.from_numpy(sparse))).numpy()
+
+
+def settled_batch_counts(ray_session) -> tuple[float, float]:
+    """(batches, batches of a single request) from the @serve.batch histogram, read once it has stopped growing
+    (metrics are exported every second)."""
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    deadline, previous, counts = time.monotonic() + 30, None, (0.0, 0.0)
+    while time.monotonic() < deadline:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        rows = [line for line in body.splitlines() if line.startswith(HISTOGRAM) and f'model="{MODEL}"' in line]
+        counts = (metric_total(rows, HISTOGRAM + "_count"), metric_total(rows, HISTOGRAM + "_bucket", 'le="1.0"'))
+        if counts[0] > 0 and counts == previous:
+            break
+        previous = counts
+        time.sleep(1.5)
+    return counts
+
+
 def test_scores_are_the_exported_models_click_probabilities(endpoint):
     url, export_dir = endpoint
     status, answer, headers = rank(url, {"model": MODEL, "context": CONTEXT, "candidates": CANDIDATES})
     assert status == 200, answer
     assert answer["model_version"] == 1 and headers["x-model-version"] == "1"
-    loaded = load_export(export_dir)
-    dense, sparse = FeatureEncoder.from_file(export_dir / "feature_spec.json").encode(
-        [{**CONTEXT, **c} for c in CANDIDATES])
-    with torch.no_grad():
-        expected = torch.sigmoid(loaded.model(torch.from_numpy(dense), torch.from_numpy(sparse))).numpy()
+    expected = exported_scores(export_dir, CONTEXT, CANDIDATES)
     np.testing.assert_allclose(answer["scores"], expected, rtol=1e-6)
     assert answer["ranking"] == list(np.argsort(-expected, kind="stable"))
 
@@ -152,17 +173,43 @@ def test_concurrent_requests_are_scored_in_shared_batches(endpoint, ray_session)
         thread.join(timeout=120)
     assert statuses.count(200) == 160
     # Batching happened if some batch held more than one request: the histogram's count of batches exceeds its
-    # bucket of batches of one. Read it once it has stopped growing (metrics are exported every second).
-    port = ray_session._private.worker.global_worker.node.metrics_export_port
-    deadline, previous, counts = time.monotonic() + 30, None, (0.0, 0.0)
-    while time.monotonic() < deadline:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        rows = [line for line in body.splitlines() if line.startswith(HISTOGRAM) and f'model="{MODEL}"' in line]
-        counts = (metric_total(rows, HISTOGRAM + "_count"), metric_total(rows, HISTOGRAM + "_bucket", 'le="1.0"'))
-        if counts[0] > 0 and counts == previous:
-            break
-        previous = counts
-        time.sleep(1.5)
-    batches, single = counts
+    # bucket of batches of one.
+    batches, single = settled_batch_counts(ray_session)
     assert batches > 0, "no batch was recorded"
     assert single < batches, f"every one of {batches:.0f} batches held a single request"
+
+
+def test_a_bad_request_in_a_shared_batch_fails_alone(endpoint, ray_session):
+    """Requests arriving together are encoded together (serve/features.py encode_requests): one with a bad value
+    gets its own 400 naming the field, and the others of its batch their own scores."""
+    url, export_dir = endpoint
+    clients, rounds, bad_client = 8, 5, 3
+    bodies = [{"context": {**CONTEXT, "I1": index}, "candidates": CANDIDATES[index % 3:]} for index in range(clients)]
+    bodies[bad_client]["candidates"] = [*CANDIDATES[:3], {"C5": "a"}]  # categories are integer ids here
+    answers = [[] for _ in range(clients)]
+    start = threading.Barrier(clients)
+
+    def client(index: int):
+        for _ in range(rounds):
+            start.wait(timeout=60)  # all at once, well within one batch wait (batch_wait_timeout_s=0.05)
+            answers[index].append(rank(url, bodies[index]))
+
+    before = settled_batch_counts(ray_session)
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for index, body in enumerate(bodies):
+        assert len(answers[index]) == rounds
+        expected = None if index == bad_client else exported_scores(export_dir, body["context"], body["candidates"])
+        for status, answer, _ in answers[index]:
+            if index == bad_client:
+                assert status == 400 and answer["error"]["param"] == "candidates[3].C5", answer
+                assert "expected an integer category id or null" in answer["error"]["message"]
+            else:
+                assert status == 200, answer
+                np.testing.assert_allclose(answer["scores"], expected, rtol=1e-6)
+    after = settled_batch_counts(ray_session)
+    batches, single = after[0] - before[0], after[1] - before[1]
+    assert single < batches, f"the {clients * rounds} requests were scored one at a time ({batches:.0f} batches)"
