@@ -13,16 +13,16 @@ sequence (trainers/llm.py: SlotBatch). Why slots, not paged blocks: paging saves
 and uneven, but it needs an attention kernel that reads keys through a block table; with torch's SDPA a paged
 cache would be gathered into contiguous keys every step, a full copy per layer. A slot is already contiguous
 (a decode step gathers only the decoding rows' spans, a prefill chunk reads its slot in place), and Slipway's
-own models have contexts of hundreds to a few thousand tokens, where a slot wastes little. On GPUs with long
-contexts, serve.engine=vllm brings paged attention. Memory: max_running x max_seq_len positions per layer.
+own models have contexts of hundreds to a few thousand tokens, where a slot wastes little; for long contexts on
+GPUs, vLLM's paged attention is the better tool. Memory: max_running x max_seq_len positions per layer.
 
 Sampling stays per request: each sequence has its own seeded generator and `Decoding` (serve/generation.py),
 the same code the per-request path runs, so a seeded request gives the same text alone or in a full batch
 (up to float rounding in the batched matmuls; tests/serve/test_engine.py holds it to equal text).
 
-`Engine` is synchronous and free of Ray and asyncio so it can be tested in-process; `AsyncEngine` runs its
-steps on one worker thread for an asyncio replica, streams each request's chunks as they come, and cancels a
-request's sequences when its consumer goes away.
+`Engine` is synchronous and free of Ray and asyncio so it can be tested in-process; `AsyncEngine` steps it for an
+asyncio replica (on the event loop, or on a thread for a GPU model), streams each request's chunks as they
+come, and cancels a request's sequences when its consumer goes away.
 """
 
 import asyncio
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 class EngineConfig:
     max_running: int = 16  # KV-cache slots: sequences decoding (or prefilling) at once
     max_batched_tokens: int = 256  # tokens per forward: every decoding sequence's one, then prefill chunks
-    max_waiting: int = 64  # sequences queued for a slot; more are refused (EngineFull: the API's 503)
+    max_waiting: int = 64  # sequences waiting for a slot; beyond slots and queue: EngineFull (the API's 503)
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0:
@@ -61,7 +61,7 @@ class EngineConfig:
 
 
 class EngineFull(Exception):
-    """The waiting queue holds max_waiting sequences: the request is refused rather than queued without end."""
+    """The slots and the queue are full: the request is refused rather than queued without end."""
 
 
 @dataclass
@@ -251,23 +251,19 @@ class Engine:
 
     def _sample(self, decoding: list[_Sequence], chunks: list[tuple[_Sequence, int]], logits: torch.Tensor,
                 wanted: list, report: StepReport) -> None:
-        lengths = {id(s): length for s, length in chunks}
-        for sequence in decoding:
-            sequence.cached += 1
-        groups = {id(sequence): (first, count) for sequence, first, count in wanted}
+        """Advance every sequence of the step: count the positions it added to the cache, score the prompt rows
+        of an echo, and sample the next token of each sequence whose prompt is now whole."""
+        rows_of = {id(sequence): (first, count) for sequence, first, count in wanted}
         now = time.perf_counter()
-        for sequence in [*decoding, *(s for s, _ in chunks)]:
-            start = sequence.cached
-            if id(sequence) in lengths:
-                sequence.cached += lengths[id(sequence)]
-            if id(sequence) not in groups:  # a prefill chunk that is neither scored nor the prompt's last
+        for sequence, added in [*((s, 1) for s in decoding), *chunks]:
+            start, sequence.cached = sequence.cached, sequence.cached + added
+            if id(sequence) not in rows_of:  # a prefill chunk that is neither scored nor the prompt's last
                 continue
-            first, count = groups[id(sequence)]
-            if sequence.decoding.scores_prompt and id(sequence) in lengths:
+            first, count = rows_of[id(sequence)]
+            if sequence.decoding.scores_prompt and start < len(sequence.prompt_ids):
                 sequence.decoding.score_prompt(logits[first : first + count], start=start)
-            if not sequence.prefilled:
-                continue
-            self._advance(sequence, logits[first + count - 1], now=now, report=report)
+            if sequence.prefilled:
+                self._advance(sequence, logits[first + count - 1], now=now, report=report)
 
     def _advance(self, sequence: _Sequence, logits: torch.Tensor, *, now: float, report: StepReport) -> None:
         chunks, token = sequence.decoding.advance(logits)
