@@ -141,7 +141,7 @@ BOUNDS: dict[str, Bound] = {
     "sweep.grace_period": AT_LEAST_1,
     "sweep.reduction_factor": Bound(1, low_open=True),
     # serve
-    "serve.refresh_s": POSITIVE,  # the router re-reads the registry every refresh_s: 0 would spin
+    "serve.refresh_s": POSITIVE,  # replicas re-read the registry every refresh_s: 0 would spin
     "serve.eval_rows": AT_LEAST_0,  # 0 = all
     "serve.export_shard_gb": POSITIVE,
     "serve.version": AT_LEAST_1,

@@ -391,7 +391,7 @@ class ServeConfig:
     route_prefix: str = "/"  # where this model's API lives; give each model its own to serve several at once
     api_key: str | None = None  # set: every request but GET /healthz needs `Authorization: Bearer <api_key>`
     block: bool = True  # stage=serve keeps serving until Ctrl-C; false returns once the endpoint answers
-    refresh_s: float = 2.0  # how often the router re-reads the registry's aliases (rollback from anywhere)
+    refresh_s: float = 2.0  # how often replicas re-read the registry's aliases (rollback from anywhere)
     # Replicas of each model deployment, autoscaled by Ray Serve
     min_replicas: int = 1
     max_replicas: int = 2
