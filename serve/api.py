@@ -48,10 +48,16 @@ def error_from_dict(error: dict) -> RequestError:
     return RequestError(400, error["message"], error.get("param"))
 
 
-def overloaded_dict(message: str, *, retry_after_s: int) -> dict:
-    """A replica's answer for a request its queue has no room for (the router sends 503 with Retry-After)."""
-    return {"error": {"message": f"{message}; the server is at capacity, retry after {retry_after_s} s",
-                      "param": None, "retry_after_s": retry_after_s}}
+def overloaded(reason: str, *, retry_after_s: int) -> RequestError:
+    """The 503 of every full queue (a replica's engine, its admission, Serve's handle), with Retry-After."""
+    return RequestError(503, f"{reason}; the server is at capacity, retry after {retry_after_s} s", None,
+                        type="server_error", headers={"retry-after": str(retry_after_s)})
+
+
+def overloaded_dict(reason: str, *, retry_after_s: int) -> dict:
+    """`overloaded` as a replica's answer (the router turns it back into the 503 with error_from_dict)."""
+    return {"error": {"message": overloaded(reason, retry_after_s=retry_after_s).message, "param": None,
+                      "retry_after_s": retry_after_s}}
 
 
 def check_content_length(value: str | None, *, limit: int) -> None:

@@ -189,8 +189,8 @@ class ChoiceChunks:
 
 
 def stream_choices(llm: LoadedLLM, jobs: list[Job]) -> Iterator[dict]:
-    """Each choice's chunks in turn, generated one request at a time without the engine (in-process callers and
-    the benchmark's per-request baseline; replicas batch requests through serve/engine.py)."""
+    """Each choice's chunks in turn, generated one request at a time without the engine, for callers in this
+    process (tests of the API's shapes); replicas batch requests through serve/engine.py."""
     for job in jobs:
         choice = ChoiceChunks(llm, job)
         for chunk in generate_stream(llm.model, llm.tokenizer, job.prompt_ids, job.params,

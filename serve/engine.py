@@ -156,9 +156,9 @@ class Engine:
         decoding = [s for s in self.running if s.prefilled]
         chunks = self._plan_prefill(budget=self.config.max_batched_tokens - len(decoding))
         if decoding or chunks:
-            logits, rows = self._forward(decoding, chunks)
+            logits, rows_of = self._forward(decoding, chunks)
             report.tokens = len(decoding) + sum(length for _, length in chunks)
-            self._sample(decoding, chunks, logits, rows, report)
+            self._sample(decoding, chunks, logits, rows_of, report)
         return report
 
     def abort(self) -> list[int]:
@@ -225,12 +225,12 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, decoding: list[_Sequence],
-                 chunks: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, list]:
-        """Logits of the rows that are sampled or scored, and for each sequence which rows are its."""
+                 chunks: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, dict]:
+        """Logits of the rows that are sampled or scored, and id(sequence) -> (its first logits row, row count)."""
         tokens = [s.next_token for s in decoding]
-        rows, wanted = [], []  # wanted: per row group, the (sequence, first logits row, row count)
+        rows, rows_of = [], {}
         for index, sequence in enumerate(decoding):
-            wanted.append((sequence, len(rows), 1))
+            rows_of[id(sequence)] = (len(rows), 1)
             rows.append(index)
         offset = len(decoding)
         for sequence, length in chunks:
@@ -239,7 +239,7 @@ class Engine:
             # Echo with logprobs scores every prompt position; otherwise only the prompt's last one is sampled.
             first = offset if sequence.decoding.scores_prompt else offset + length - 1
             if sequence.decoding.scores_prompt or last_chunk:
-                wanted.append((sequence, len(rows), offset + length - first))
+                rows_of[id(sequence)] = (len(rows), offset + length - first)
                 rows.extend(range(first, offset + length))
             offset += length
         batch = SlotBatch.build(decode=[(s.slot, s.cached) for s in decoding],
@@ -247,13 +247,12 @@ class Engine:
         logits = self.model.forward_slots(torch.tensor(tokens, dtype=torch.long, device=self.device),
                                           cache=self.cache, slots=batch,
                                           rows=torch.tensor(rows, dtype=torch.long, device=self.device))
-        return logits, wanted
+        return logits, rows_of
 
     def _sample(self, decoding: list[_Sequence], chunks: list[tuple[_Sequence, int]], logits: torch.Tensor,
-                wanted: list, report: StepReport) -> None:
+                rows_of: dict, report: StepReport) -> None:
         """Advance every sequence of the step: count the positions it added to the cache, score the prompt rows
         of an echo, and sample the next token of each sequence whose prompt is now whole."""
-        rows_of = {id(sequence): (first, count) for sequence, first, count in wanted}
         now = time.perf_counter()
         for sequence, added in [*((s, 1) for s in decoding), *chunks]:
             start, sequence.cached = sequence.cached, sequence.cached + added

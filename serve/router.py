@@ -149,17 +149,13 @@ async def _close(chunks) -> None:
 
 
 def _overloaded(err: BackPressureError) -> api.RequestError:
-    retry_after = max(1, math.ceil(err.retry_after_s or 1))
-    return api.RequestError(503, f"{err.message} The server is at capacity (serve.max_queued_requests); retry "
-                                 f"after {retry_after} s", None, type="server_error",
-                            headers={"retry-after": str(retry_after)})
+    return api.overloaded(f"{err.message.rstrip('. ')} (serve.max_queued_requests)",
+                          retry_after_s=max(1, math.ceil(err.retry_after_s or 1)))
 
 
 def _at_capacity(in_flight: int) -> api.RequestError:
-    return api.RequestError(503, f"{in_flight} requests are already in flight on this replica, as many as it runs and "
-                                 f"queues (serve.max_queued_requests); the server is at capacity, retry after "
-                                 f"{api.RETRY_AFTER_S} s", None, type="server_error",
-                            headers={"retry-after": str(api.RETRY_AFTER_S)})
+    return api.overloaded(f"{in_flight} requests are already in flight on this replica, as many as it runs and "
+                          f"queues (serve.max_queued_requests)", retry_after_s=api.RETRY_AFTER_S)
 
 
 # Whatever the router's methods use must be defined above this line: serve.ingress copies the class with the

@@ -1,6 +1,8 @@
 """One Ray Serve instance for the session (its HTTP port is fixed once started), on the session's Ray."""
 
+import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def export_best(run_dir: Path, out_dir: Path) -> Path:
+    """The export of a finished run's best checkpoint (its summary.json names it)."""
+    from serve.export import export_checkpoint
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return export_checkpoint(run_dir / summary["best_checkpoint"].rsplit("/", 1)[1], out_dir, info={})
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from serve import api, chat
 from serve.completion import LoadedLLM, join_choices, load_llm, prepare, stream_choices
 from serve.export import LoadedModel
 from tests.hf_models import BOS, CHAT_TEMPLATE, END_OF_TURN, build_tokenizer
+from tests.serve.conftest import export_best
 from tests.serve.http_client import request
 from trainers.llm import build_llm
 
@@ -220,14 +221,12 @@ def scratch_llm(trained_runs, serve_port, tmp_path_factory):
 
     from conf.schema import ServeConfig
     from serve.deploy import deploy
-    from serve.export import export_checkpoint
     from serve.registry import Registry
     from tests.helpers import LLM_STRATEGY_RUNS
 
     root = tmp_path_factory.mktemp("openai_api")
     run_dir = trained_runs("llm-ddp", LLM_STRATEGY_RUNS["ddp"])
-    summary = json.loads((run_dir / "summary.json").read_text())
-    export_dir = export_checkpoint(run_dir / summary["best_checkpoint"].rsplit("/", 1)[1], root / "export", info={})
+    export_dir = export_best(run_dir, root / "export")
     registry = Registry(root / "registry")
     registry.register(SCRATCH, export_dir, metadata={"family": "llm"})
     registry.move_alias(SCRATCH, "production", 1, reason="test setup")

@@ -18,11 +18,11 @@ import pytest
 
 from conf.schema import ServeConfig
 from serve import promote
-from serve.export import export_checkpoint, load_export
+from serve.export import load_export
 from serve.generation import SamplingParams, generate
 from serve.registry import Registry
 from tests.helpers import LLM_STRATEGY_RUNS, REPO_ROOT
-from tests.serve.conftest import free_port
+from tests.serve.conftest import export_best, free_port
 from tests.serve.http_client import (
     Load,
     Poll,
@@ -37,11 +37,6 @@ MODEL = "tiny-llm"
 PROMPT = "def main("
 
 
-def _export(run_dir, out_dir):
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return export_checkpoint(run_dir / summary["best_checkpoint"].rsplit("/", 1)[1], out_dir, info={})
-
-
 @pytest.fixture(scope="module")
 def endpoint(trained_runs, serve_port, tmp_path_factory):
     """v1 (the DDP run) in production and v2 (the ZeRO-3 run) registered, served by one replica."""
@@ -52,7 +47,7 @@ def endpoint(trained_runs, serve_port, tmp_path_factory):
     root = tmp_path_factory.mktemp("llm_serving")
     registry = Registry(root / "registry")
     for version, strategy in ((1, "ddp"), (2, "zero3")):
-        export_dir = _export(trained_runs(f"llm-{strategy}", LLM_STRATEGY_RUNS[strategy]), root / strategy)
+        export_dir = export_best(trained_runs(f"llm-{strategy}", LLM_STRATEGY_RUNS[strategy]), root / strategy)
         assert registry.register(MODEL, export_dir, metadata={"family": "llm"})["version"] == version
     registry.move_alias(MODEL, "production", 1, reason="test setup")
     # Four requests at a time on the replica and four waiting: the queue test fills that; the load tests'
@@ -105,12 +100,14 @@ def test_a_seeded_request_gets_the_same_answer_alone_and_batched_with_others(end
     body = {"max_tokens": 40, "temperature": 1.0, "top_p": 0.9, "seed": 5, "logprobs": 1}
     status, alone, _ = completions(url, **body)
     assert status == 200 and alone["usage"]["completion_tokens"] > 1
-    answers = {}
+    answers, spans = {}, {}
 
     def client(index: int) -> None:  # the others: different prompts, seeds and lengths, and index 3 is ours
         fields = body if index == 3 else {"prompt": PROMPT * (index + 1), "max_tokens": 30 + index,
                                           "temperature": 1.2, "seed": 100 + index}
+        started = time.perf_counter()
         answers[index] = completions(url, **fields)
+        spans[index] = (started, time.perf_counter())
 
     clients = [threading.Thread(target=client, args=(index,)) for index in range(6)]
     for thread in clients:
@@ -118,6 +115,9 @@ def test_a_seeded_request_gets_the_same_answer_alone_and_batched_with_others(end
     for thread in clients:
         thread.join(timeout=120)
     assert {status for status, _, _ in answers.values()} == {200}
+    # Ours was generated while others were: the replica runs every request it holds in the same steps.
+    ours = spans[3]
+    assert sum(start < ours[1] and ours[0] < end for index, (start, end) in spans.items() if index != 3) >= 3
     batched = answers[3][1]["choices"][0]
     assert batched["text"] == alone["choices"][0]["text"]
     assert batched["logprobs"]["tokens"] == alone["choices"][0]["logprobs"]["tokens"]

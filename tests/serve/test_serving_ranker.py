@@ -1,7 +1,6 @@
 """The ranker endpoint on real Ray Serve over HTTP: scores equal the exported model's, bearer-token auth, 4xx
 answers naming the field, and requests combined by @serve.batch under concurrent load."""
 
-import json
 import subprocess
 import sys
 import threading
@@ -13,10 +12,11 @@ import pytest
 import torch
 
 from conf.schema import ServeConfig
-from serve.export import export_checkpoint, load_export
+from serve.export import load_export
 from serve.features import FeatureEncoder
 from serve.registry import Registry
 from tests.helpers import RANKER_REFERENCE_RUN, REPO_ROOT
+from tests.serve.conftest import export_best
 from tests.serve.http_client import request
 
 MODEL = "tiny-ranker"
@@ -35,8 +35,7 @@ def endpoint(trained_runs, serve_port, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ranker_serving")
     run_dir = trained_runs("ranker-reference", RANKER_REFERENCE_RUN, ranker=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    export_dir = export_checkpoint(run_dir / summary["best_checkpoint"].rsplit("/", 1)[1], root / "export", info={})
+    export_dir = export_best(run_dir, root / "export")
     registry = Registry(root / "registry")
     registry.register(MODEL, export_dir, metadata={"family": "ranker"})
     registry.move_alias(MODEL, "production", 1, reason="test setup")
