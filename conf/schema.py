@@ -102,6 +102,11 @@ class MetricMode(StrEnum):
     max = "max"
 
 
+class ServeEngine(StrEnum):
+    native = "native"  # Slipway's continuous-batching engine (serve/engine.py): CPU or GPU, any family
+    vllm = "vllm"  # LLMs on GPUs: vLLM through Ray Serve LLM, one engine per version (serve/vllm_app.py)
+
+
 @dataclass
 class Llama3RopeScaling:
     """Llama 3.1's long-context rotary scaling (`rope_scaling` of type llama3 in a Hugging Face config.json):
@@ -420,6 +425,12 @@ class ServeConfig:
     # max_seq_len each), and tokens per forward step (decode tokens first, then chunks of new prompts)
     max_running_requests: int = 16
     max_batched_tokens: int = 256
+    # Which engine runs an LLM's versions. vllm needs GPUs and the vllm group (SLIPWAY_EXTRAS=vllm bash
+    # scripts/setup.sh); it takes the same limits above (vLLM's max_num_seqs and max_num_batched_tokens), and
+    # vllm_engine_kwargs go to vLLM's engine on top of ours (e.g. {dtype: bfloat16, tensor_parallel_size: 2}).
+    engine: ServeEngine = ServeEngine.native
+    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    accelerator_type: str | None = None  # vllm: the GPU type its replicas need, in Ray's names (H100, A100, L4)
     sample_prompt: str = "def "  # printed with its completion once the endpoint is up
     # Ranker requests
     max_candidates: int = 256

@@ -21,7 +21,8 @@ with like:
      temperature 0), with generated tokens/s from the answers' usage; then the same requests streamed for as
      long, for the time to the first token and the mean gap between a request's tokens (p50 and p99 over
      requests); with --parts baseline the same levels again with serve.max_running_requests=1, one sequence
-     at a time as before continuous batching. Ranker
+     at a time as before continuous batching; with --parts vllm (CUDA GPUs and the vllm group installed) the
+     same levels again with serve.engine=vllm, on the same export. Ranker
      (--ranker-concurrency, default 1 16 64): POST /v1/rank with --candidates candidates.
   2. the same work in this process, without Ray (generate(); encode + forward), with as many torch threads
      as Ray gives a replica, measured right before the load levels: p50, and the serve overhead = p50 at
@@ -58,7 +59,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LLM_NAME, RANKER_NAME = "bench_llm", "bench_ranker"
 PROMPT = "import os\n\n\ndef read_config(path):\n    "
 SEED = 0
-PARTS = ("floor", "llm", "baseline", "ranker", "batching", "autoscaling")
+PARTS = ("floor", "llm", "baseline", "vllm", "ranker", "batching", "autoscaling")
+DEFAULT_PARTS = tuple(part for part in PARTS if part != "vllm")  # vLLM needs CUDA GPUs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds the load step goes on once the second replica is RUNNING")
     parser.add_argument("--autoscale-timeout", type=float, default=60.0,
                         help="seconds to wait for the second replica before giving up")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS),
+                        help="what to measure (default: all but vllm)")
+    parser.add_argument("--num-gpus", type=float, default=0.0,
+                        help="GPUs per LLM replica (the native engine's; vLLM's engines take what their "
+                             "tensor_parallel_size needs)")
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="--parts vllm: the dtype vLLM computes in")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPUs the embedded Ray gets")
     parser.add_argument("--registry", help="benchmark models already promoted in this registry URI")
     parser.add_argument("--llm-model", help="with --registry: the LLM's registry name")
@@ -90,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.autoscale_concurrency < 1:
         parser.error("--concurrency, --ranker-concurrency, --batch-concurrency and --autoscale-concurrency must "
                      "be at least 1")
+    if "vllm" in args.parts:
+        from serve.vllm_app import require_ray_serve_llm
+
+        try:
+            require_ray_serve_llm()
+        except ValueError as err:
+            parser.error(f"--parts vllm: {err}")
     if args.seconds <= 0 or args.warmup_s < 0:
         parser.error("--seconds must be positive and --warmup-s not negative")
     if args.registry and not (args.llm_model or args.ranker_model):
@@ -634,7 +648,7 @@ def _print_table(results: dict) -> None:
 
 def _print_ratios(results: dict) -> None:
     """Generated tokens/s at each concurrency against concurrency 1, with batching and with one slot."""
-    for label in ("llm", "llm 1 slot"):
+    for label in ("llm", "llm 1 slot", "llm vllm"):
         rows = {row["concurrency"]: row for row in results["load"].get(label, [])}
         if 1 in rows and rows[1]["tokens_per_s"]:
             gains = ", ".join(f"{c}: x{row['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}"
@@ -664,7 +678,9 @@ def bench_family(family: str, *, model: str, body: dict, port: int, args, levels
     """In-process p50, then the load levels and GET /healthz against the deployed app, back to back so that
     the machine's other load is about the same for all of them."""
     path = "/v1/completions" if family == "llm" else "/v1/rank"
-    deploy_app(pinned_config(args.registry_uri, port=port, num_cpus=args.num_cpus, **overrides), model=model)
+    gpus = args.num_gpus if family == "llm" else 0.0
+    deploy_app(pinned_config(args.registry_uri, port=port, num_cpus=args.num_cpus, num_gpus=gpus, **overrides),
+               model=model)
     local = in_process_p50(args.registry_uri, model=model, family=family, body=body, seconds=min(args.seconds, 5.0))
     print(f"  {label} in-process p50: {_describe_in_process(local)}", flush=True)
     print(f"  {label}: closed-loop load on {path} ({args.seconds:g} s per level after {args.warmup_s:g} s "
@@ -748,6 +764,14 @@ def bench_ranker_extras(*, model: str, body: dict, port: int, args, levels: list
     return results
 
 
+def bench_vllm(*, model: str, body: dict, port: int, args, levels: list[int]) -> list[LoadResult]:
+    """The same version and load levels with serve.engine=vllm: vLLM through Ray Serve LLM behind our ingress."""
+    print(f"llm with vLLM (serve.engine=vllm, dtype {args.vllm_dtype})", flush=True)
+    deploy_app(pinned_config(args.registry_uri, port=port, num_cpus=args.num_cpus, engine="vllm",
+                             vllm_engine_kwargs={"dtype": args.vllm_dtype}), model=model)
+    return load_levels(port, "/v1/completions", body, levels=levels, args=args, label="llm vllm", llm=True)
+
+
 def run_benchmarks(names: dict[str, str], bodies: dict[str, dict], *, args) -> dict:
     from ray import serve
 
@@ -771,6 +795,9 @@ def run_benchmarks(names: dict[str, str], bodies: dict[str, dict], *, args) -> d
             measured = bench_family(family, model=model, body=bodies[family], port=port, args=args, levels=levels,
                                     label="llm 1 slot", max_running_requests=1)
             results["load"]["llm 1 slot"] = [asdict(row) for row in measured["levels"]]
+        if family == "llm" and "vllm" in args.parts:
+            results["load"]["llm vllm"] = [asdict(row) for row in bench_vllm(model=model, body=bodies[family],
+                                                                             port=port, args=args, levels=levels)]
         if family == "ranker":
             results.update(bench_ranker_extras(model=model, body=bodies[family], port=port, args=args, levels=rows))
     serve.shutdown()
@@ -815,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _families(parts: list[str]) -> set[str]:
-    families = {"llm"} if {"llm", "baseline"} & set(parts) else set()
+    families = {"llm"} if {"llm", "baseline", "vllm"} & set(parts) else set()
     return families | ({"ranker"} if {"ranker", "batching", "autoscaling"} & set(parts) else set())
 
 

@@ -2,6 +2,7 @@
 # GPU check: llm_1b_fsdp and llm_8b_zero3, each sized to ONE GPU, a few dozen bf16 steps on the embedded Ray;
 # prints steady-state tokens/s and MFU (model FLOPs / peak, peak from cluster.peak_tflops_per_gpu).
 #   bash scripts/gpu_check.sh                 # STEPS=40 OUT=/tmp/slipway_gpu_check by default
+#   SERVE_CHECK=1 bash scripts/gpu_check.sh   # and the native serving engine against vLLM (see the end)
 # Sizes: the 1B model is the full Llama-3.2-1B shape; the 8B model keeps Llama-3-8B's width (dim 4096,
 # FFN 14336, GQA 32/8) but 8 of its 32 layers, so that ZeRO-3's fp32 master weights and Adam states fit
 # one 80 GB GPU. Checkpointing is off: this measures throughput only.
@@ -33,3 +34,11 @@ for log in sys.argv[1:]:
     mfu = statistics.median(r["mfu"] for r in steady)
     print(f"{run_dir.name}: {tps:,.0f} tokens/s, MFU {mfu:.1%} (median of {len(steady)} windows after step 10)")
 PY
+
+# Serving (SERVE_CHECK=1, with the vllm group installed: SLIPWAY_EXTRAS=vllm bash scripts/setup.sh): the native
+# engine on one GPU against vLLM on the same random llm_tiny export, tokens/s at each concurrency.
+if [ "${SERVE_CHECK:-0}" = 1 ]; then
+  echo "== serving: native engine vs vLLM (1 GPU) =="
+  "$PYTHON" scripts/bench_serve.py --parts llm vllm --num-gpus 1 --concurrency 1 16 64 --max-tokens 128 \
+    --cores 8 --out "$OUT.serve"
+fi

@@ -2,6 +2,7 @@
 # Create .venv (Python 3.11) with Slipway's dependencies. CPU torch goes in first so that no other package
 # can pull a multi-GB CUDA build; on a GPU machine install the CUDA build of the same torch version instead:
 #   TORCH_INDEX_URL=<your PyTorch wheel index for CUDA or CPU> bash scripts/setup.sh
+# and, to serve LLMs with vLLM there (serve.engine=vllm): SLIPWAY_EXTRAS=vllm TORCH_INDEX_URL=... bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,10 +26,17 @@ else
 fi
 
 # pyproject.toml lists the dependencies; the repo's folders are imported from the root, never installed.
-python - <<'PY' > .venv/requirements.txt
+# SLIPWAY_EXTRAS (comma-separated, e.g. vllm on a GPU machine) adds optional groups to the test group.
+SLIPWAY_EXTRAS=${SLIPWAY_EXTRAS:-} python - <<'PY' > .venv/requirements.txt
+import os
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+groups = ["test"] + [name for name in os.environ["SLIPWAY_EXTRAS"].split(",") if name]
+unknown = [name for name in groups if name not in project["optional-dependencies"]]
+if unknown:
+    raise SystemExit(f"SLIPWAY_EXTRAS: no optional group {unknown} in pyproject.toml "
+                     f"(there are {sorted(project['optional-dependencies'])})")
+print("\n".join(project["dependencies"] + [dep for name in groups for dep in project["optional-dependencies"][name]]))
 PY
 python -m pip install -q -r .venv/requirements.txt
 # DeepSpeed compiles its shared-memory collective op for CPU runs on first use, which stalls the first ZeRO run on

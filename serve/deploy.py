@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conf.schema import RootConfig, ServeConfig
+from conf.schema import RootConfig, ServeConfig, ServeEngine
 from serve import api
 from serve.registry import Registry
 from serve.replicas import replica_cache_dir, replica_class
@@ -64,41 +64,55 @@ def _check_serve_config(serve_cfg: ServeConfig) -> None:
 
 
 def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
-    """The Serve application graph: the production deployment, which is also the HTTP ingress (serve/router.py:
-    proxy -> the replica that computes), and the canary's deployment of the family's replica class
-    (serve/replicas.py), which the production replicas call for the canary's share. The production deployment
-    keeps the name `<family>_replica`."""
+    """The Serve application graph. With serve.engine=native: the production deployment, which is also the HTTP
+    ingress (serve/router.py: proxy -> the replica that computes), and the canary's deployment of the family's
+    replica class (serve/replicas.py), which the production replicas call for the canary's share. The production
+    deployment keeps the name `<family>_replica`. With serve.engine=vllm: serve/vllm_app.py."""
     from serve.router import Router
 
     _check_serve_config(serve_cfg)
+    if serve_cfg.engine == ServeEngine.vllm:
+        from serve.vllm_app import build_vllm_app
+
+        return build_vllm_app(serve_cfg, model=model)
     settings = serve_settings(serve_cfg, model=model, family=family)
     # The canary scales to zero while there is none; the production replicas' first check brings up its first.
     canary = _replica_deployment(serve_cfg, family=family, name=f"{family}_canary", min_replicas=0,
                                  initial_replicas=0)
-    # The ingress refuses requests beyond ongoing_limit itself, in OpenAI's shape. Serve lets many more through
-    # so that they reach it (a refusal costs a parse), and the proxy's queue behind that is as deep: the proxy
-    # counts a burst of arrivals as queued until each is assigned, and its own refusal is a plain-text 503.
-    concurrency = max(64, 4 * settings["ongoing_limit"])
-    production = _replica_deployment(serve_cfg, family=family, name=f"{family}_replica",
-                                     min_replicas=serve_cfg.min_replicas,
-                                     initial_replicas=max(serve_cfg.min_replicas, 1), ingress=Router,
-                                     max_ongoing_requests=concurrency,
-                                     max_queued_requests=max(concurrency, serve_cfg.max_queued_requests))
+    production = ingress_deployment(serve_cfg, Router, family=family, settings=settings,
+                                    user_config={"preload_aliases": True})
     return production.bind(canary.bind({**settings, "role": "canary"}), settings=settings)
+
+
+def ingress_deployment(serve_cfg: ServeConfig, ingress: type, *, family: str, settings: dict,
+                       user_config: dict | None = None, num_gpus: float | None = None):
+    """The HTTP ingress's deployment, `<family>_replica`. It refuses requests beyond settings["ongoing_limit"]
+    itself, in OpenAI's shape. Serve lets many more through so that they reach it (a refusal costs a parse), and
+    the proxy's queue behind that is as deep: the proxy counts a burst of arrivals as queued until each is
+    assigned, and its own refusal is a plain-text 503."""
+    concurrency = max(64, 4 * settings["ongoing_limit"])
+    return _replica_deployment(serve_cfg, family=family, name=f"{family}_replica",
+                               min_replicas=serve_cfg.min_replicas, initial_replicas=max(serve_cfg.min_replicas, 1),
+                               ingress=ingress, max_ongoing_requests=concurrency,
+                               max_queued_requests=max(concurrency, serve_cfg.max_queued_requests),
+                               user_config=user_config, num_gpus=num_gpus)
 
 
 def _replica_deployment(serve_cfg: ServeConfig, *, family: str, name: str, min_replicas: int,
                         initial_replicas: int, ingress: type | None = None, max_ongoing_requests: int | None = None,
-                        max_queued_requests: int | None = None):
-    """The family's replica class as an autoscaled deployment, or `ingress` (the Router, which holds one)."""
+                        max_queued_requests: int | None = None, user_config: dict | None = None,
+                        num_gpus: float | None = None):
+    """The family's replica class as an autoscaled deployment, or `ingress` (the Router, which holds one; the
+    vLLM ingress, which holds none). Serve awaits each replica's reconfigure(user_config) before it serves."""
     from ray import serve
 
     return serve.deployment(ingress or replica_class(family)).options(
         name=name,
         autoscaling_config=autoscaling_config(serve_cfg, min_replicas=min_replicas, initial_replicas=initial_replicas),
-        ray_actor_options={"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus},
+        ray_actor_options={"num_cpus": serve_cfg.num_cpus,
+                           "num_gpus": serve_cfg.num_gpus if num_gpus is None else num_gpus},
         max_ongoing_requests=max_ongoing_requests or replica_class(family).ongoing_limit(serve_cfg),
-        user_config={"preload_aliases": True},  # Serve awaits each replica's reconfigure() before it serves
+        user_config={"preload_aliases": True} if ingress is None else user_config,
         health_check_period_s=serve_cfg.health_check_period_s,
         graceful_shutdown_timeout_s=serve_cfg.graceful_shutdown_timeout_s,
         **_queue_options(max_queued_requests or serve_cfg.max_queued_requests),
@@ -263,8 +277,15 @@ def serve_endpoint(cfg: RootConfig, *, model: str) -> str:
     from cluster.connection import connect
     from serve.promote import set_canary
 
+    vllm = cfg.serve.engine == ServeEngine.vllm
+    if vllm:  # what is missing is said before the registry changes or Ray starts
+        from serve.vllm_app import llm_configs, require_ray_serve_llm
+
+        require_ray_serve_llm()
     if cfg.serve.canary_version is not None:
         set_canary(cfg.serve, model=model)
+    if vllm:
+        llm_configs(cfg.serve, model=model)
     connect(cfg.cluster)
     url = deploy(cfg.serve, model=model)
     _print_sample(cfg.serve, url=url, model=model)

@@ -297,6 +297,15 @@ class Registry:
             return Path(version_dir)
         return self._download(record, version_dir, Path(cache_dir) / model / _version_name(number))
 
+    def version_location(self, model: str, number: int) -> str:
+        """Where version `number`'s files are, for a reader that fetches them itself (vLLM): a local path, or the
+        registry's URI scheme with the path inside it (s3://bucket/registry/<model>/versions/000003)."""
+        self.version(model, number)  # a committed version, or ValueError naming those there are
+        path = f"{self._model_dir(model)}/versions/{_version_name(number)}"
+        if is_local(self.filesystem):
+            return path
+        return f"{self.uri.split('://', 1)[0]}://{path.lstrip('/')}"
+
     # --- writing ---------------------------------------------------------------------------------------------
 
     def register(self, model: str, export_dir: Path, *, metadata: dict, dedupe_file: str | None = None) -> dict:

@@ -158,20 +158,18 @@ def _at_capacity(in_flight: int) -> api.RequestError:
                           f"queues (serve.max_queued_requests)", retry_after_s=api.RETRY_AFTER_S)
 
 
-# Whatever the router's methods use must be defined above this line: serve.ingress copies the class with the
-# module's globals as they are when the decorator runs.
-@serve.ingress(app)
-class Router:
-    """The production deployment's replica: HTTP, auth and the version choice around the family's model replica
-    (`self.local`), which answers production's share in this process."""
+class Ingress:
+    """What every ingress replica does around the model, whichever engine runs it: follow the registry's aliases,
+    check the canary, authenticate, bound the body and the requests in flight, pick each request's version, and
+    answer in OpenAI's shape with metrics. Subclasses say how a version change is prepared (`_accept_routes`),
+    how the canary is checked (`_probe_canary`) and how a request reaches the model; they start the tasks with
+    `_start_tasks` once they can take traffic."""
 
-    def __init__(self, canary_replicas, *, settings: dict):
-        self.canary_replicas = canary_replicas
+    def __init__(self, *, settings: dict, routes: Routes | None = None):
         self.settings = settings
         self.model = settings["model"]
-        self.local = replica_class(settings["family"])({**settings, "role": "production"})
         self.registry = Registry(settings["registry"])
-        self.routes = routes_from_aliases(self.registry.aliases(self.model), model=self.model)
+        self.routes = routes or routes_from_aliases(self.registry.aliases(self.model), model=self.model)
         self.healthy_canary: int | None = None  # the canary version that passed its last check
         self.created: dict[int, int] = {}  # registration times of versions, for /v1/models
         self.metrics = _Metrics()
@@ -179,16 +177,10 @@ class Router:
         self.in_flight = 0  # model requests admitted and not yet answered
         self._tasks: list[asyncio.Task] = []
 
-    async def reconfigure(self, config: dict) -> None:
-        """Serve awaits this before the replica takes traffic: production's version is loaded, and the tasks that
-        follow the registry and check the canary start on the replica's event loop."""
-        await self.local.reconfigure(config)
+    def _start_tasks(self) -> None:
         if not self._tasks:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._follow_registry()), loop.create_task(self._watch_canary())]
-
-    def check_health(self) -> None:
-        self.local.check_health()
 
     def __del__(self):
         for task in self._tasks:
@@ -196,29 +188,35 @@ class Router:
 
     # ------------------------------------------------------------------------ following the registry
 
+    async def _accept_routes(self, routes: Routes) -> Routes:
+        """The routes this replica will serve when the registry's aliases say `routes`; raise to keep the
+        current ones."""
+        return routes
+
+    async def _probe_canary(self, version: int) -> None:
+        """Raise unless the canary `version` answers."""
+        raise NotImplementedError
+
     async def _follow_registry(self) -> None:
         while True:
             await asyncio.sleep(self.settings["refresh_s"])
             try:
                 aliases = await asyncio.to_thread(self.registry.aliases, self.model)
-                routes = routes_from_aliases(aliases, model=self.model)
+                routes = await self._accept_routes(routes_from_aliases(aliases, model=self.model))
                 if routes != self.routes:
-                    if routes.production != self.routes.production:
-                        await self.local.warm(version=routes.production)
                     logger.info("%s routes: %s -> %s", self.model, self.routes, routes)
                     self.routes = routes
             except Exception:  # an unreadable registry or a version that fails to load keeps the current routes
                 logger.exception("could not switch to the registry's aliases; still serving %s", self.routes)
 
     async def _watch_canary(self) -> None:
-        """Check the canary on its own deployment every refresh; traffic goes only to a canary that passed."""
+        """Check the canary every refresh; traffic goes only to a canary that passed."""
         while True:
             await asyncio.sleep(self.settings["refresh_s"])
             canary, healthy = self.routes.canary, None
             if canary is not None:
                 try:
-                    warm = self.canary_replicas.options(multiplexed_model_id=str(canary)).warm.remote()
-                    await asyncio.wait_for(warm, timeout=CANARY_CHECK_TIMEOUT_S)
+                    await asyncio.wait_for(self._probe_canary(canary), timeout=CANARY_CHECK_TIMEOUT_S)
                     healthy = canary
                 except Exception as err:
                     if self.healthy_canary is not None:
@@ -296,19 +294,6 @@ class Router:
             return version, True
         return routes.production, False
 
-    def _canary_handle(self, version: int):
-        return self.canary_replicas.options(multiplexed_model_id=str(version))
-
-    async def _call(self, method: str, version: int, canary: bool, *args):
-        """One model call: production's in this process, the canary's on its deployment (answered by production
-        if the canary fails it)."""
-        async def attempt(target: int, on_canary: bool):
-            if on_canary:
-                return await getattr(self._canary_handle(target), method).remote(*args)
-            return await getattr(self.local, method)(*args, version=target)
-
-        return await self._with_production_fallback(attempt, version, canary)
-
     async def _with_production_fallback(self, attempt, version: int, canary: bool):
         """`attempt(version, canary)`; when a canary attempt fails, the canary is benched until it passes its next
         check and production is attempted instead. Backpressure and cancellation pass through as they are."""
@@ -332,10 +317,8 @@ class Router:
             raise api.RequestError(404, f"{route} is not served here: {self.model} is a {self.settings['family']} "
                                         f"model", None, type="not_found_error")
 
-    # ------------------------------------------------------------------------------------ routes
-
-    @app.get("/v1/models")
-    async def list_models(self, request: Request):
+    async def _models(self, request: Request):
+        """GET /v1/models: the model, its production version and the canary's state."""
         try:
             self._check_auth(request)
         except api.RequestError as err:
@@ -355,10 +338,65 @@ class Router:
             self.created[version] = _unix_time(record.get("created_at"))
         return self.created[version]
 
+    def _health(self) -> dict:
+        """GET /healthz: open without the API key, for load balancers' and Kubernetes' probes; it shows no more
+        than this."""
+        return {"status": "ok", "model": self.model, "production_version": self.routes.production}
+
+
+# Whatever the router's methods use must be defined above this line: serve.ingress copies the class with the
+# module's globals as they are when the decorator runs.
+@serve.ingress(app)
+class Router(Ingress):
+    """The production deployment's replica: HTTP, auth and the version choice around the family's model replica
+    (`self.local`), which answers production's share in this process."""
+
+    def __init__(self, canary_replicas, *, settings: dict):
+        self.canary_replicas = canary_replicas
+        self.local = replica_class(settings["family"])({**settings, "role": "production"})
+        super().__init__(settings=settings)
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve awaits this before the replica takes traffic: production's version is loaded, and the tasks that
+        follow the registry and check the canary start on the replica's event loop."""
+        await self.local.reconfigure(config)
+        self._start_tasks()
+
+    def check_health(self) -> None:
+        self.local.check_health()
+
+    async def _accept_routes(self, routes: Routes) -> Routes:
+        """A new production version is loaded and checked here before it takes traffic."""
+        if routes.production != self.routes.production:
+            await self.local.warm(version=routes.production)
+        return routes
+
+    async def _probe_canary(self, version: int) -> None:
+        """Load the canary on its deployment (scaled up from zero by the first call) and run a forward pass."""
+        await self._canary_handle(version).warm.remote()
+
+    def _canary_handle(self, version: int):
+        return self.canary_replicas.options(multiplexed_model_id=str(version))
+
+    async def _call(self, method: str, version: int, canary: bool, *args):
+        """One model call: production's in this process, the canary's on its deployment (answered by production
+        if the canary fails it)."""
+        async def attempt(target: int, on_canary: bool):
+            if on_canary:
+                return await getattr(self._canary_handle(target), method).remote(*args)
+            return await getattr(self.local, method)(*args, version=target)
+
+        return await self._with_production_fallback(attempt, version, canary)
+
+    # ------------------------------------------------------------------------------------ routes
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request):
+        return await self._models(request)
+
     @app.get("/healthz")
     async def health(self) -> dict:
-        """Open without the API key, for load balancers' and Kubernetes' probes; it shows no more than this."""
-        return {"status": "ok", "model": self.model, "production_version": self.routes.production}
+        return self._health()
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
