@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from urllib.parse import urlsplit
@@ -255,6 +256,10 @@ def follow_job(client, job_id: str, *, url: str) -> tuple[str, list[str]]:
     import aiohttp
 
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    # asyncio.run turns Ctrl-C into cancelling its task, and a cancellation that lands in the log stream's
+    # websocket read can be absorbed there: following then went on to the job's end and exited 0. A handler of our
+    # own (asyncio.run keeps any but Python's default) raises KeyboardInterrupt wherever the main thread is.
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         asyncio.run(_stream_logs(client, job_id, tail))
     except KeyboardInterrupt:
@@ -266,11 +271,17 @@ def follow_job(client, job_id: str, *, url: str) -> tuple[str, list[str]]:
     except (RuntimeError, OSError, aiohttp.ClientError) as err:
         raise JobFailedError(f"lost the log stream of job {job_id} ({err}); it may still be running: "
                              f"{_cli('status', url, job_id)}") from err
+    finally:
+        signal.signal(signal.SIGINT, previous)
     status = _final_status(client, job_id)
     if status not in TERMINAL_STATUSES:
         raise JobFailedError(f"the log stream of job {job_id} ended while it is {status}: "
                              f"{_cli('logs -f', url, job_id)}")
     return status, list(tail)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 async def _stream_logs(client, job_id: str, tail: collections.deque) -> None:

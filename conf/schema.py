@@ -435,7 +435,7 @@ class ServeConfig:
     # Ranker requests
     max_candidates: int = 256
     max_batch_size: int = 64  # candidates of many requests are scored together by @serve.batch
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.005  # waited only while other requests are being ranked on the replica
 
     def __post_init__(self) -> None:
         # Checked at composition, before any stage runs: an empty key is an unset variable or a typo, and reading

@@ -6,12 +6,14 @@
 
 The application has one deployment per engine and one in front of them:
 
-  <model>_replica   the ingress (VllmIngress): the API key, the body limit, the version choice (production, or the
-                    canary's share once it passed its check), `x-model-version` on every answer and Slipway's request
-                    metrics, as on the native engine (serve/router.py: Ingress). A request is checked by the same
-                    parsers as the native engine's, so a bad one gets the same named error on either engine; the
-                    client's body then goes on unchanged to the version's engine.
-  <model>_v<N>      Ray Serve LLM's LLMServer (a vLLM engine) for version N, built from the version's export in the
+  llm_replica       the ingress (VllmIngress), named as the native engine's: the API key, the body limit, the
+                    version choice (production, or the canary's share once it passed its check), `x-model-version`
+                    on every answer and Slipway's request metrics, as on the native engine (serve/router.py:
+                    Ingress). A request is checked by the same parsers as the native engine's, so a bad one gets
+                    the same named error on either engine; the client's body then goes on unchanged to the
+                    version's engine.
+  LLMServer:<model>_v<N>
+                    Ray Serve LLM's LLMServer (a vLLM engine) for version N, built from the version's export in the
                     registry: a Hugging Face Llama directory (config.json, safetensors shards, tokenizer.json, and
                     tokenizer_config.json with the chat template) that vLLM reads as it is. Every engine serves the
                     model under the registry's model name, so the client's `model` needs no rewriting.
@@ -42,6 +44,7 @@ from starlette.exceptions import HTTPException
 
 from conf.schema import ServeConfig
 from serve import api
+from serve.deployments import autoscaling_config, ingress_deployment, serve_settings
 from serve.registry import Registry
 from serve.router import CHAT, COMPLETIONS, AsciiJSONResponse, Ingress, LLMRoute, Routes, _unknown_route
 
@@ -74,8 +77,6 @@ def vllm_engine_kwargs(serve_cfg: ServeConfig) -> dict:
 def engine_deployment_config(serve_cfg: ServeConfig, *, model: str, version: int) -> dict:
     """Serve's options of one version's engine: autoscaled like the native replicas, and bounded the same way
     (running plus queued; beyond that the ingress's call raises BackPressureError, answered 503)."""
-    from serve.deploy import autoscaling_config
-
     return {"name": engine_deployment_name(model, version),
             "autoscaling_config": autoscaling_config(serve_cfg, min_replicas=max(serve_cfg.min_replicas, 1),
                                                      initial_replicas=max(serve_cfg.min_replicas, 1)),
@@ -146,8 +147,6 @@ def deployed_versions(registry: Registry, model: str) -> list[int]:
 
 def ingress_settings(serve_cfg: ServeConfig, *, model: str, versions: list[int]) -> dict:
     """What the ingress needs (a plain dict: it travels to the replicas)."""
-    from serve.deploy import serve_settings
-
     settings = serve_settings(serve_cfg, model=model, family="llm")
     # The engines bound their own queues (engine_deployment_config); the ingress admits what all of them can hold.
     per_engine = serve_cfg.max_running_requests + serve_cfg.max_queued_requests
@@ -168,8 +167,6 @@ def require_ray_serve_llm():
 
 def build_vllm_app(serve_cfg: ServeConfig, *, model: str):
     """The Serve application: an engine deployment per version (Ray Serve LLM's builder) and the ingress."""
-    from serve.deploy import ingress_deployment
-
     build_llm_deployment = require_ray_serve_llm()
     configs = llm_configs(serve_cfg, model=model)
     engines = {str(version): build_llm_deployment(config) for version, config in configs.items()}

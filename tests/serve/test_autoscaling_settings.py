@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conf.schema import ServeConfig
-from serve.deploy import AUTOSCALING_LOOK_BACK_S, AUTOSCALING_METRICS_INTERVAL_S, build_app
+from serve.deploy import build_app
+from serve.deployments import AUTOSCALING_LOOK_BACK_S, AUTOSCALING_METRICS_INTERVAL_S
 
 PUSH_INTERVAL_ENV_VARS = ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                           "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S")

@@ -178,6 +178,38 @@ def test_concurrent_requests_are_scored_in_shared_batches(endpoint, ray_session)
     assert single < batches, f"every one of {batches:.0f} batches held a single request"
 
 
+WAIT_HISTOGRAM = "ray_serve_batch_wait_time_ms"  # Ray's own: how long each batch waited to fill
+
+
+def settled_wait_counts(ray_session) -> tuple[float, float]:
+    """(batches of score(), those that waited under 10 ms) from Ray's batch-wait histogram, once settled."""
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    deadline, previous, counts = time.monotonic() + 30, None, (0.0, 0.0)
+    while time.monotonic() < deadline:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        rows = [line for line in body.splitlines()
+                if line.startswith(WAIT_HISTOGRAM) and 'function_name="score"' in line]
+        counts = (metric_total(rows, WAIT_HISTOGRAM + "_count"),
+                  metric_total(rows, WAIT_HISTOGRAM + "_bucket", 'le="10.0"'))
+        if counts == previous:
+            break
+        previous = counts
+        time.sleep(1.5)
+    return counts
+
+
+def test_a_request_alone_is_not_held_for_company(endpoint, ray_session):
+    """With no other request being ranked, a batch does not wait serve.batch_wait_timeout_s (50 ms here) for
+    more: Ray's batch-wait histogram puts each of these sequential requests' batches under 10 ms."""
+    url, _ = endpoint
+    batches_before, quick_before = settled_wait_counts(ray_session)
+    for _ in range(5):
+        assert rank(url, {"context": CONTEXT, "candidates": CANDIDATES})[0] == 200
+    batches, quick = settled_wait_counts(ray_session)
+    assert batches - batches_before == 5, (batches_before, batches)
+    assert quick - quick_before == 5, f"{5 - (quick - quick_before):.0f} of 5 lone requests waited 10 ms or more"
+
+
 def test_a_bad_request_in_a_shared_batch_fails_alone(endpoint, ray_session):
     """Requests arriving together are encoded together (serve/features.py encode_requests): one with a bad value
     gets its own 400 naming the field, and the others of its batch their own scores."""

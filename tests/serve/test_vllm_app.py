@@ -82,6 +82,19 @@ def test_the_app_config_has_one_engine_per_version_from_its_hugging_face_directo
     assert settings["ongoing_limit"] == (8 + 32) * 3 * 2
 
 
+def test_the_ingress_deployment_takes_no_gpu(two_versions):
+    from serve.deployments import ingress_deployment
+    from serve.vllm_app import VllmIngress, ingress_settings
+
+    registry, model, canary = two_versions
+    serve_cfg = _serve_cfg(registry, num_gpus=1.0)  # the native replicas' GPUs; vLLM's engines size their own
+    settings = ingress_settings(serve_cfg, model=model, versions=[1, canary])
+    deployment = ingress_deployment(serve_cfg, VllmIngress, family="llm", settings=settings, num_gpus=0)
+    assert deployment.name == "llm_replica"
+    assert deployment.ray_actor_options["num_gpus"] == 0
+    assert deployment.max_ongoing_requests >= settings["ongoing_limit"]  # so that the ingress's own 503 answers
+
+
 def test_without_a_canary_only_production_gets_an_engine(two_versions):
     from serve.vllm_app import llm_configs
 
