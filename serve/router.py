@@ -165,11 +165,11 @@ class Ingress:
     how the canary is checked (`_probe_canary`) and how a request reaches the model; they start the tasks with
     `_start_tasks` once they can take traffic."""
 
-    def __init__(self, *, settings: dict, routes: Routes | None = None):
+    def __init__(self, *, settings: dict):
         self.settings = settings
         self.model = settings["model"]
         self.registry = Registry(settings["registry"])
-        self.routes = routes or routes_from_aliases(self.registry.aliases(self.model), model=self.model)
+        self.routes = routes_from_aliases(self.registry.aliases(self.model), model=self.model)
         self.healthy_canary: int | None = None  # the canary version that passed its last check
         self.created: dict[int, int] = {}  # registration times of versions, for /v1/models
         self.metrics = _Metrics()

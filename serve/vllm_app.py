@@ -252,7 +252,12 @@ class VllmIngress(Ingress):
 
         request_type, method = ((CompletionRequest, "completions") if route is COMPLETIONS
                                 else (ChatCompletionRequest, "chat"))
-        body = request_type.model_validate(payload)
+        try:
+            body = request_type.model_validate(payload)
+        except pydantic.ValidationError as err:  # what our parser let through and vLLM's request model does not
+            problem = err.errors()[0]
+            field = ".".join(map(str, problem["loc"])) or None
+            raise api.RequestError(400, f"{field}: {problem['msg']}", field) from None
 
         async def attempt(target: int, on_canary: bool):
             chunks = getattr(self.engines[target].options(stream=True), method).remote(body, None)
@@ -273,7 +278,8 @@ class VllmIngress(Ingress):
     @staticmethod
     async def _events(first, chunks):
         """The SSE body: the engine's events as they come (a client that goes away cancels the generation),
-        ending with [DONE] as OpenAI's do."""
+        ending with [DONE] as OpenAI's do; a failure after the 200 is told as a last error event, as the native
+        engine's streams do (serve/router.py)."""
         finished = False
         try:
             text = _sse(first)
@@ -282,6 +288,11 @@ class VllmIngress(Ingress):
                 text = _sse(item)
                 yield text
             finished = True
+        except Exception:
+            logger.exception("a streamed vLLM completion failed after it started")
+            yield api.stream_error_event(api.RequestError(500, "generation failed after the stream started; the "
+                                                               "text so far is incomplete", type="server_error"))
+            return
         finally:
             if not finished:
                 chunks.cancel()
