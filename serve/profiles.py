@@ -1,0 +1,192 @@
+"""Profiles of what a model sees and says: fixed-edge histograms, one per input feature (and, later, of scores and
+calibration bins), that a reference split and live traffic fill the same way and that merge by adding counts.
+
+Why fixed edges: a histogram whose edges are set once, from the reference, can be filled in any replica and
+merged across replicas and time windows by adding counts; the drift statistics (serve/drift.py) compare two
+histograms with the same edges bin by bin.
+  - Numeric features: edges at the reference's quantiles (deciles by default), so each bin holds about the same
+    share of the reference, the layout PSI is defined on; two open-ended bins catch values beyond the reference's
+    range, and missing values (NaN) are counted apart.
+  - Categorical features: the reference's most frequent categories each get a bin, and one bin takes every other
+    category ("category-frequency buckets"): a category unseen in the reference lands there, so a shift towards new
+    categories shows as that bin growing.
+
+Profiles are plain JSON (`to_dict`, `from_dict`), so a registry version can store its reference beside its
+weights; reading one back checks every field and names the one that is wrong.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PROFILE_FORMAT = 1
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be read or combined; the message names the field."""
+
+
+@dataclass
+class NumericHistogram:
+    """Counts of values in (-inf, e0), [e0, e1), ..., [e_last, inf), and of missing (NaN) values."""
+
+    edges: list[float]
+    counts: list[int] = field(default_factory=list)
+    missing: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.edges) + 1)
+        _check_counts(self.counts, len(self.edges) + 1, name="counts")
+
+    @classmethod
+    def reference(cls, values, *, bins: int = 10) -> "NumericHistogram":
+        """A histogram of `values` with edges at their quantiles (duplicates dropped: a feature with few distinct
+        values gets fewer bins), filled with them."""
+        values = np.asarray(values, dtype=np.float64)
+        present = values[~np.isnan(values)]
+        # Quantiles that are data values (not interpolated between two), so discrete features get no bin that
+        # can never fill.
+        probabilities = np.linspace(0, 1, bins + 1)[1:-1]
+        quantiles = np.quantile(present, probabilities, method="inverted_cdf") if present.size else np.array([])
+        histogram = cls(edges=[float(edge) for edge in np.unique(quantiles)])
+        histogram.add(values)
+        return histogram
+
+    def add(self, values) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        nan = np.isnan(values)
+        self.missing += int(nan.sum())
+        slots = np.searchsorted(np.asarray(self.edges), values[~nan], side="right")
+        self.counts = (np.asarray(self.counts) + np.bincount(slots, minlength=len(self.counts))).tolist()
+
+    def empty(self) -> "NumericHistogram":
+        return NumericHistogram(edges=list(self.edges))
+
+    def merged(self, other: "NumericHistogram", *, name: str = "histogram") -> "NumericHistogram":
+        if not isinstance(other, NumericHistogram) or other.edges != self.edges:
+            raise ProfileError(f"{name}: cannot merge histograms with different edges")
+        return NumericHistogram(edges=list(self.edges), missing=self.missing + other.missing,
+                                counts=[a + b for a, b in zip(self.counts, other.counts, strict=True)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def to_dict(self) -> dict:
+        return {"kind": "numeric", "edges": self.edges, "counts": self.counts, "missing": self.missing}
+
+
+@dataclass
+class CategoricalHistogram:
+    """Counts of the reference's most frequent categories, one bin each, then one bin for every other category,
+    and of missing values (None)."""
+
+    categories: list[str]
+    counts: list[int] = field(default_factory=list)
+    missing: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.categories) + 1)
+        _check_counts(self.counts, len(self.categories) + 1, name="counts")
+        self._index = {category: slot for slot, category in enumerate(self.categories)}
+
+    @classmethod
+    def reference(cls, values, *, top_k: int = 20) -> "CategoricalHistogram":
+        present = [str(value) for value in values if value is not None]
+        names, counts = np.unique(np.asarray(present, dtype=object), return_counts=True) if present else ([], [])
+        order = sorted(range(len(names)), key=lambda i: (-counts[i], names[i]))[:top_k]  # ties: by name, stably
+        histogram = cls(categories=[str(names[i]) for i in order])
+        histogram.add(values)
+        return histogram
+
+    def add(self, values) -> None:
+        other = len(self.categories)
+        for value in values:
+            if value is None:
+                self.missing += 1
+            else:
+                self.counts[self._index.get(str(value), other)] += 1
+
+    def empty(self) -> "CategoricalHistogram":
+        return CategoricalHistogram(categories=list(self.categories))
+
+    def merged(self, other: "CategoricalHistogram", *, name: str = "histogram") -> "CategoricalHistogram":
+        if not isinstance(other, CategoricalHistogram) or other.categories != self.categories:
+            raise ProfileError(f"{name}: cannot merge histograms with different categories")
+        return CategoricalHistogram(categories=list(self.categories), missing=self.missing + other.missing,
+                                    counts=[a + b for a, b in zip(self.counts, other.counts, strict=True)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def to_dict(self) -> dict:
+        return {"kind": "categorical", "categories": self.categories, "counts": self.counts, "missing": self.missing}
+
+
+Histogram = NumericHistogram | CategoricalHistogram
+
+
+@dataclass
+class Profile:
+    """One histogram per feature, filled from the same rows."""
+
+    features: dict[str, Histogram]
+
+    def empty(self) -> "Profile":
+        """The same edges and categories with no counts: what a replica fills with live traffic."""
+        return Profile(features={name: histogram.empty() for name, histogram in self.features.items()})
+
+    def merged(self, other: "Profile") -> "Profile":
+        if set(other.features) != set(self.features):
+            differing = sorted(set(self.features) ^ set(other.features))
+            raise ProfileError(f"cannot merge profiles of different features: {differing}")
+        return Profile(features={name: histogram.merged(other.features[name], name=f"features.{name}")
+                                 for name, histogram in self.features.items()})
+
+    def to_dict(self) -> dict:
+        return {"format": PROFILE_FORMAT, "features": {name: h.to_dict() for name, h in self.features.items()}}
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "profile") -> "Profile":
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{source}: expected an object with format {PROFILE_FORMAT}")
+        features = data.get("features")
+        if not isinstance(features, dict):
+            raise ProfileError(f"{source}.features: expected an object of feature name -> histogram")
+        return cls(features={name: _histogram_from_dict(value, key=f"{source}.features.{name}")
+                             for name, value in features.items()})
+
+
+def _histogram_from_dict(data: object, *, key: str) -> Histogram:
+    if not isinstance(data, dict) or data.get("kind") not in ("numeric", "categorical"):
+        raise ProfileError(f"{key}.kind: expected 'numeric' or 'categorical'")
+    missing = data.get("missing")
+    if not isinstance(missing, int) or isinstance(missing, bool) or missing < 0:
+        raise ProfileError(f"{key}.missing: expected a count (an integer >= 0), got {missing!r}")
+    try:
+        if data["kind"] == "numeric":
+            edges = data.get("edges")
+            if not isinstance(edges, list) or not all(_is_number(edge) for edge in edges) or \
+                    any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+                raise ProfileError(f"{key}.edges: expected increasing finite numbers")
+            return NumericHistogram(edges=[float(edge) for edge in edges], counts=data.get("counts"), missing=missing)
+        categories = data.get("categories")
+        if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories) or \
+                len(set(categories)) != len(categories):
+            raise ProfileError(f"{key}.categories: expected distinct strings")
+        return CategoricalHistogram(categories=categories, counts=data.get("counts"), missing=missing)
+    except ProfileError as err:
+        raise ProfileError(str(err) if str(err).startswith(key) else f"{key}.{err}") from None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_counts(counts: object, expected: int, *, name: str) -> None:
+    if not isinstance(counts, list) or len(counts) != expected or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise ProfileError(f"{name}: expected {expected} counts (integers >= 0)")
