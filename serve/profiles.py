@@ -26,18 +26,53 @@ class ProfileError(ValueError):
     """A profile that cannot be read or combined; the message names the field."""
 
 
+class _Bins:
+    """What both kinds of histogram share: counts per bin (`LAYOUT` names the list that defines the bins, one more
+    bin than it has entries) and of missing values, merged by adding."""
+
+    KIND: str
+    LAYOUT: str
+    counts: list[int]
+    missing: int
+
+    def _layout(self) -> list:
+        return getattr(self, self.LAYOUT)
+
+    def _check(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self._layout()) + 1)
+        _check_counts(self.counts, len(self._layout()) + 1, name="counts")
+
+    def empty(self):
+        """The same bins with no counts: what a replica fills with live traffic."""
+        return type(self)(**{self.LAYOUT: list(self._layout())})
+
+    def merged(self, other, *, name: str = "histogram"):
+        if type(other) is not type(self) or other._layout() != self._layout():
+            raise ProfileError(f"{name}: cannot merge histograms with different {self.LAYOUT}")
+        return type(self)(**{self.LAYOUT: list(self._layout())}, missing=self.missing + other.missing,
+                          counts=[a + b for a, b in zip(self.counts, other.counts, strict=True)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, self.LAYOUT: self._layout(), "counts": self.counts, "missing": self.missing}
+
+
 @dataclass
-class NumericHistogram:
+class NumericHistogram(_Bins):
     """Counts of values in (-inf, e0), [e0, e1), ..., [e_last, inf), and of missing (NaN) values."""
 
+    KIND = "numeric"
+    LAYOUT = "edges"
     edges: list[float]
     counts: list[int] = field(default_factory=list)
     missing: int = 0
 
     def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.edges) + 1)
-        _check_counts(self.counts, len(self.edges) + 1, name="counts")
+        self._check()
 
     @classmethod
     def reference(cls, values, *, bins: int = 10) -> "NumericHistogram":
@@ -60,36 +95,20 @@ class NumericHistogram:
         slots = np.searchsorted(np.asarray(self.edges), values[~nan], side="right")
         self.counts = (np.asarray(self.counts) + np.bincount(slots, minlength=len(self.counts))).tolist()
 
-    def empty(self) -> "NumericHistogram":
-        return NumericHistogram(edges=list(self.edges))
-
-    def merged(self, other: "NumericHistogram", *, name: str = "histogram") -> "NumericHistogram":
-        if not isinstance(other, NumericHistogram) or other.edges != self.edges:
-            raise ProfileError(f"{name}: cannot merge histograms with different edges")
-        return NumericHistogram(edges=list(self.edges), missing=self.missing + other.missing,
-                                counts=[a + b for a, b in zip(self.counts, other.counts, strict=True)])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def to_dict(self) -> dict:
-        return {"kind": "numeric", "edges": self.edges, "counts": self.counts, "missing": self.missing}
-
 
 @dataclass
-class CategoricalHistogram:
+class CategoricalHistogram(_Bins):
     """Counts of the reference's most frequent categories, one bin each, then one bin for every other category,
     and of missing values (None)."""
 
+    KIND = "categorical"
+    LAYOUT = "categories"
     categories: list[str]
     counts: list[int] = field(default_factory=list)
     missing: int = 0
 
     def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.categories) + 1)
-        _check_counts(self.counts, len(self.categories) + 1, name="counts")
+        self._check()
         self._index = {category: slot for slot, category in enumerate(self.categories)}
 
     @classmethod
@@ -108,22 +127,6 @@ class CategoricalHistogram:
                 self.missing += 1
             else:
                 self.counts[self._index.get(str(value), other)] += 1
-
-    def empty(self) -> "CategoricalHistogram":
-        return CategoricalHistogram(categories=list(self.categories))
-
-    def merged(self, other: "CategoricalHistogram", *, name: str = "histogram") -> "CategoricalHistogram":
-        if not isinstance(other, CategoricalHistogram) or other.categories != self.categories:
-            raise ProfileError(f"{name}: cannot merge histograms with different categories")
-        return CategoricalHistogram(categories=list(self.categories), missing=self.missing + other.missing,
-                                    counts=[a + b for a, b in zip(self.counts, other.counts, strict=True)])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def to_dict(self) -> dict:
-        return {"kind": "categorical", "categories": self.categories, "counts": self.counts, "missing": self.missing}
 
 
 Histogram = NumericHistogram | CategoricalHistogram
