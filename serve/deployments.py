@@ -31,14 +31,14 @@ def ingress_deployment(serve_cfg: ServeConfig, ingress: type, *, family: str, se
     return replica_deployment(serve_cfg, family=family, name=f"{family}_replica",
                               min_replicas=serve_cfg.min_replicas, initial_replicas=max(serve_cfg.min_replicas, 1),
                               ingress=ingress, max_ongoing_requests=concurrency,
-                               max_queued_requests=max(concurrency, serve_cfg.max_queued_requests),
-                               user_config=user_config, num_gpus=num_gpus)
+                              max_queued_requests=max(concurrency, serve_cfg.max_queued_requests),
+                              user_config=user_config, num_gpus=num_gpus)
 
 
 def replica_deployment(serve_cfg: ServeConfig, *, family: str, name: str, min_replicas: int,
-                        initial_replicas: int, ingress: type | None = None, max_ongoing_requests: int | None = None,
-                        max_queued_requests: int | None = None, user_config: dict | None = None,
-                        num_gpus: float | None = None):
+                       initial_replicas: int, ingress: type | None = None, max_ongoing_requests: int | None = None,
+                       max_queued_requests: int | None = None, user_config: dict | None = None,
+                       num_gpus: float | None = None):
     """The family's replica class as an autoscaled deployment, or `ingress` (the Router, which holds one; the
     vLLM ingress, which holds none). Serve awaits each replica's reconfigure(user_config) before it serves."""
     from ray import serve

@@ -71,7 +71,7 @@ def kolmogorov_smirnov(reference: NumericHistogram, live: NumericHistogram) -> f
 def feature_drift(reference: Histogram, live: Histogram) -> FeatureDrift:
     """Drift of one feature; the two histograms must have the same bins (a live histogram is reference.empty()
     filled with traffic)."""
-    if type(reference) is not type(live) or len(reference.counts) != len(live.counts):
+    if type(reference) is not type(live) or reference.layout != live.layout:
         raise ValueError("drift: the live histogram must have the reference's bins")
     value = psi(reference, live)
     if isinstance(reference, CategoricalHistogram):

@@ -35,22 +35,24 @@ class _Bins:
     counts: list[int]
     missing: int
 
-    def _layout(self) -> list:
+    @property
+    def layout(self) -> list:
+        """What defines the bins: the edges or the categories."""
         return getattr(self, self.LAYOUT)
 
     def _check(self) -> None:
         if not self.counts:
-            self.counts = [0] * (len(self._layout()) + 1)
-        _check_counts(self.counts, len(self._layout()) + 1, name="counts")
+            self.counts = [0] * (len(self.layout) + 1)
+        _check_counts(self.counts, len(self.layout) + 1, name="counts")
 
     def empty(self):
         """The same bins with no counts: what a replica fills with live traffic."""
-        return type(self)(**{self.LAYOUT: list(self._layout())})
+        return type(self)(**{self.LAYOUT: list(self.layout)})
 
     def merged(self, other, *, name: str = "histogram"):
-        if type(other) is not type(self) or other._layout() != self._layout():
+        if type(other) is not type(self) or other.layout != self.layout:
             raise ProfileError(f"{name}: cannot merge histograms with different {self.LAYOUT}")
-        return type(self)(**{self.LAYOUT: list(self._layout())}, missing=self.missing + other.missing,
+        return type(self)(**{self.LAYOUT: list(self.layout)}, missing=self.missing + other.missing,
                           counts=[a + b for a, b in zip(self.counts, other.counts, strict=True)])
 
     @property
@@ -58,7 +60,7 @@ class _Bins:
         return sum(self.counts)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, self.LAYOUT: self._layout(), "counts": self.counts, "missing": self.missing}
+        return {"kind": self.KIND, self.LAYOUT: self.layout, "counts": self.counts, "missing": self.missing}
 
 
 @dataclass

@@ -46,7 +46,16 @@ from conf.schema import ServeConfig
 from serve import api
 from serve.deployments import autoscaling_config, ingress_deployment, serve_settings
 from serve.registry import Registry
-from serve.router import CHAT, COMPLETIONS, AsciiJSONResponse, Ingress, LLMRoute, Routes, _unknown_route
+from serve.router import (
+    CHAT,
+    COMPLETIONS,
+    AsciiJSONResponse,
+    Ingress,
+    LLMRoute,
+    Routes,
+    _unknown_route,
+    routes_from_aliases,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +144,8 @@ def llm_configs(serve_cfg: ServeConfig, *, model: str) -> dict[int, object]:
 
 def deployed_versions(registry: Registry, model: str) -> list[int]:
     """Production's version, and the canary's when there is one: the versions that get an engine."""
-    aliases = registry.aliases(model)
-    if "production" not in aliases:
-        raise ValueError(f"serve.model={model} has no production version in {registry.uri}: promote one first "
-                         f"(stage=promote serve.source=<run_dir>)")
-    versions = [aliases["production"]["version"]]
-    if "canary" in aliases and aliases["canary"]["version"] not in versions:
-        versions.append(aliases["canary"]["version"])
-    return versions
+    routes = routes_from_aliases(registry.aliases(model), model=model)
+    return [routes.production] + ([routes.canary] if routes.canary not in (None, routes.production) else [])
 
 
 def ingress_settings(serve_cfg: ServeConfig, *, model: str, versions: list[int]) -> dict:
@@ -171,9 +174,13 @@ def build_vllm_app(serve_cfg: ServeConfig, *, model: str):
     configs = llm_configs(serve_cfg, model=model)
     engines = {str(version): build_llm_deployment(config) for version, config in configs.items()}
     settings = ingress_settings(serve_cfg, model=model, versions=list(configs))
-    # The ingress holds no model: its replicas take no GPU (vLLM's engines size theirs from tensor_parallel_size).
-    ingress = ingress_deployment(serve_cfg, VllmIngress, family="llm", settings=settings, num_gpus=0)
-    return ingress.bind(engines, settings=settings)
+    return vllm_ingress_deployment(serve_cfg, settings=settings).bind(engines, settings=settings)
+
+
+def vllm_ingress_deployment(serve_cfg: ServeConfig, *, settings: dict):
+    """The ingress's deployment. It holds no model, so its replicas take no GPU (vLLM's engines size theirs from
+    tensor_parallel_size)."""
+    return ingress_deployment(serve_cfg, VllmIngress, family="llm", settings=settings, num_gpus=0)
 
 
 # ------------------------------------------------------------------------------------------------ the ingress

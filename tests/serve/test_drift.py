@@ -145,3 +145,7 @@ def test_a_shifted_feature_is_flagged_once_there_are_enough_rows():
     assert feature_drift(skewed, live).drifted and feature_drift(skewed, live).distance_kind == "js"
     with pytest.raises(ValueError, match="the reference's bins"):
         feature_drift(reference, skewed)
+    other_edges = NumericHistogram(edges=[edge + 0.5 for edge in reference.edges])  # same count, other bins
+    other_edges.add(rng.normal(size=MIN_LIVE_ROWS))
+    with pytest.raises(ValueError, match="the reference's bins"):
+        feature_drift(reference, other_edges)

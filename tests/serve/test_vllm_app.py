@@ -83,13 +83,12 @@ def test_the_app_config_has_one_engine_per_version_from_its_hugging_face_directo
 
 
 def test_the_ingress_deployment_takes_no_gpu(two_versions):
-    from serve.deployments import ingress_deployment
-    from serve.vllm_app import VllmIngress, ingress_settings
+    from serve.vllm_app import ingress_settings, vllm_ingress_deployment
 
     registry, model, canary = two_versions
     serve_cfg = _serve_cfg(registry, num_gpus=1.0)  # the native replicas' GPUs; vLLM's engines size their own
     settings = ingress_settings(serve_cfg, model=model, versions=[1, canary])
-    deployment = ingress_deployment(serve_cfg, VllmIngress, family="llm", settings=settings, num_gpus=0)
+    deployment = vllm_ingress_deployment(serve_cfg, settings=settings)  # what build_vllm_app binds
     assert deployment.name == "llm_replica"
     assert deployment.ray_actor_options["num_gpus"] == 0
     assert deployment.max_ongoing_requests >= settings["ongoing_limit"]  # so that the ingress's own 503 answers
