@@ -17,10 +17,18 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Ray Train's controller polls its workers every 2 s by default, which adds up to 2 s to the end of every run
-# and to each report's trip to a sweep's scheduler. Polling a few workers 4 times a second costs nothing
-# measurable. A value the user exported wins. (Ray Train passes these on from the driver to its workers.)
-RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Settings of Ray's own that Slipway changes; a value the user exported wins. They reach Ray's processes from
+# the driver's environment (an embedded Ray inherits it) and the job's runtime_env (workers and actors).
+RAY_ENV_DEFAULTS = {
+    # Ray Train's controller polls its workers every 2 s by default, which adds up to 2 s to the end of every
+    # run and to each report's trip to a sweep's scheduler. Polling a few workers 4 times a second costs
+    # nothing measurable.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Serve's controller kills an HTTP proxy that is not ready 5 s after it was asked for, and serve.start()
+    # then fails with "ActorDiedError ... killed by ray.kill". A busy laptop (or CI box) can take longer than
+    # that to start a worker process and import the proxy's web stack; a proxy that needs 60 s is broken.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+}
 
 
 def local_cpu_count(cfg: ClusterConfig) -> int:
@@ -87,13 +95,13 @@ def connect(cfg: ClusterConfig, *, env_vars: dict[str, str] | None = None, num_c
     an embedded Ray (default: one training run's workers, see local_cpu_count)."""
     import ray
 
-    for name, value in RAY_TRAIN_ENV_DEFAULTS.items():
+    for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
     address = resolve_address(cfg)
-    train_env = {name: os.environ[name] for name in RAY_TRAIN_ENV_DEFAULTS}  # for trainers started by sweep trials
-    runtime_env = build_runtime_env(cfg, remote=address is not None, env_vars={**train_env, **(env_vars or {})},
+    ray_env = {name: os.environ[name] for name in RAY_ENV_DEFAULTS}  # for trainers started by sweep trials, Serve
+    runtime_env = build_runtime_env(cfg, remote=address is not None, env_vars={**ray_env, **(env_vars or {})},
                                     job_env_vars=submitted_job_env_vars())
     if address is None:
         num_cpus = num_cpus or local_cpu_count(cfg)

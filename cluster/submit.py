@@ -17,7 +17,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from cluster.connection import RAY_TRAIN_ENV_DEFAULTS, build_runtime_env
+from cluster.connection import RAY_ENV_DEFAULTS, build_runtime_env
 from conf.derived import SECRET_KEYS
 from conf.schema import ClusterConfig
 
@@ -222,7 +222,7 @@ def secret_env_vars(overrides: list[str]) -> dict[str, str]:
 def build_job_runtime_env(cluster: ClusterConfig, *, secrets: dict[str, str] | None = None) -> dict:
     """The repo as working_dir, and the environment the run needs on every process of the job (secrets
     included, as variables: never on the command line)."""
-    env_vars = {name: os.environ.get(name, default) for name, default in RAY_TRAIN_ENV_DEFAULTS.items()}
+    env_vars = {name: os.environ.get(name, default) for name, default in RAY_ENV_DEFAULTS.items()}
     env_vars.update({name: os.environ[name] for name in PASSED_ENV_VARS if os.environ.get(name)})
     env_vars.update(secrets or {})
     logger.info("job environment: %s", ", ".join(sorted(env_vars)))  # names only: some are secrets

@@ -466,10 +466,14 @@ def start_serve(*, cores: int) -> int:
     import ray
     from ray import serve
 
+    from cluster.connection import RAY_ENV_DEFAULTS
+
     port = _free_port()
     # Serve's components log to files as usual, but not to stderr: Ray would forward every replica's access
     # log line to this terminal, a few hundred a second under load. Workers inherit the variable.
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    for name, value in RAY_ENV_DEFAULTS.items():  # as launch.py's connect() sets them
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port

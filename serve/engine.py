@@ -304,6 +304,7 @@ class AsyncEngine:
         self._streams: dict[int, tuple[asyncio.Queue, int]] = {}  # sequence id -> (its request's queue, index)
         self._lock = threading.Lock()
         self._stepping = False  # a _step_while_busy job is queued or running (guarded by _lock)
+        self._loop: asyncio.AbstractEventLoop | None = None  # guarded by _lock
 
     async def generate(self, jobs: Sequence[tuple[int, list[int], SamplingParams]]) -> AsyncIterator:
         """(index, StreamChunk) for the jobs (index, prompt_ids, params) of one request, as they come. All are
@@ -337,13 +338,14 @@ class AsyncEngine:
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
+            self._loop = loop  # where a stepping thread hands its results: the loop of the latest request
             if self._stepping:
                 return
             self._stepping = True
         if self.executor is None:
             self._inline = loop.create_task(self._step_inline())  # held: the loop keeps only weak references
         else:
-            self.executor.submit(self._step_while_busy, loop)
+            self.executor.submit(self._step_while_busy)
 
     async def _step_inline(self) -> None:
         """On the event loop: a step, then a turn for everything else waiting on the loop, until idle."""
@@ -358,7 +360,7 @@ class AsyncEngine:
             await asyncio.sleep(0)
         self._stepping = False
 
-    def _step_while_busy(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _step_while_busy(self) -> None:
         """On the executor's thread: step until there is nothing left, then stop (a later `generate` restarts)."""
         while True:
             with self._lock:  # checked under the lock that _start takes, so no sequence is added unseen
@@ -369,9 +371,23 @@ class AsyncEngine:
                 report = self.engine.step()
             except Exception as err:  # a failed forward: its sequences' cache state is unknown, so all end
                 logger.exception("an engine step failed; failing the requests it was running")
-                loop.call_soon_threadsafe(self._fail, self.engine.abort(), err)
-                continue
-            loop.call_soon_threadsafe(self._dispatch, report, self.engine.stats())
+                posted = self._post(self._fail, self.engine.abort(), err)
+            else:
+                posted = self._post(self._dispatch, report, self.engine.stats())
+            if not posted:  # the loop is closed: nobody is left to read, so drop the rest and stop for good
+                self.engine.abort()
+                with self._lock:
+                    self._stepping = False
+                return
+
+    def _post(self, callback: Callable, *args) -> bool:
+        with self._lock:
+            loop = self._loop
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # "Event loop is closed"
+            return False
+        return True
 
     def _dispatch(self, report: StepReport, stats: dict) -> None:
         for sequence_id, chunk in report.outputs:

@@ -18,13 +18,13 @@ def ray_session():
 
     import ray
 
-    from cluster.connection import RAY_TRAIN_ENV_DEFAULTS
+    from cluster.connection import RAY_ENV_DEFAULTS
 
-    os.environ.update(RAY_TRAIN_ENV_DEFAULTS)  # as launch.py's connect() does
+    os.environ.update(RAY_ENV_DEFAULTS)  # as launch.py's connect() does
     # Custom metrics reach the Prometheus endpoint in a second rather than ten, so the serving tests can read them.
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **RAY_TRAIN_ENV_DEFAULTS}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **RAY_ENV_DEFAULTS}})
     yield ray
     ray.shutdown()
 

@@ -4,6 +4,7 @@ driver a replica uses."""
 
 import asyncio
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -230,10 +231,22 @@ def test_the_async_driver_streams_cancels_and_survives_a_failed_step(model, toke
         await anext(stream)
         await stream.aclose()  # what a client disconnect does to the replica's generator
 
+    # On a thread, steps could start before the last request is added, and a busy machine could let the first
+    # request finish alone: the gate holds the executor's one thread until all four have arrived.
+    gate = threading.Event()
+    if executor is not None:
+        executor.submit(gate.wait, 60)
+
     async def scenario():
-        texts = await asyncio.gather(completion([1, 2]), completion([3, 4, 5]), leave_early(), completion([6]))
-        while engine.has_work:  # the cancelled sequence leaves at the next step
+        requests = [asyncio.create_task(coroutine)
+                    for coroutine in (completion([1, 2]), completion([3, 4, 5]), leave_early(), completion([6]))]
+        await asyncio.sleep(0)  # each task runs to its first wait: all four are in the engine
+        gate.set()
+        texts = await asyncio.gather(*requests)
+        # The cancelled sequence leaves at the next step; the driver's last report reaches the loop after it.
+        while engine.has_work or driver._stepping:
             await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         return texts
 
     texts = asyncio.run(scenario())
