@@ -368,6 +368,27 @@ class SweepConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Watching what is served (serve/monitoring.py): each registered version's reference profile of the held-out
+    split, the live profiles its replicas fill, and the drift between the two."""
+
+    profile_rows: int = 20000  # held-out rows a version's reference profile is built from (stage=promote); 0 = all
+    drift_window_s: float = 300.0  # a replica compares the rows of the last this many seconds with the reference
+    publish_interval_s: float = 5.0  # how often a replica turns what it counted into Prometheus metrics
+
+    def __post_init__(self) -> None:
+        if self.profile_rows < 0:
+            raise ValueError(f"serve.monitor.profile_rows={self.profile_rows}: expected 0 (all) or more rows")
+        for key in ("drift_window_s", "publish_interval_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"serve.monitor.{key}={getattr(self, key)}: expected a positive number of seconds")
+        if self.drift_window_s < self.publish_interval_s:
+            raise ValueError(f"serve.monitor.drift_window_s={self.drift_window_s} is shorter than "
+                             f"serve.monitor.publish_interval_s={self.publish_interval_s}: a window holds whole "
+                             "publishing intervals")
+
+
+@dataclass
 class ServeConfig:
     """Promotion and serving (conf/serve/): export the best checkpoint, gate it against production, register it,
     and serve the registry's aliases with Ray Serve."""
@@ -436,6 +457,7 @@ class ServeConfig:
     max_candidates: int = 256
     max_batch_size: int = 64  # candidates of many requests are scored together by @serve.batch
     batch_wait_timeout_s: float = 0.005  # waited only while other requests are being ranked on the replica
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         # Checked at composition, before any stage runs: an empty key is an unset variable or a typo, and reading

@@ -45,6 +45,7 @@ class LoadedLLM:
     chat_template: ChatTemplate | None = None
     stop_token_ids: tuple[int, ...] = ()  # the ids that end a generation (EOS, end of turn)
     engine: object = None  # in a replica, the AsyncEngine that batches this version's requests (serve/engine.py)
+    live: object = None  # in a replica, the LiveProfile its prompts are counted into (serve/monitoring.py)
     texts: TokenTexts = field(init=False)
 
     def __post_init__(self) -> None:

@@ -18,7 +18,9 @@ def serve_settings(serve_cfg: ServeConfig, *, model: str, family: str) -> dict:
             "max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
             "max_body_bytes": serve_cfg.max_body_bytes, "max_running_requests": serve_cfg.max_running_requests,
             "max_batched_tokens": serve_cfg.max_batched_tokens, "max_queued_requests": serve_cfg.max_queued_requests,
-            "ongoing_limit": replica_class(family).ongoing_limit(serve_cfg)}
+            "ongoing_limit": replica_class(family).ongoing_limit(serve_cfg),
+            "monitor": {"drift_window_s": serve_cfg.monitor.drift_window_s,
+                        "publish_interval_s": serve_cfg.monitor.publish_interval_s}}
 
 
 def ingress_deployment(serve_cfg: ServeConfig, ingress: type, *, family: str, settings: dict,

@@ -15,7 +15,7 @@ import torch
 
 from conf.derived import worker_range
 from conf.schema import RootConfig
-from serve.export import LoadedModel, family_of
+from serve.export import LoadedModel, family_of, read_model_config
 from trainers.families import get_family
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,22 @@ def evaluate_on_run_data(loaded: LoadedModel, run_cfg: RootConfig, *, rows: int 
     """Metrics on the held-out split the run trained against (prepared again if the cache lost it). With
     `trained_on` (the run's data fingerprint), data that changed since (edited files under data.path) is
     refused: the gate would score the checkpoint on rows it may have trained on, or with other token ids."""
+    count = training_eval_rows(run_cfg) if rows is None else rows
+    return evaluate_model(loaded, run_held_out_batches(run_cfg, rows=count, trained_on=trained_on))
+
+
+def profile_on_run_data(export_dir: Path, run_cfg: RootConfig, *, rows: int, trained_on: str | None = None):
+    """The export's reference profile (serve/profiles.py) from the first `rows` (0: all) rows of the run's
+    held-out split, as its family's replica class profiles live traffic."""
+    from serve.replicas import replica_class
+
+    build = replica_class(read_model_config(export_dir)["family"]).reference_profile
+    with torch.no_grad():
+        return build(Path(export_dir), run_held_out_batches(run_cfg, rows=rows, trained_on=trained_on))
+
+
+def run_held_out_batches(run_cfg: RootConfig, *, rows: int, trained_on: str | None) -> Iterator[dict]:
+    """The run's held-out split (see evaluate_on_run_data for `trained_on`)."""
     family = get_family(run_cfg.model.family)
     prepared = family.prepare_data(run_cfg.model, run_cfg.data, cache_root=Path(run_cfg.paths.data_cache).resolve())
     if trained_on and prepared.fingerprint != trained_on:
@@ -81,6 +97,4 @@ def evaluate_on_run_data(loaded: LoadedModel, run_cfg: RootConfig, *, rows: int 
             f"{prepared.fingerprint[:12]}): its held-out split is not the one the run held out. Train again on "
             "this data (checkpoint.resume=fresh), or restore the data the run trained on"
         )
-    count = training_eval_rows(run_cfg) if rows is None else rows
-    batches = held_out_batches(Path(prepared.val_dir), columns=prepared.columns("val"), rows=count)
-    return evaluate_model(loaded, batches)
+    return held_out_batches(Path(prepared.val_dir), columns=prepared.columns("val"), rows=rows)

@@ -142,6 +142,12 @@ class FeatureEncoder:
         """Every accepted feature name: the dense ones, then the categorical ones, in model input order."""
         return self._names
 
+    def input_columns(self, dense: np.ndarray, sparse: np.ndarray) -> tuple[dict, dict]:
+        """Encoded model inputs as ({dense name: values}, {categorical name: bucket ids}): how a reference split
+        and live traffic are profiled alike (serve/monitoring.py), after encoding, as the model sees them."""
+        return ({name: dense[:, column] for column, name in enumerate(self.dense_names)},
+                {name: sparse[:, column] for column, name in enumerate(self.categorical_names)})
+
     def encode(self, rows: Sequence[Mapping], *, field_prefix: str = "rows") -> tuple[np.ndarray, np.ndarray]:
         """(dense float32 (n, D), sparse int64 (n, C)) for `rows`, each a mapping of feature name to raw value.
 

@@ -20,8 +20,9 @@ import yaml
 
 from conf.derived import TaskMetric, gate_metric_mode, parse_gate_metric
 from conf.schema import RootConfig
-from serve.evaluate import evaluate_on_run_data
+from serve.evaluate import evaluate_on_run_data, profile_on_run_data
 from serve.export import export_checkpoint, load_export, read_model_config, weights_identity_file
+from serve.monitoring import PROFILE_FILE
 from serve.registry import AliasMoved, Registry
 from trainers import outputs
 from trainers.config import config_from_dict
@@ -235,10 +236,19 @@ def _register(registry: Registry, model: str, candidate: Candidate, *, experimen
                                        info={"step": candidate.step, "source_run": str(candidate.run_dir)},
                                        dtype=export_dtype(serve_cfg, run_cfg=candidate.run_cfg),
                                        shard_bytes=int(serve_cfg.export_shard_gb * 10**9))
+        _write_reference_profile(export_dir, candidate, rows=serve_cfg.monitor.profile_rows)
         # The same weights twice are one version, checked again under the registry's lock at commit.
         record = registry.register(model, export_dir, metadata=_version_metadata(candidate, experiment=experiment),
                                    dedupe_file=weights_identity_file(read_model_config(export_dir)))
     return record["version"]
+
+
+def _write_reference_profile(export_dir: Path, candidate: Candidate, *, rows: int) -> None:
+    """The version's reference profile beside its weights (serve/monitoring.py), from the run's held-out split as
+    the exported weights score it: what its replicas compare their live traffic with."""
+    profile = profile_on_run_data(export_dir, candidate.run_cfg, rows=rows, trained_on=candidate.data_fingerprint)
+    (export_dir / PROFILE_FILE).write_text(json.dumps(profile.to_dict()) + "\n")
+    logger.info("reference profile from the held-out split: %s", ", ".join(profile.features))
 
 
 def export_dtype(serve_cfg, *, run_cfg: RootConfig):

@@ -14,7 +14,9 @@ back as `{"error": {"message", "param"}}` answers rather than exceptions, so the
 
 A model family's spec (trainers/families/) names its replica class here. Besides serving, the class says what
 the serve stage needs to know of the family: its ROUTES (the router answers others with 404), a
-`sample_request` that the production version accepts, and how to show its answer (`describe_sample`).
+`sample_request` that the production version accepts, how to show its answer (`describe_sample`), and what
+of its traffic is watched for drift: `reference_profile` builds a version's reference from the held-out split
+at registration, and the replica counts live requests on the same bins (serve/monitoring.py).
 """
 
 import asyncio
@@ -34,6 +36,8 @@ from ray.serve import metrics
 
 from serve import api
 from serve.export import LoadedModel, load_export
+from serve.monitoring import LiveProfile, ProfileMetrics, read_reference
+from serve.profiles import Profile
 from serve.registry import Registry
 from trainers.families import get_family
 
@@ -82,6 +86,7 @@ class _VersionedReplica:
         # Weak: Serve's multiplexer owns the loaded versions and evicts the least recently used; a strong
         # reference here would keep every version this replica ever served in memory (and in check_health).
         self.loaded: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+        self._publishing: asyncio.Task | None = None  # the live profiles' publisher, from the first load on
 
     async def reconfigure(self, config: dict) -> None:
         """Load the version this deployment's alias (its role) routes to before this replica takes traffic.
@@ -101,7 +106,33 @@ class _VersionedReplica:
         version = int(model_id)
         loaded = await asyncio.to_thread(self._build, version)
         self.loaded[version] = loaded
+        if self._publishing is None:
+            self._publishing = asyncio.get_running_loop().create_task(self._publish_profiles())
         return loaded
+
+    def _live_profile(self, export: LoadedModel) -> LiveProfile | None:
+        """What the version's traffic is counted into, on its reference profile's bins (None: it has none)."""
+        reference = read_reference(export.directory)
+        if reference is None:
+            logger.warning("%s has no reference profile (registered before profiles were written): its traffic is "
+                           "served but not watched for drift", export.directory)
+            return None
+        return LiveProfile(reference, window_s=self.settings["monitor"]["drift_window_s"])
+
+    async def _publish_profiles(self) -> None:
+        """Every serve.monitor.publish_interval_s, each loaded version's live profile as Prometheus metrics
+        (serve/monitoring.py), tagged with the arm this deployment serves."""
+        metrics = ProfileMetrics()
+        while True:
+            await asyncio.sleep(self.settings["monitor"]["publish_interval_s"])
+            for version, loaded in list(self.loaded.items()):
+                if loaded.live is None:
+                    continue
+                tags = {"model": self.settings["model"], "version": str(version), "arm": self.settings["role"]}
+                try:
+                    await asyncio.to_thread(metrics.publish, loaded.live, tags=tags)
+                except Exception:  # watching must never take serving down
+                    logger.exception("publishing %s v%d's live profile failed", self.settings["model"], version)
 
     async def current(self, version: int | None = None):
         """The loaded `version` (the ingress calls in-process with it), or else the version Serve's handle tagged
@@ -161,12 +192,34 @@ class LLMReplica(_VersionedReplica):
         return (f"{body['prompt']!r} -> {answer['choices'][0]['text']!r}\n  any OpenAI-compatible client works too: "
                 f"base_url={url}/v1, model={model!r}")
 
+    # Token ids profiled by bucket: the most frequent of the held-out split's, each its own bin, then all others.
+    TOKEN_BUCKETS = 50
+
+    @staticmethod
+    def reference_profile(export_dir: Path, batches) -> Profile:
+        """A version's reference (serve/evaluate.py: profile_on_run_data): the token ids of the held-out rows, and
+        where they hold prompts (fine-tuning rows: a conversation's tokens before its first trained one), the
+        prompt lengths. Text rows are windows of a corpus, not prompts, so they give no prompt length to compare
+        live prompts with."""
+        token_ids, prompt_lengths = [], []
+        for batch in batches:
+            tokens = batch["tokens"].numpy()
+            token_ids.append(tokens.ravel())
+            if "loss_mask" in batch:
+                prompt_lengths.extend(_prompt_lengths(batch["loss_mask"].numpy(), batch["document_ids"].numpy()))
+        if not token_ids:
+            raise ValueError("the held-out split has no rows to profile")
+        numeric = {"prompt_tokens": np.asarray(prompt_lengths)} if prompt_lengths else {}
+        return Profile.reference(numeric=numeric, categorical={"token_id": np.concatenate(token_ids)},
+                                 top_k=LLMReplica.TOKEN_BUCKETS)
+
     def _build(self, version: int):
         from serve.completion import load_llm
         from serve.engine import AsyncEngine, Engine, EngineConfig
 
         export = _fetch_and_load(self.settings["registry"], self.settings["model"], version)
         llm = load_llm(export, version=version)
+        llm.live = self._live_profile(export)
         config = EngineConfig(max_running=self.settings["max_running_requests"],
                               max_batched_tokens=self.settings["max_batched_tokens"],
                               max_waiting=self.settings["max_queued_requests"])
@@ -189,6 +242,7 @@ class LLMReplica(_VersionedReplica):
         jobs = prepare(llm, request)
         if isinstance(jobs, dict):
             return jobs
+        _count_prompts(llm, jobs)
         chunks = await self._generate(llm, jobs)
         if isinstance(chunks, dict):
             return chunks
@@ -201,6 +255,8 @@ class LLMReplica(_VersionedReplica):
 
         llm = await self.current(version)
         jobs = prepare(llm, request)
+        if not isinstance(jobs, dict):
+            _count_prompts(llm, jobs)
         chunks = jobs if isinstance(jobs, dict) else await self._generate(llm, jobs)
         if isinstance(chunks, dict):
             yield chunks
@@ -234,6 +290,28 @@ class LLMReplica(_VersionedReplica):
             logits = llm.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
         if not torch.isfinite(logits).all():
             raise RuntimeError(f"version {llm.version} produced non-finite logits")
+
+
+def _prompt_lengths(loss_mask: np.ndarray, document_ids: np.ndarray) -> list[int]:
+    """Per conversation of fine-tuning rows (in the datasets/chat.py layout: whole conversations packed in
+    rows, `document_ids` per input position, `loss_mask[p]` whether the token after position p is trained), the
+    tokens before its first trained one: the prompt a client would have sent. Padding trains nothing: skipped."""
+    lengths = []
+    for mask, documents in zip(loss_mask, document_ids, strict=True):
+        starts = np.flatnonzero(np.r_[True, documents[1:] != documents[:-1]])
+        for start, end in zip(starts, [*starts[1:], len(documents)], strict=True):
+            trained = np.flatnonzero(mask[start:end])
+            if trained.size:
+                lengths.append(int(trained[0]) + 1)  # position p predicts token p + 1, the first trained one
+    return lengths
+
+
+def _count_prompts(llm, jobs) -> None:
+    """A request's prompts into the version's live profile (its lengths and token ids)."""
+    if llm.live is not None:
+        prompts = [job.prompt_ids for job in jobs]
+        llm.live.add({"prompt_tokens": np.asarray([len(ids) for ids in prompts]),
+                      "token_id": np.concatenate([np.asarray(ids, dtype=np.int64) for ids in prompts])})
 
 
 TOKEN_LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
@@ -288,6 +366,7 @@ class LoadedRanker:
     export: LoadedModel
     encoder: object
     version: int
+    live: LiveProfile | None = None
 
 
 @dataclass
@@ -318,6 +397,28 @@ class RankerReplica(_VersionedReplica):
     def describe_sample(body: dict, answer: dict, *, url: str, model: str) -> str:
         return f"scores {answer['scores']}"
 
+    @staticmethod
+    def reference_profile(export_dir: Path, batches) -> Profile:
+        """A version's reference (serve/evaluate.py: profile_on_run_data): the held-out rows' model inputs, as
+        `_encode_and_forward` counts live ones, the version's scores of them, and their calibration."""
+        from serve.features import FeatureEncoder
+
+        export = load_export(export_dir)
+        encoder = FeatureEncoder.from_file(export.asset("feature_spec"))
+        predict = get_family(export.family).predict
+        dense, sparse, scores, labels = [], [], [], []
+        for batch in batches:
+            outputs = predict(export.model, batch)
+            dense.append(batch["dense"].numpy())
+            sparse.append(batch["sparse"].numpy())
+            scores.append(outputs["prob"].numpy())
+            labels.append(outputs["label"].numpy())
+        if not scores:
+            raise ValueError("the held-out split has no rows to profile")
+        numeric, categorical = encoder.input_columns(np.concatenate(dense), np.concatenate(sparse))
+        return Profile.reference(numeric=numeric, categorical=categorical, scores=np.concatenate(scores),
+                                 labels=np.concatenate(labels))
+
     def __init__(self, settings: dict):
         super().__init__(settings)
         self.score.set_max_batch_size(settings["max_batch_size"])
@@ -335,7 +436,7 @@ class RankerReplica(_VersionedReplica):
 
         export = _fetch_and_load(self.settings["registry"], self.settings["model"], version)
         return LoadedRanker(export=export, encoder=FeatureEncoder.from_file(export.asset("feature_spec")),
-                            version=version)
+                            version=version, live=self._live_profile(export))
 
     @serve.multiplexed(max_num_models_per_replica=VERSIONS_PER_REPLICA)
     async def get_model(self, model_id: str) -> LoadedRanker:
@@ -386,8 +487,11 @@ class RankerReplica(_VersionedReplica):
         valid = [inputs for inputs in encoded if not isinstance(inputs, FeatureError)]
         if not valid:
             return encoded, 0
-        probs = RankerReplica._forward(ranker, dense=np.concatenate([dense for dense, _ in valid]),
-                                       sparse=np.concatenate([sparse for _, sparse in valid]))
+        inputs = np.concatenate([dense for dense, _ in valid]), np.concatenate([sparse for _, sparse in valid])
+        probs = RankerReplica._forward(ranker, dense=inputs[0], sparse=inputs[1])
+        if ranker.live is not None:
+            numeric, categorical = ranker.encoder.input_columns(*inputs)
+            ranker.live.add({**numeric, **categorical}, scores=probs)
         scores = iter(np.split(probs, np.cumsum([len(dense) for dense, _ in valid])[:-1]))
         return [inputs if isinstance(inputs, FeatureError) else next(scores) for inputs in encoded], len(probs)
 

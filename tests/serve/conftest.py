@@ -21,6 +21,14 @@ def export_best(run_dir: Path, out_dir: Path) -> Path:
     return export_checkpoint(run_dir / summary["best_checkpoint"].rsplit("/", 1)[1], out_dir, info={})
 
 
+def scrape(ray_session) -> str:
+    """The session Ray's Prometheus endpoint, as Prometheus would scrape it (every node's metrics agent: one)."""
+    import urllib.request
+
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 @pytest.fixture(scope="session")
 def serve_port(ray_session) -> int:
     from ray import serve

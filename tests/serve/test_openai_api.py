@@ -7,6 +7,7 @@ against a Hugging Face checkpoint served from the registry (`served_chat_llm`), 
 """
 
 import json
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from datasets.chat_template import ChatTemplate
 from serve import api, chat
 from serve.completion import LoadedLLM, join_choices, load_llm, prepare, stream_choices
 from serve.export import LoadedModel
+from serve.monitoring import bin_rows_from_exposition, read_reference
 from tests.hf_models import BOS, CHAT_TEMPLATE, END_OF_TURN, build_tokenizer
-from tests.serve.conftest import export_best
+from tests.serve.conftest import export_best, scrape
 from tests.serve.http_client import request
 from trainers.llm import build_llm
 
@@ -418,3 +420,34 @@ def test_transformers_greedy_generation_from_the_export_equals_the_endpoint(serv
         expected = tokenizer.decode(generated, skip_special_tokens=True)
         assert len(generated) >= 4 and expected.strip()  # an answer to compare, not two empty strings
         assert answer.choices[0].message.content == expected
+
+
+def test_a_chat_models_prompts_are_profiled_against_its_fine_tuning_prompts(served_chat_llm, ray_session):
+    """Registration profiled the fine-tuning data's prompts (each held-out conversation's tokens before its first
+    answer) and token ids; the replica counts every request's prompt on the same bins, per version and arm."""
+    reference = read_reference(served_chat_llm.export_dir)
+    assert list(reference.features) == ["prompt_tokens", "token_id"]
+    conversations = reference.features["prompt_tokens"].total
+    assert conversations > 0 and reference.features["token_id"].total > conversations
+    assert len(reference.features["token_id"].categories) == 50  # the held-out split's most frequent token ids
+
+    def counted() -> dict:
+        rows = bin_rows_from_exposition(scrape(ray_session), model=served_chat_llm.model, version=1,
+                                        arm="production")
+        return {feature: sum(n for (name, _), n in rows.items() if name == feature)
+                for feature in ("prompt_tokens", "token_id")}
+
+    before = counted()
+    prompt_tokens = 0
+    for turn in range(3):
+        messages = [{"role": "user", "content": f"question {turn}: what is {turn} + {turn}?"}]
+        status, answer, _ = request(served_chat_llm.url + "/v1/chat/completions",
+                                    {"model": served_chat_llm.model, "messages": messages, "max_tokens": 2})
+        assert status == 200, answer
+        prompt_tokens += answer["usage"]["prompt_tokens"]
+    deadline = time.monotonic() + 30
+    while counted()["prompt_tokens"] - before["prompt_tokens"] < 3 and time.monotonic() < deadline:
+        time.sleep(1)  # the replica publishes every serve.monitor.publish_interval_s (5 s)
+    after = counted()
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 3
+    assert after["token_id"] - before["token_id"] == prompt_tokens

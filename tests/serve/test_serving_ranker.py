@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from conf.schema import ServeConfig
+from conf.schema import MonitorConfig, ServeConfig
+from serve.drift import PSI_MAJOR
 from serve.export import load_export
 from serve.features import FeatureEncoder
+from serve.monitoring import bin_rows_from_exposition, live_from_bin_rows, profile_drift, read_reference
+from serve.promote import promote
 from serve.registry import Registry
 from tests.helpers import RANKER_REFERENCE_RUN, REPO_ROOT
-from tests.serve.conftest import export_best
+from tests.serve.conftest import scrape
 from tests.serve.http_client import request
 
 MODEL = "tiny-ranker"
@@ -35,13 +38,14 @@ def endpoint(trained_runs, serve_port, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ranker_serving")
     run_dir = trained_runs("ranker-reference", RANKER_REFERENCE_RUN, ranker=True)
-    export_dir = export_best(run_dir, root / "export")
-    registry = Registry(root / "registry")
-    registry.register(MODEL, export_dir, metadata={"family": "ranker"})
-    registry.move_alias(MODEL, "production", 1, reason="test setup")
+    # Publishing every second, so that the monitoring test reads its own requests' counts within seconds.
     serve_cfg = ServeConfig(registry=str(root / "registry"), port=serve_port, num_cpus=0.25, min_replicas=1,
                             max_replicas=1, api_key=API_KEY, max_candidates=8, max_batch_size=16,
-                            batch_wait_timeout_s=0.05)
+                            batch_wait_timeout_s=0.05, monitor=MonitorConfig(publish_interval_s=1.0))
+    # As stage=promote registers a run's best checkpoint: exported, profiled on the held-out split, gated.
+    assert promote(serve_cfg, model=MODEL, source=run_dir, experiment="ranker_dlrm",
+                   cache_dir=root / "cache")["decision"] == "promoted"
+    export_dir = Registry(root / "registry").fetch(MODEL, 1, cache_dir=root / "cache")
     yield deploy(serve_cfg, model=MODEL), export_dir
     serve.delete(MODEL)
 
@@ -244,3 +248,49 @@ def test_a_bad_request_in_a_shared_batch_fails_alone(endpoint, ray_session):
     after = settled_batch_counts(ray_session)
     batches, single = after[0] - before[0], after[1] - before[1]
     assert single < batches, f"the {clients * rounds} requests were scored one at a time ({batches:.0f} batches)"
+
+
+def test_promotion_writes_the_reference_profile_of_the_held_out_split(endpoint):
+    """stage=promote profiled the version on its run's held-out split, as the version scores it: every feature
+    the spec names, the scores and their calibration, each over the same rows."""
+    _, export_dir = endpoint
+    reference = read_reference(export_dir)
+    encoder = FeatureEncoder.from_file(export_dir / "feature_spec.json")
+    assert list(reference.features) == list(encoder.feature_names)
+    rows = reference.rows
+    assert rows > 0 and all(h.total + h.missing == rows for h in reference.features.values())
+    assert reference.scores.total == rows and reference.calibration.total == rows
+    assert len(reference.features["I1"].edges) > 1  # quantile bins, not one
+    assert 0 <= reference.calibration.expected_calibration_error() < 0.5
+
+
+def test_live_traffic_is_counted_on_the_reference_bins_and_a_shifted_feature_flagged(endpoint, ray_session):
+    """Every scored candidate lands in the live profile's counters (exact counts, summed over replicas), and a
+    dense feature far beyond anything the reference saw is flagged as drifted, on that feature, both by the
+    replica's PSI gauge and by the drift of the counted rows."""
+    url, export_dir = endpoint
+    reference = read_reference(export_dir)
+    top_bin = len(reference.features["I1"].counts) - 1
+    before = bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1)
+    rng = np.random.default_rng(0)
+    requests, per_request = 64, 6
+    for _ in range(requests):
+        candidates = [{"I1": 10**9, "I2": int(rng.integers(0, 50)), "C1": int(rng.integers(0, 4))}
+                      for _ in range(per_request)]
+        assert rank(url, {"context": {}, "candidates": candidates})[0] == 200
+    sent = requests * per_request
+    deadline, counted = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:  # the replica publishes every second
+        after = bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1, arm="production")
+        counted = {key: rows - before.get(key, 0.0) for key, rows in after.items()}
+        if counted.get(("I1", str(top_bin)), 0) >= sent:
+            break
+        time.sleep(1)
+    assert counted.get(("I1", str(top_bin))) == sent
+    assert sum(rows for (feature, _), rows in counted.items() if feature == "I1") == sent
+    assert sum(rows for (feature, _), rows in counted.items() if feature == "score") == sent
+    drift = profile_drift(reference, live_from_bin_rows(reference, counted))
+    assert drift["I1"].drifted and drift["I1"].live_rows == sent
+    psi_rows = [line for line in scrape(ray_session).splitlines()
+                if line.startswith("ray_slipway_feature_psi{") and f'model="{MODEL}"' in line]
+    assert float(next(row for row in psi_rows if 'feature="I1"' in row).rsplit(" ", 1)[1]) >= PSI_MAJOR
