@@ -43,6 +43,8 @@ SMOKE_ARGS = {
                        "--batch-concurrency", "1",
                        "--autoscale-concurrency", "4", "--autoscale-hold-s", "0.5", "--autoscale-timeout", "8",
                        "--candidates", "4", "--max-tokens", "2"],
+    "bench_drift.py": ["--rows", "20000", "--windows", "5", "--window-rows", "360", "2000", "--shifts", "2.0",
+                       "--repeats", "2"],
     # A 23M-parameter Llama of the 1B's architecture (the default writes and loads 2.5 GB).
     "bench_import.py": ["--smoke"],
 }
@@ -57,6 +59,7 @@ RUNS = {
     "ranker_breakdown": ("bench_ranker.py", ["--breakdown", "--global-batch", "32", "--micro-batch", "16"]),
     "sweep": ("bench_sweep.py", SMOKE_ARGS["bench_sweep.py"]),
     "serve": ("bench_serve.py", SMOKE_ARGS["bench_serve.py"]),
+    "drift": ("bench_drift.py", SMOKE_ARGS["bench_drift.py"]),
 }
 
 
@@ -184,6 +187,18 @@ def test_bench_serve(outputs):
             assert level["requests"] > 0 and level["errors"] == 0, level
     assert results["floor"]["requests"] > 0 and results["floor"]["errors"] == 0
     assert results["batching"]["unbatched"]["errors"] == 0
+
+
+def test_bench_drift(outputs):
+    output = output_of(outputs, "drift")
+    for size in (360, 2000):  # window rows, windows, then the alarm rate and the share of features flagged
+        assert 0 <= figure(output, rf"\n\s+{size}\s+5\s+{NUMBER}") <= 1
+        assert 0 <= figure(output, rf"\n\s+{size}\s+5\s+[\d.]+\s+{NUMBER}") <= 1
+    results = results_json(output)
+    assert results["reference_rows"] > 0 and len(results["false_alarms"]) == 2
+    (detection,) = results["detection"]
+    # A shift of 2 in log1p units multiplies the feature's counts by e**2: found at the first check it may flag.
+    assert detection["shift"] == 2.0 and detection["detected"] == 2 and detection["max_rows"] == 360
 
 
 def test_bench_import(import_output):

@@ -29,6 +29,21 @@ def scrape(ray_session) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
+def settled(read, *, timeout_s: float = 30.0):
+    """read() once two reads 2.5 s apart agree: what was sent before is published (the test deployments' replicas
+    publish their live profiles every second, serve.monitor.publish_interval_s)."""
+    import time
+
+    deadline, last = time.monotonic() + timeout_s, read()
+    while time.monotonic() < deadline:
+        time.sleep(2.5)
+        current = read()
+        if current == last:
+            return current
+        last = current
+    raise AssertionError(f"the metrics kept changing for {timeout_s} s: {last}")
+
+
 @pytest.fixture(scope="session")
 def serve_port(ray_session) -> int:
     from ray import serve
@@ -47,13 +62,14 @@ def served_chat_llm(fine_tuned_llm, serve_port):
 
     from ray import serve
 
-    from conf.schema import ServeConfig
+    from conf.schema import MonitorConfig, ServeConfig
     from serve.deploy import deploy
     from serve.registry import Registry
 
     export_dir = Registry(fine_tuned_llm.registry).fetch(fine_tuned_llm.model, 1, cache_dir=fine_tuned_llm.root)
     serve_cfg = ServeConfig(registry=str(fine_tuned_llm.registry), port=serve_port, num_cpus=0.25, min_replicas=1,
-                            max_replicas=1, refresh_s=1.0, max_tokens_limit=64, route_prefix="/chat")
+                            max_replicas=1, refresh_s=1.0, max_tokens_limit=64, route_prefix="/chat",
+                            monitor=MonitorConfig(publish_interval_s=1.0))
     url = deploy(serve_cfg, model=fine_tuned_llm.model).rstrip("/")
     yield SimpleNamespace(url=url, model=fine_tuned_llm.model, export_dir=export_dir)
     serve.delete(fine_tuned_llm.model)

@@ -411,3 +411,36 @@ def test_a_spec_from_before_serving_says_to_prepare_again(tmp_path):
 def test_malformed_specs_name_the_key(change, message):
     with pytest.raises(FeatureSpecError, match="^feature_spec.json: " + message):
         FeatureEncoder.from_spec({**criteo_spec(), **change})
+
+
+@pytest.mark.parametrize("encoding", [{"kind": "id_plus_one"},
+                                      {"kind": "hash", "input": "int", "buckets": [50_000] * NUM_CATEGORICAL},
+                                      {"kind": "hash", "input": "hex", "buckets": [1000] * NUM_CATEGORICAL}])
+def test_raw_rows_encode_back_to_the_model_inputs_they_came_from(encoding):
+    """Prepared rows replayed as a client's requests (scripts/replay_traffic.py) must reach the model as the very
+    inputs they were: counts from their log1p (large ones too), ids from id + 1 buckets, hashed buckets through a
+    raw value that hashes there; missing categories left out."""
+    sizes = encoding.get("buckets", [60] * NUM_CATEGORICAL)
+    encoder = FeatureEncoder.from_spec({
+        "dense_features": DENSE_NAMES, "categorical_features": CATEGORICAL_NAMES, "dense_encoding": "log1p_clamped",
+        "table_sizes": sizes, "category_encoding": {**encoding, "function": HASH_FUNCTION}})
+    rng = np.random.default_rng(0)
+    counts = np.floor(np.exp(rng.normal(2.0, 2.0, (300, NUM_DENSE))))
+    counts[:3, 0] = [2**40, 2**62, 0]
+    dense = np.log1p(counts).astype(np.float32)
+    sparse = rng.integers(0, min(sizes), (300, NUM_CATEGORICAL))  # bucket 0: missing
+    rows = encoder.raw_rows(dense, sparse)
+    assert all(CATEGORICAL_NAMES[t] not in rows[r] for r, t in zip(*np.nonzero(sparse == 0), strict=True))
+    back_dense, back_sparse = encoder.encode(rows)
+    np.testing.assert_array_equal(back_dense, dense)
+    np.testing.assert_array_equal(back_sparse, sparse)
+
+
+def test_raw_rows_of_a_table_hashed_into_billions_of_buckets_are_refused_by_name():
+    encoder = FeatureEncoder.from_spec({
+        "dense_features": DENSE_NAMES, "categorical_features": CATEGORICAL_NAMES, "dense_encoding": "log1p_clamped",
+        "table_sizes": CRITEO_BUCKETS, "category_encoding": {"kind": "hash", "input": "hex",
+                                                             "buckets": CRITEO_BUCKETS, "function": HASH_FUNCTION}})
+    sparse = np.ones((1, NUM_CATEGORICAL), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"table 24 hashes into 2147483648 buckets.*replay the raw files"):
+        encoder.raw_rows(np.zeros((1, NUM_DENSE), dtype=np.float32), sparse)

@@ -7,7 +7,6 @@ against a Hugging Face checkpoint served from the registry (`served_chat_llm`), 
 """
 
 import json
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from serve.completion import LoadedLLM, join_choices, load_llm, prepare, stream_
 from serve.export import LoadedModel
 from serve.monitoring import bin_rows_from_exposition, read_reference
 from tests.hf_models import BOS, CHAT_TEMPLATE, END_OF_TURN, build_tokenizer
-from tests.serve.conftest import export_best, scrape
+from tests.serve.conftest import export_best, scrape, settled
 from tests.serve.http_client import request
 from trainers.llm import build_llm
 
@@ -437,7 +436,7 @@ def test_a_chat_models_prompts_are_profiled_against_its_fine_tuning_prompts(serv
         return {feature: sum(n for (name, _), n in rows.items() if name == feature)
                 for feature in ("prompt_tokens", "token_id")}
 
-    before = counted()
+    before = settled(counted)  # what earlier tests sent, published
     prompt_tokens = 0
     for turn in range(3):
         messages = [{"role": "user", "content": f"question {turn}: what is {turn} + {turn}?"}]
@@ -445,9 +444,6 @@ def test_a_chat_models_prompts_are_profiled_against_its_fine_tuning_prompts(serv
                                     {"model": served_chat_llm.model, "messages": messages, "max_tokens": 2})
         assert status == 200, answer
         prompt_tokens += answer["usage"]["prompt_tokens"]
-    deadline = time.monotonic() + 30
-    while counted()["prompt_tokens"] - before["prompt_tokens"] < 3 and time.monotonic() < deadline:
-        time.sleep(1)  # the replica publishes every serve.monitor.publish_interval_s (5 s)
-    after = counted()
+    after = settled(counted)
     assert after["prompt_tokens"] - before["prompt_tokens"] == 3
     assert after["token_id"] - before["token_id"] == prompt_tokens

@@ -1,6 +1,7 @@
 """The ranker endpoint on real Ray Serve over HTTP: scores equal the exported model's, bearer-token auth, 4xx
 answers naming the field, and requests combined by @serve.batch under concurrent load."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from serve.monitoring import bin_rows_from_exposition, live_from_bin_rows, profi
 from serve.promote import promote
 from serve.registry import Registry
 from tests.helpers import RANKER_REFERENCE_RUN, REPO_ROOT
-from tests.serve.conftest import scrape
+from tests.serve.conftest import scrape, settled
 from tests.serve.http_client import request
 
 MODEL = "tiny-ranker"
@@ -31,7 +32,11 @@ CANDIDATES = [{"C3": i, "C4": 2 * i, "I3": float(i)} for i in range(6)]
 
 
 @pytest.fixture(scope="module")
-def endpoint(trained_runs, serve_port, tmp_path_factory):
+def served_ranker(trained_runs, serve_port, tmp_path_factory):
+    """A trained ranker promoted into a registry of its own and served: `.url`, `.export_dir` (its registered
+    version), `.run_dir` and `.registry`."""
+    from types import SimpleNamespace
+
     from ray import serve
 
     from serve.deploy import deploy
@@ -46,8 +51,15 @@ def endpoint(trained_runs, serve_port, tmp_path_factory):
     assert promote(serve_cfg, model=MODEL, source=run_dir, experiment="ranker_dlrm",
                    cache_dir=root / "cache")["decision"] == "promoted"
     export_dir = Registry(root / "registry").fetch(MODEL, 1, cache_dir=root / "cache")
-    yield deploy(serve_cfg, model=MODEL), export_dir
+    yield SimpleNamespace(url=deploy(serve_cfg, model=MODEL), export_dir=export_dir, run_dir=run_dir,
+                          registry=root / "registry")
     serve.delete(MODEL)
+
+
+@pytest.fixture(scope="module")
+def endpoint(served_ranker):
+    """(url, export_dir) of the served ranker."""
+    return served_ranker.url, served_ranker.export_dir
 
 
 def metric_total(rows: list[str], name: str, label: str = "") -> float:
@@ -271,7 +283,7 @@ def test_live_traffic_is_counted_on_the_reference_bins_and_a_shifted_feature_fla
     url, export_dir = endpoint
     reference = read_reference(export_dir)
     top_bin = len(reference.features["I1"].counts) - 1
-    before = bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1)
+    before = settled(lambda: bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1))
     rng = np.random.default_rng(0)
     requests, per_request = 64, 6
     for _ in range(requests):
@@ -294,3 +306,39 @@ def test_live_traffic_is_counted_on_the_reference_bins_and_a_shifted_feature_fla
     psi_rows = [line for line in scrape(ray_session).splitlines()
                 if line.startswith("ray_slipway_feature_psi{") and f'model="{MODEL}"' in line]
     assert float(next(row for row in psi_rows if 'feature="I1"' in row).rsplit(" ", 1)[1]) >= PSI_MAJOR
+
+
+def replay(served_ranker, ray_session, *args: str) -> dict:
+    """Run scripts/replay_traffic.py as a user does; returns {(feature, bin): rows} it added to the counters."""
+    before = settled(lambda: bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1))
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "replay_traffic.py"), "--url",
+                           served_ranker.url, "--model", MODEL, "--source", str(served_ranker.run_dir), "--registry",
+                           str(served_ranker.registry), "--api-key-env", "REPLAY_KEY", *args],
+                          env={**os.environ, "REPLAY_KEY": API_KEY}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sent = int(args[args.index("--requests") + 1]) * int(args[args.index("--candidates") + 1])
+    assert f"{sent} candidates scored" in done.stdout and "0 errors" in done.stdout, done.stdout
+    deadline, counted = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:  # the replica publishes every second
+        after = bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1)
+        counted = {key: rows - before.get(key, 0.0) for key, rows in after.items()}
+        if sum(rows for (feature, _), rows in counted.items() if feature == "score") >= sent:
+            break
+        time.sleep(1)
+    return counted
+
+
+def test_replayed_unseen_rows_raise_no_drift_and_a_shifted_feature_is_flagged_alone(served_ranker, ray_session):
+    """Rows of the training split (which the reference, built from the held-out split, never saw) replayed as raw
+    requests: no feature drifts. The same replay with one dense feature shifted: that feature is flagged, and
+    only that one (and the scores, which follow it)."""
+    reference = read_reference(served_ranker.export_dir)
+    plain = profile_drift(reference, live_from_bin_rows(reference, replay(
+        served_ranker, ray_session, "--split", "train", "--requests", "60", "--candidates", "8")))
+    assert plain["I2"].live_rows == 480
+    assert not [name for name, drift in plain.items() if drift.drifted], plain
+    shifted = profile_drift(reference, live_from_bin_rows(reference, replay(
+        served_ranker, ray_session, "--split", "train", "--requests", "60", "--candidates", "8", "--seed", "1",
+        "--shift", "I2=1.5")))
+    assert shifted["I2"].drifted, shifted["I2"]
+    assert {name for name, drift in shifted.items() if drift.drifted} <= {"I2", "score"}

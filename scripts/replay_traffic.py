@@ -1,0 +1,240 @@
+"""Replay a run's prepared rows against a served ranker, as its clients would send them, to watch it work.
+
+    python scripts/replay_traffic.py --url http://127.0.0.1:8000 --model ranker_dlrm \
+        --source outputs/runs/ranker_dlrm-1a2b3c4d --requests 500 --rate 20
+    python scripts/replay_traffic.py ... --shift I1=1.5 --skew C3=0.6      # the same, drifted
+
+Rows come from the run's prepared split (--split, the held-out one by default; `train` gives rows the
+reference profile never saw) and are sent as raw features, `--candidates` rows per POST /v1/rank, by
+`--concurrency` clients at `--rate` requests per second in all (0: as fast as answers come). The feature spec
+is the served version's own (the registry's production version unless --version), so the raw values encode
+back to exactly the rows' model inputs (serve/features.py: raw_rows).
+
+Drift, injected into the rows before they are sent:
+  --shift NAME=DELTA   adds DELTA to a dense feature's log1p value (its counts times e**DELTA);
+  --skew NAME=SHARE    gives SHARE of the rows a categorical feature's most frequent category.
+
+It prints progress every 5 s, then the requests, errors, candidates scored, latency percentiles and the
+versions that answered; --out FILE writes the same as JSON. The API key, if the endpoint needs one, is read
+from the environment variable --api-key-env names, never from the command line.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+PROGRESS_EVERY_S = 5.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True, help="the endpoint, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--model", required=True, help="the registry's model name (serve.model)")
+    parser.add_argument("--source", required=True, type=Path, help="the run directory whose prepared rows to send")
+    parser.add_argument("--registry", help="the registry (serve.registry); default: <source>/../../registry")
+    parser.add_argument("--version", type=int, help="whose feature spec encodes the rows; default: production")
+    parser.add_argument("--split", choices=("val", "train"), default="val")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--candidates", type=int, default=8, help="rows per request")
+    parser.add_argument("--rate", type=float, default=0.0, help="requests per second in all; 0: no pacing")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--shift", action="append", default=[], metavar="NAME=DELTA")
+    parser.add_argument("--skew", action="append", default=[], metavar="NAME=SHARE")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key-env", help="the environment variable holding the API key")
+    parser.add_argument("--out", type=Path, help="write the summary as JSON here")
+    args = parser.parse_args(argv)
+    for name in ("requests", "candidates", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.rate < 0:
+        parser.error("--rate must be 0 (no pacing) or more")
+    return args
+
+
+def parse_assignments(items: list[str], *, flag: str) -> dict[str, float]:
+    parsed = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            parsed[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"{flag} {item!r}: expected NAME=NUMBER") from None
+    return parsed
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+def load_rows(source: Path, *, split: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dense, sparse) model inputs of the first `rows` rows of the run's prepared split (prepared again if
+    the data cache lost it)."""
+    import yaml
+
+    from serve.evaluate import held_out_batches
+    from trainers.config import config_from_dict
+    from trainers.families import get_family
+
+    config_file = source / "config.yaml"
+    if not config_file.is_file():
+        raise SystemExit(f"--source {source}: no config.yaml; expected a run directory that launch.py printed")
+    run_cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    family = get_family(run_cfg.model.family)
+    if family.name != "ranker":
+        raise SystemExit(f"--source {source} trained a {family.name}; this script replays ranker rows")
+    prepared = family.prepare_data(run_cfg.model, run_cfg.data, cache_root=Path(run_cfg.paths.data_cache).resolve())
+    directory = prepared.val_dir if split == "val" else prepared.train_dir
+    batches = list(held_out_batches(Path(directory), columns=["dense", "sparse"], rows=rows))
+    dense = np.concatenate([batch["dense"].numpy() for batch in batches])
+    sparse = np.concatenate([batch["sparse"].numpy() for batch in batches])
+    if len(dense) < rows:
+        print(f"the {split} split has {len(dense)} rows; they are sent again in turn", flush=True)
+        repeats = -(-rows // len(dense))
+        dense, sparse = np.tile(dense, (repeats, 1))[:rows], np.tile(sparse, (repeats, 1))[:rows]
+    return dense, sparse
+
+
+def inject_drift(dense: np.ndarray, sparse: np.ndarray, encoder, *, shifts: dict, skews: dict,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The rows with their drift: shifted dense features, skewed categorical ones (see the module docstring)."""
+    dense, sparse = dense.copy(), sparse.copy()
+    for name, delta in shifts.items():
+        if name not in encoder.dense_names:
+            raise SystemExit(f"--shift {name}: not a dense feature of the served version ({encoder.dense_names})")
+        column = encoder.dense_names.index(name)
+        dense[:, column] = np.maximum(dense[:, column] + delta, 0.0)
+    for name, share in skews.items():
+        if name not in encoder.categorical_names or not 0 <= share <= 1:
+            raise SystemExit(f"--skew {name}={share}: expected a categorical feature of the served version and a "
+                             "share in [0, 1]")
+        column = encoder.categorical_names.index(name)
+        present = sparse[:, column][sparse[:, column] != 0]
+        common = np.bincount(present).argmax() if present.size else 1
+        sparse[rng.random(len(sparse)) < share, column] = common
+    return dense, sparse
+
+
+# ---------------------------------------------------------------------------------------------- sending
+
+class Replay:
+    """Clients sending the requests in turn, paced to a total rate; what came back, under a lock."""
+
+    def __init__(self, url: str, bodies: list[bytes], *, headers: dict, rate: float):
+        self.url, self.bodies, self.headers, self.rate = url, bodies, headers, rate
+        self.lock = threading.Lock()
+        self.next_index = 0
+        self.latencies_ms: list[float] = []
+        self.statuses: Counter = Counter()
+        self.versions: Counter = Counter()
+        self.scored = 0
+        self.started = time.perf_counter()
+
+    def _claim(self) -> int | None:
+        with self.lock:
+            if self.next_index >= len(self.bodies):
+                return None
+            index, self.next_index = self.next_index, self.next_index + 1
+        if self.rate:
+            time.sleep(max(0.0, self.started + index / self.rate - time.perf_counter()))
+        return index
+
+    def client(self) -> None:
+        while (index := self._claim()) is not None:
+            request = urllib.request.Request(self.url, data=self.bodies[index], headers=self.headers, method="POST")
+            sent = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    status, answer = response.status, json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                status, answer = err.code, None
+            except OSError:
+                status, answer = "connection error", None
+            with self.lock:
+                self.latencies_ms.append((time.perf_counter() - sent) * 1000)
+                self.statuses[status] += 1
+                if status == 200:
+                    self.versions[answer.get("model_version")] += 1
+                    self.scored += len(answer["scores"])
+
+    def summary(self) -> dict:
+        with self.lock:
+            latencies = np.asarray(self.latencies_ms)
+            elapsed = time.perf_counter() - self.started
+            return {"requests": int(sum(self.statuses.values())), "errors": sum(n for s, n in self.statuses.items()
+                                                                               if s != 200),
+                    "statuses": {str(s): n for s, n in self.statuses.items()}, "candidates_scored": self.scored,
+                    "versions": {str(v): n for v, n in self.versions.items()}, "seconds": round(elapsed, 2),
+                    "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
+                    "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None}
+
+
+def run(replay: Replay, *, concurrency: int) -> dict:
+    threads = [threading.Thread(target=replay.client, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        for thread in threads:
+            thread.join(timeout=PROGRESS_EVERY_S)
+            if thread.is_alive():
+                break
+        progress = replay.summary()
+        print(f"  {progress['requests']}/{len(replay.bodies)} requests, {progress['errors']} errors, "
+              f"{progress['seconds']:.0f} s", flush=True)
+    return replay.summary()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from serve.features import FeatureEncoder
+    from serve.registry import Registry
+
+    shifts, skews = parse_assignments(args.shift, flag="--shift"), parse_assignments(args.skew, flag="--skew")
+    source = args.source.expanduser().resolve()
+    registry = Registry(args.registry or source.parent.parent / "registry")
+    version = args.version or registry.resolve(args.model, "production")
+    if version is None:
+        raise SystemExit(f"{args.model} has no production version in {registry.uri}: name one with --version")
+    export_dir = registry.fetch(args.model, version, cache_dir=Path(tempfile.gettempdir()) / "slipway-replay")
+    encoder = FeatureEncoder.from_file(export_dir / "feature_spec.json")
+    rng = np.random.default_rng(args.seed)
+    dense, sparse = load_rows(source, split=args.split, rows=args.requests * args.candidates)
+    dense, sparse = inject_drift(dense, sparse, encoder, shifts=shifts, skews=skews, rng=rng)
+    rows = encoder.raw_rows(dense, sparse)
+    bodies = [json.dumps({"model": args.model, "context": {},
+                          "candidates": rows[start : start + args.candidates]}).encode()
+              for start in range(0, len(rows), args.candidates)]
+    headers = {"content-type": "application/json"}
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise SystemExit(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+        headers["authorization"] = f"Bearer {key}"
+    drift = ", ".join([*(f"{n} +{d:g} (log1p)" for n, d in shifts.items()),
+                       *(f"{n} {s:.0%} one category" for n, s in skews.items())]) or "none"
+    print(f"replaying {len(bodies)} requests of {args.candidates} {args.split} rows to {args.url} "
+          f"(v{version}'s feature spec; drift: {drift})", flush=True)
+    replay = Replay(args.url.rstrip("/") + "/v1/rank", bodies, headers=headers, rate=args.rate)
+    summary = {**run(replay, concurrency=args.concurrency), "shift": shifts, "skew": skews, "split": args.split}
+    print(f"{summary['requests']} requests ({summary['errors']} errors, statuses {summary['statuses']}), "
+          f"{summary['candidates_scored']} candidates scored in {summary['seconds']} s; "
+          f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; answered by versions "
+          f"{summary['versions']}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
