@@ -149,6 +149,36 @@ def hash_to_buckets(values: np.ndarray, missing: np.ndarray, *, table: int, buck
     return result
 
 
+PREIMAGE_SEARCH_CHUNK = 1 << 20
+# Finding a raw value for every bucket takes about buckets * ln(wanted) hashes (the hash mixes every bit, so
+# consecutive values land in random buckets): a few seconds up to 2**24 buckets, hours for Criteo's 2**31.
+PREIMAGE_MAX_BUCKETS = 1 << 24
+PREIMAGE_TRIES_PER_BUCKET = 64  # values tried per bucket: a bucket is missed by chance with probability e**-64
+
+
+def hash_preimages(wanted: set[int], *, table: int, buckets: int, plus_one: bool) -> dict[int, int]:
+    """{bucket: the smallest raw value that hashes into it} for the `wanted` buckets of a table (of raw integer
+    ids, which preparation hashes as id + 1: `plus_one`; of hex values, hashed as they are)."""
+    if not wanted:
+        return {}
+    if buckets > PREIMAGE_MAX_BUCKETS:
+        raise ValueError(f"categorical table {table} hashes into {buckets} buckets, too many to find a raw value for "
+                         f"each (at most {PREIMAGE_MAX_BUCKETS}): replay the raw files instead")
+    found: dict[int, int] = {}
+    for start in range(0, PREIMAGE_TRIES_PER_BUCKET * buckets, PREIMAGE_SEARCH_CHUNK):
+        values = np.arange(start, start + PREIMAGE_SEARCH_CHUNK, dtype=np.uint64)
+        hashed = hash_to_buckets(values + np.uint64(plus_one), np.zeros(len(values), dtype=bool), table=table,
+                                 buckets=buckets)
+        wanted_here = np.isin(hashed, np.fromiter(wanted - found.keys(), dtype=np.int64))
+        for value, bucket in zip(values[wanted_here].tolist(), hashed[wanted_here].tolist(), strict=True):
+            found.setdefault(bucket, value)
+        if len(found) == len(wanted):
+            return found
+    missing = sorted(wanted - found.keys())[:5]
+    raise ValueError(f"categorical table {table}: no raw value under {PREIMAGE_TRIES_PER_BUCKET * buckets} hashes to "
+                     f"buckets {missing} of {buckets}")
+
+
 def _mix64(values: np.ndarray) -> np.ndarray:
     # numpy uint64 arrays wrap on overflow, which is the modular arithmetic splitmix64 wants.
     mixed = values ^ (values >> np.uint64(30))

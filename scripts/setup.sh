@@ -3,8 +3,20 @@
 # can pull a multi-GB CUDA build; on a GPU machine install the CUDA build of the same torch version instead:
 #   TORCH_INDEX_URL=<your PyTorch wheel index for CUDA or CPU> bash scripts/setup.sh
 # and, to serve LLMs with vLLM there (serve.engine=vllm): SLIPWAY_EXTRAS=vllm TORCH_INDEX_URL=... bash scripts/setup.sh
+# With --test (the README's test command), also Prometheus's Debian package when promtool is missing: the alert
+# rules' tests run promtool and a real Prometheus (tests/cluster/test_monitoring_rules.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--test" ] && ! command -v promtool >/dev/null; then
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  echo "installing Prometheus (the Debian package) for the alert rules' tests"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends prometheus
+elif [ -n "${1:-}" ] && [ "${1:-}" != "--test" ]; then
+  echo "scripts/setup.sh: unknown argument ${1}; expected none or --test" >&2
+  exit 2
+fi
 
 PYTHON=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then

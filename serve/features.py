@@ -35,6 +35,7 @@ from datasets.click_encoding import (
     MAX_BUCKETS,
     MAX_HEX_DIGITS,
     MISSING_BUCKET,
+    hash_preimages,
     hash_to_buckets,
     hex_to_uint64,
     transform_dense,
@@ -166,7 +167,7 @@ class FeatureEncoder:
         if self.category.kind == CATEGORY_ID_PLUS_ONE:
             return [None if bucket == MISSING_BUCKET else int(bucket) - 1 for bucket in buckets.tolist()]
         wanted = set(buckets.tolist()) - {MISSING_BUCKET}
-        preimages = _hash_preimages(wanted, table=table, buckets=self.category.buckets[table],
+        preimages = hash_preimages(wanted, table=table, buckets=self.category.buckets[table],
                                     plus_one=self.category.input == "int")
         raw = (lambda value: format(value, "x")) if self.category.input == "hex" else int
         return [None if bucket == MISSING_BUCKET else raw(preimages[bucket]) for bucket in buckets.tolist()]
@@ -437,33 +438,6 @@ def _id_column(values: list, *, limit: int, where: _Where) -> tuple[np.ndarray, 
     missing = np.fromiter((value is None for value in values), dtype=bool, count=len(values))
     ids = np.array([0 if value is None else value for value in values], dtype=np.uint64)
     return ids, missing
-
-
-PREIMAGE_SEARCH_CHUNK = 1 << 20
-# Finding a raw value for every bucket takes about buckets * ln(wanted) hashes (the hash mixes every bit, so
-# consecutive values land in random buckets): a few seconds up to 2**24 buckets, hours for Criteo's 2**31.
-PREIMAGE_MAX_BUCKETS = 1 << 24
-PREIMAGE_TRIES_PER_BUCKET = 64  # e**64 wanted buckets before the search gives up on one by chance
-
-
-def _hash_preimages(wanted: set[int], *, table: int, buckets: int, plus_one: bool) -> dict[int, int]:
-    """{bucket: the smallest raw value that hashes into it} for the `wanted` buckets of a table."""
-    if buckets > PREIMAGE_MAX_BUCKETS:
-        raise ValueError(f"categorical table {table} hashes into {buckets} buckets, too many to find a raw value for "
-                         f"each (at most {PREIMAGE_MAX_BUCKETS}): replay the raw files instead")
-    found: dict[int, int] = {}
-    for start in range(0, PREIMAGE_TRIES_PER_BUCKET * buckets, PREIMAGE_SEARCH_CHUNK):
-        values = np.arange(start, start + PREIMAGE_SEARCH_CHUNK, dtype=np.uint64)
-        hashed = hash_to_buckets(values + np.uint64(plus_one), np.zeros(len(values), dtype=bool), table=table,
-                                 buckets=buckets)
-        wanted_here = np.isin(hashed, np.fromiter(wanted - found.keys(), dtype=np.int64))
-        for value, bucket in zip(values[wanted_here].tolist(), hashed[wanted_here].tolist(), strict=True):
-            found.setdefault(bucket, value)
-        if len(found) == len(wanted):
-            return found
-    missing = sorted(wanted - found.keys())[:5]
-    raise ValueError(f"categorical table {table}: no raw value under {PREIMAGE_TRIES_PER_BUCKET * buckets} hashes to "
-                     f"buckets {missing} of {buckets}")
 
 
 def _hex_column(values: list, where: _Where) -> tuple[np.ndarray, np.ndarray]:

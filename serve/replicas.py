@@ -201,12 +201,14 @@ class LLMReplica(_VersionedReplica):
         where they hold prompts (fine-tuning rows: a conversation's tokens before its first trained one), the
         prompt lengths. Text rows are windows of a corpus, not prompts, so they give no prompt length to compare
         live prompts with."""
+        from datasets.chat import prompt_lengths_of
+
         token_ids, prompt_lengths = [], []
         for batch in batches:
             tokens = batch["tokens"].numpy()
             token_ids.append(tokens.ravel())
             if "loss_mask" in batch:
-                prompt_lengths.extend(_prompt_lengths(batch["loss_mask"].numpy(), batch["document_ids"].numpy()))
+                prompt_lengths.extend(prompt_lengths_of(batch["loss_mask"].numpy(), batch["document_ids"].numpy()))
         if not token_ids:
             raise ValueError("the held-out split has no rows to profile")
         numeric = {"prompt_tokens": np.asarray(prompt_lengths)} if prompt_lengths else {}
@@ -290,20 +292,6 @@ class LLMReplica(_VersionedReplica):
             logits = llm.model(torch.zeros(1, 1, dtype=torch.long, device=replica_device()))
         if not torch.isfinite(logits).all():
             raise RuntimeError(f"version {llm.version} produced non-finite logits")
-
-
-def _prompt_lengths(loss_mask: np.ndarray, document_ids: np.ndarray) -> list[int]:
-    """Per conversation of fine-tuning rows (in the datasets/chat.py layout: whole conversations packed in
-    rows, `document_ids` per input position, `loss_mask[p]` whether the token after position p is trained), the
-    tokens before its first trained one: the prompt a client would have sent. Padding trains nothing: skipped."""
-    lengths = []
-    for mask, documents in zip(loss_mask, document_ids, strict=True):
-        starts = np.flatnonzero(np.r_[True, documents[1:] != documents[:-1]])
-        for start, end in zip(starts, [*starts[1:], len(documents)], strict=True):
-            trained = np.flatnonzero(mask[start:end])
-            if trained.size:
-                lengths.append(int(trained[0]) + 1)  # position p predicts token p + 1, the first trained one
-    return lengths
 
 
 def _count_prompts(llm, jobs) -> None:

@@ -1,16 +1,19 @@
 """The ranker endpoint on real Ray Serve over HTTP: scores equal the exported model's, bearer-token auth, 4xx
 answers naming the field, and requests combined by @serve.batch under concurrent load."""
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conf.schema import MonitorConfig, ServeConfig
 from serve.drift import PSI_MAJOR
@@ -20,7 +23,7 @@ from serve.monitoring import bin_rows_from_exposition, live_from_bin_rows, profi
 from serve.promote import promote
 from serve.registry import Registry
 from tests.helpers import RANKER_REFERENCE_RUN, REPO_ROOT
-from tests.serve.conftest import scrape, settled
+from tests.serve.conftest import free_port, scrape, settled
 from tests.serve.http_client import request
 
 MODEL = "tiny-ranker"
@@ -29,6 +32,7 @@ AUTH = {"authorization": f"Bearer {API_KEY}"}
 CONTEXT = {"I1": 3, "I2": 0.5, "C1": 4, "C2": 1}
 HISTOGRAM = "ray_slipway_ranker_batch_requests"  # requests per @serve.batch call
 CANDIDATES = [{"C3": i, "C4": 2 * i, "I3": float(i)} for i in range(6)]
+DRIFT_WINDOW_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +47,12 @@ def served_ranker(trained_runs, serve_port, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ranker_serving")
     run_dir = trained_runs("ranker-reference", RANKER_REFERENCE_RUN, ranker=True)
-    # Publishing every second, so that the monitoring test reads its own requests' counts within seconds.
+    # Publishing every second, so that the monitoring tests read their own requests' counts within seconds, and
+    # a drift window of 30 s, so that the alert test can wait for earlier tests' traffic to leave it.
     serve_cfg = ServeConfig(registry=str(root / "registry"), port=serve_port, num_cpus=0.25, min_replicas=1,
                             max_replicas=1, api_key=API_KEY, max_candidates=8, max_batch_size=16,
-                            batch_wait_timeout_s=0.05, monitor=MonitorConfig(publish_interval_s=1.0))
+                            batch_wait_timeout_s=0.05,
+                            monitor=MonitorConfig(publish_interval_s=1.0, drift_window_s=DRIFT_WINDOW_S))
     # As stage=promote registers a run's best checkpoint: exported, profiled on the held-out split, gated.
     assert promote(serve_cfg, model=MODEL, source=run_dir, experiment="ranker_dlrm",
                    cache_dir=root / "cache")["decision"] == "promoted"
@@ -292,10 +298,11 @@ def test_live_traffic_is_counted_on_the_reference_bins_and_a_shifted_feature_fla
         assert rank(url, {"context": {}, "candidates": candidates})[0] == 200
     sent = requests * per_request
     deadline, counted = time.monotonic() + 30, {}
-    while time.monotonic() < deadline:  # the replica publishes every second
+    while time.monotonic() < deadline:  # published every second; Ray exports a publish's series as they come
         after = bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1, arm="production")
         counted = {key: rows - before.get(key, 0.0) for key, rows in after.items()}
-        if counted.get(("I1", str(top_bin)), 0) >= sent:
+        scores = sum(rows for (feature, _), rows in counted.items() if feature == "score")
+        if counted.get(("I1", str(top_bin)), 0) >= sent and scores >= sent:
             break
         time.sleep(1)
     assert counted.get(("I1", str(top_bin))) == sent
@@ -303,9 +310,13 @@ def test_live_traffic_is_counted_on_the_reference_bins_and_a_shifted_feature_fla
     assert sum(rows for (feature, _), rows in counted.items() if feature == "score") == sent
     drift = profile_drift(reference, live_from_bin_rows(reference, counted))
     assert drift["I1"].drifted and drift["I1"].live_rows == sent
-    psi_rows = [line for line in scrape(ray_session).splitlines()
-                if line.startswith("ray_slipway_feature_psi{") and f'model="{MODEL}"' in line]
-    assert float(next(row for row in psi_rows if 'feature="I1"' in row).rsplit(" ", 1)[1]) >= PSI_MAJOR
+    deadline, psi = time.monotonic() + 30, 0.0
+    while psi < PSI_MAJOR and time.monotonic() < deadline:  # the gauge is set after the counters, at each publish
+        rows = [line for line in scrape(ray_session).splitlines() if line.startswith("ray_slipway_feature_psi{")
+                and f'model="{MODEL}"' in line and 'feature="I1"' in line]
+        psi = max([float(row.rsplit(" ", 1)[1]) for row in rows], default=0.0)
+        time.sleep(0.5)
+    assert psi >= PSI_MAJOR
 
 
 def replay(served_ranker, ray_session, *args: str) -> dict:
@@ -318,11 +329,13 @@ def replay(served_ranker, ray_session, *args: str) -> dict:
     assert done.returncode == 0, done.stdout + done.stderr
     sent = int(args[args.index("--requests") + 1]) * int(args[args.index("--candidates") + 1])
     assert f"{sent} candidates scored" in done.stdout and "0 errors" in done.stdout, done.stdout
-    deadline, counted = time.monotonic() + 30, {}
-    while time.monotonic() < deadline:  # the replica publishes every second
+    features = [*read_reference(served_ranker.export_dir).features, "score"]
+    deadline, counted = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:  # published every second; Ray exports a publish's series as they come
         after = bin_rows_from_exposition(scrape(ray_session), model=MODEL, version=1)
         counted = {key: rows - before.get(key, 0.0) for key, rows in after.items()}
-        if sum(rows for (feature, _), rows in counted.items() if feature == "score") >= sent:
+        totals = {feature: sum(rows for (name, _), rows in counted.items() if name == feature) for feature in features}
+        if min(totals.values()) >= sent:
             break
         time.sleep(1)
     return counted
@@ -342,3 +355,60 @@ def test_replayed_unseen_rows_raise_no_drift_and_a_shifted_feature_is_flagged_al
         "--shift", "I2=1.5")))
     assert shifted["I2"].drifted, shifted["I2"]
     assert {name for name, drift in shifted.items() if drift.drifted} <= {"I2", "score"}
+
+
+def prometheus_query(url: str, path: str) -> dict:
+    return json.loads(urllib.request.urlopen(url + path, timeout=10).read())["data"]
+
+
+def window_rows(url: str) -> float | None:
+    """The rows in the model's drift windows, as Prometheus last scraped them (None: nothing scraped yet)."""
+    query = urllib.parse.quote(f'sum(ray_slipway_profile_window_rows{{model="{MODEL}"}})')
+    try:
+        result = prometheus_query(url, f"/api/v1/query?query={query}")["result"]
+    except OSError:  # not listening yet
+        return None
+    return float(result[0]["value"][1]) if result else None
+
+
+def firing_drift(url: str) -> set[tuple[str, str]]:
+    """(alert, feature) of Slipway's drift alerts firing for this model."""
+    return {(alert["labels"]["alertname"], alert["labels"].get("feature", "")) for alert in
+            prometheus_query(url, "/api/v1/alerts")["alerts"]
+            if alert["state"] == "firing" and alert["labels"].get("model") == MODEL}
+
+
+def test_a_real_prometheus_fires_the_drift_alert_for_the_shifted_feature_only(served_ranker, ray_session,
+                                                                              tmp_path):
+    """Prometheus (the Debian package) scrapes Ray's metrics endpoint and evaluates cluster/monitoring's rules
+    (their 10 minutes of `for` cut to none). Once earlier tests' traffic has left the replica's drift window, no
+    drift alert fires; replayed rows with I2 shifted make SlipwayFeatureDrift fire for I2, and for no other
+    feature."""
+    rules = (REPO_ROOT / "cluster" / "monitoring" / "slipway_rules.yml").read_text()
+    (tmp_path / "rules.yml").write_text(rules.replace("for: 10m", "for: 0s"))
+    metrics_port = ray_session._private.worker.global_worker.node.metrics_export_port
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": ["rules.yml"],
+        "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    prometheus = subprocess.Popen(["prometheus", "--config.file=prometheus.yml", f"--storage.tsdb.path={tmp_path}/tsdb",
+                                   f"--web.listen-address=127.0.0.1:{port}"], cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    try:
+        deadline = time.monotonic() + DRIFT_WINDOW_S + 60
+        while window_rows(url) != 0.0 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert window_rows(url) == 0.0, (tmp_path / "prometheus.log").read_text()[-3000:]
+        time.sleep(3)  # a few rule evaluations on the empty window
+        assert firing_drift(url) == set()
+        replay(served_ranker, ray_session, "--split", "train", "--requests", "60", "--candidates", "8",
+               "--shift", "I2=2.0")
+        deadline, firing = time.monotonic() + 60, set()
+        while ("SlipwayFeatureDrift", "I2") not in firing and time.monotonic() < deadline:
+            time.sleep(1)
+            firing = firing_drift(url)
+        assert {feature for alert, feature in firing if alert == "SlipwayFeatureDrift"} == {"I2"}, firing
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
