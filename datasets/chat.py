@@ -366,18 +366,18 @@ def _assemble_rows(groups: list[list[Example]], *, seq_len: int, pad_id: int) ->
     return {"tokens": tokens, "loss_mask": loss_mask[:, :seq_len], "document_ids": document_ids[:, :seq_len]}
 
 
-def prompt_lengths_of(loss_mask: np.ndarray, document_ids: np.ndarray) -> list[int]:
+def prompts_of(tokens: np.ndarray, loss_mask: np.ndarray, document_ids: np.ndarray) -> list[np.ndarray]:
     """Per conversation of fine-tuning rows (as _assemble_rows lays them out: whole conversations packed in
-    rows, `document_ids` per input position, `loss_mask[p]` whether the token after position p is trained), the
+    rows, `document_ids` per input position, `loss_mask[p]` whether the token after position p is trained), its
     tokens before its first trained one: the prompt a client would have sent. Padding trains nothing: skipped."""
-    lengths = []
-    for mask, documents in zip(loss_mask, document_ids, strict=True):
+    prompts = []
+    for row, mask, documents in zip(tokens, loss_mask, document_ids, strict=True):
         starts = np.flatnonzero(np.r_[True, documents[1:] != documents[:-1]])
         for start, end in zip(starts, [*starts[1:], len(documents)], strict=True):
             trained = np.flatnonzero(mask[start:end])
-            if trained.size:
-                lengths.append(int(trained[0]) + 1)  # position p predicts token p + 1, the first trained one
-    return lengths
+            if trained.size:  # position p predicts token p + 1, the first trained one
+                prompts.append(row[start : start + int(trained[0]) + 1])
+    return prompts
 
 
 def _split_stats(examples: list[Example], rows: dict[str, np.ndarray]) -> dict:

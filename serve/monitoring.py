@@ -7,8 +7,8 @@ model inputs it scores (after encoding, as the model sees them) and the scores i
 serve.monitor.publish_interval_s it publishes, per model, version and arm (the deployment's role: production or
 canary):
   - the rows counted in each bin since the last publish, as counters (`slipway_profile_bin_rows`), which sum
-    across replicas and over any time range: `stage=monitor` and the drift alert rules rebuild the merged live
-    histogram of a window from them;
+    across replicas and over any time range: `live_from_bin_rows` rebuilds the merged live histogram of a
+    window from them;
   - PSI per feature and of the scores over the replica's last serve.monitor.drift_window_s
     (`slipway_feature_psi`, `slipway_prediction_psi`), with the rows that window holds
     (`slipway_profile_window_rows`): a single replica's view, enough for a dashboard at a glance.

@@ -37,7 +37,7 @@ from ray.serve import metrics
 from serve import api
 from serve.export import LoadedModel, load_export
 from serve.monitoring import LiveProfile, ProfileMetrics, read_reference
-from serve.profiles import Profile
+from serve.profiles import Profile, ProfileError
 from serve.registry import Registry
 from trainers.families import get_family
 
@@ -112,7 +112,12 @@ class _VersionedReplica:
 
     def _live_profile(self, export: LoadedModel) -> LiveProfile | None:
         """What the version's traffic is counted into, on its reference profile's bins (None: it has none)."""
-        reference = read_reference(export.directory)
+        try:
+            reference = read_reference(export.directory)
+        except ProfileError:  # watching must never keep a version from serving
+            logger.exception("%s's reference profile cannot be read: its traffic is served but not watched",
+                             export.directory)
+            return None
         if reference is None:
             logger.warning("%s has no reference profile (registered before profiles were written): its traffic is "
                            "served but not watched for drift", export.directory)
@@ -197,18 +202,21 @@ class LLMReplica(_VersionedReplica):
 
     @staticmethod
     def reference_profile(export_dir: Path, batches) -> Profile:
-        """A version's reference (serve/evaluate.py: profile_on_run_data): the token ids of the held-out rows, and
-        where they hold prompts (fine-tuning rows: a conversation's tokens before its first trained one), the
-        prompt lengths. Text rows are windows of a corpus, not prompts, so they give no prompt length to compare
-        live prompts with."""
-        from datasets.chat import prompt_lengths_of
+        """A version's reference (serve/evaluate.py: profile_on_run_data): what its clients' prompts should look
+        like, from the held-out rows. Fine-tuning rows hold prompts (each conversation's tokens before its first
+        trained one): their lengths and token ids. Text rows are windows of a corpus: their token ids, and no
+        prompt length to compare live prompts with."""
+        from datasets.chat import prompts_of
 
         token_ids, prompt_lengths = [], []
         for batch in batches:
             tokens = batch["tokens"].numpy()
-            token_ids.append(tokens.ravel())
             if "loss_mask" in batch:
-                prompt_lengths.extend(prompt_lengths_of(batch["loss_mask"].numpy(), batch["document_ids"].numpy()))
+                prompts = prompts_of(tokens, batch["loss_mask"].numpy(), batch["document_ids"].numpy())
+                token_ids.extend(prompts)
+                prompt_lengths.extend(len(prompt) for prompt in prompts)
+            else:
+                token_ids.append(tokens.ravel())
         if not token_ids:
             raise ValueError("the held-out split has no rows to profile")
         numeric = {"prompt_tokens": np.asarray(prompt_lengths)} if prompt_lengths else {}

@@ -104,14 +104,16 @@ def test_calibration_bins_measure_the_gap_between_scores_and_outcomes():
     assert np.isnan(Calibration().expected_calibration_error())
 
 
-def test_prompt_lengths_are_read_from_packed_fine_tuning_rows():
+def test_prompts_are_read_from_packed_fine_tuning_rows():
     """Each conversation's tokens before its first trained one, from rows that pack several conversations and
     pad the rest (the layout datasets/chat.py prepares)."""
-    from datasets.chat import _assemble_rows, _example, prompt_lengths_of
+    from datasets.chat import _assemble_rows, _example, prompts_of
 
-    def conversation(prompt: int, answer: int):
+    def conversation(first: int, prompt: int, answer: int):
         trained = np.r_[np.zeros(prompt, dtype=bool), np.ones(answer, dtype=bool)]
-        return _example(np.arange(1, prompt + answer + 1), trained, score=0.0)
+        return _example(np.arange(first, first + prompt + answer), trained, score=0.0)
 
-    rows = _assemble_rows([[conversation(3, 2), conversation(5, 4)], [conversation(7, 1)]], seq_len=16, pad_id=0)
-    assert prompt_lengths_of(rows["loss_mask"], rows["document_ids"]) == [3, 5, 7]
+    groups = [[conversation(10, 3, 2), conversation(20, 5, 4)], [conversation(30, 7, 1)]]
+    rows = _assemble_rows(groups, seq_len=16, pad_id=0)
+    prompts = prompts_of(rows["tokens"], rows["loss_mask"], rows["document_ids"])
+    assert [p.tolist() for p in prompts] == [[10, 11, 12], [20, 21, 22, 23, 24], list(range(30, 37))]

@@ -428,7 +428,9 @@ def test_a_chat_models_prompts_are_profiled_against_its_fine_tuning_prompts(serv
     assert list(reference.features) == ["prompt_tokens", "token_id"]
     conversations = reference.features["prompt_tokens"].total
     assert conversations > 0 and reference.features["token_id"].total > conversations
-    assert len(reference.features["token_id"].categories) == 50  # the held-out split's most frequent token ids
+    token_ids = reference.features["token_id"]  # the held-out prompts' most frequent token ids, up to 50 bins
+    assert 0 < len(token_ids.categories) <= 50
+    assert len(token_ids.categories) == 50 or token_ids.counts[-1] == 0  # fewer: every token has its own bin
 
     def counted() -> dict:
         rows = bin_rows_from_exposition(scrape(ray_session), model=served_chat_llm.model, version=1,
