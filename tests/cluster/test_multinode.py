@@ -108,7 +108,9 @@ def test_training_survives_losing_a_node_and_resizes_to_what_is_left(three_nodes
     restored = [line for line in output.splitlines() if "training tiny with ddp on 1 worker(s) from step" in line]
     assert restored, output[-4000:]
     resumed_at = int(restored[0].split("from step ")[1].split()[0])
-    assert resumed_at in (3, 6)  # the latest checkpoint before the loss, not step 0
+    # A checkpoint, not step 0: the latest one Train had registered when it noticed the loss. Stopping B's raylet
+    # and workers takes a moment, in which the two workers may still finish steps 8 and 9 (CI once saw 9).
+    assert resumed_at in (3, 6, 9)
     summary = json.loads(next(root.glob("runs/*/summary.json")).read_text())
     assert summary["status"] == "finished" and summary["steps"] == 12
     assert output.strip().splitlines()[-1].startswith("run_dir: ")
