@@ -83,20 +83,16 @@ def load_rows(source: Path, *, split: str, rows: int) -> tuple[np.ndarray, np.nd
     the data cache lost it)."""
     import yaml
 
-    from serve.evaluate import held_out_batches
+    from serve.evaluate import run_held_out_batches
     from trainers.config import config_from_dict
-    from trainers.families import get_family
 
     config_file = source / "config.yaml"
     if not config_file.is_file():
         raise SystemExit(f"--source {source}: no config.yaml; expected a run directory that launch.py printed")
     run_cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    family = get_family(run_cfg.model.family)
-    if family.name != "ranker":
-        raise SystemExit(f"--source {source} trained a {family.name}; this script replays ranker rows")
-    prepared = family.prepare_data(run_cfg.model, run_cfg.data, cache_root=Path(run_cfg.paths.data_cache).resolve())
-    directory = prepared.val_dir if split == "val" else prepared.train_dir
-    batches = list(held_out_batches(Path(directory), columns=["dense", "sparse"], rows=rows))
+    if run_cfg.model.family != "ranker":
+        raise SystemExit(f"--source {source} trained a {run_cfg.model.family}; this script replays ranker rows")
+    batches = list(run_held_out_batches(run_cfg, rows=rows, trained_on=None, split=split))
     dense = np.concatenate([batch["dense"].numpy() for batch in batches])
     sparse = np.concatenate([batch["sparse"].numpy() for batch in batches])
     if len(dense) < rows:

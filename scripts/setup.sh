@@ -8,15 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${1:-}" = "--test" ] && ! command -v promtool >/dev/null; then
-  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
-  echo "installing Prometheus (the Debian package) for the alert rules' tests"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends prometheus
-elif [ -n "${1:-}" ] && [ "${1:-}" != "--test" ]; then
-  echo "scripts/setup.sh: unknown argument ${1}; expected none or --test" >&2
-  exit 2
-fi
+case "${1:-}" in
+  "") ;;
+  --test)
+    if ! command -v promtool >/dev/null; then
+      SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+      echo "installing Prometheus (the Debian package) for the alert rules' tests"
+      $SUDO apt-get update -q
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends prometheus
+    fi ;;
+  *) echo "scripts/setup.sh: unknown argument ${1}; expected none or --test" >&2; exit 2 ;;
+esac
 
 PYTHON=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then

@@ -374,7 +374,8 @@ class AsyncEngine:
                 posted = self._post(self._fail, self.engine.abort(), err)
             else:
                 posted = self._post(self._dispatch, report, self.engine.stats())
-            if not posted:  # the loop is closed: nobody is left to read, so drop the rest and stop for good
+            if not posted:  # the loop is closed: nobody is left to read, so drop the rest and stop (a later
+                # `generate` on a live loop starts stepping again)
                 self.engine.abort()
                 with self._lock:
                     self._stepping = False

@@ -87,8 +87,10 @@ def profile_on_run_data(export_dir: Path, run_cfg: RootConfig, *, rows: int, tra
         return build(Path(export_dir), run_held_out_batches(run_cfg, rows=rows, trained_on=trained_on))
 
 
-def run_held_out_batches(run_cfg: RootConfig, *, rows: int, trained_on: str | None) -> Iterator[dict]:
-    """The run's held-out split (see evaluate_on_run_data for `trained_on`)."""
+def run_held_out_batches(run_cfg: RootConfig, *, rows: int, trained_on: str | None,
+                         split: str = "val") -> Iterator[dict]:
+    """The run's held-out split, or with split="train" its training split (scripts/replay_traffic.py replays rows
+    the reference never saw); see evaluate_on_run_data for `trained_on`."""
     family = get_family(run_cfg.model.family)
     prepared = family.prepare_data(run_cfg.model, run_cfg.data, cache_root=Path(run_cfg.paths.data_cache).resolve())
     if trained_on and prepared.fingerprint != trained_on:
@@ -97,4 +99,5 @@ def run_held_out_batches(run_cfg: RootConfig, *, rows: int, trained_on: str | No
             f"{prepared.fingerprint[:12]}): its held-out split is not the one the run held out. Train again on "
             "this data (checkpoint.resume=fresh), or restore the data the run trained on"
         )
-    return held_out_batches(Path(prepared.val_dir), columns=prepared.columns("val"), rows=rows)
+    directory = prepared.val_dir if split == "val" else prepared.train_dir
+    return held_out_batches(Path(directory), columns=prepared.columns(split), rows=rows)

@@ -117,3 +117,17 @@ def test_prompts_are_read_from_packed_fine_tuning_rows():
     rows = _assemble_rows(groups, seq_len=16, pad_id=0)
     prompts = prompts_of(rows["tokens"], rows["loss_mask"], rows["document_ids"])
     assert [p.tolist() for p in prompts] == [[10, 11, 12], [20, 21, 22, 23, 24], list(range(30, 37))]
+
+
+def test_rows_counted_early_once_many_are_held_are_not_lost_or_counted_twice():
+    reference, rng = reference_profile(), np.random.default_rng(4)
+    live = LiveProfile(reference, window_s=60)
+    live.PENDING_ROWS = 100  # counted on the adding thread from 100 held rows on
+    expected = reference.empty()
+    for size in (60, 60, 30):
+        columns = {"x": rng.normal(size=size), "c": rng.integers(0, 5, size=size)}
+        scores = rng.uniform(size=size)
+        live.add(columns, scores=scores)
+        expected.add(columns, scores=scores)
+    closed = live.close_interval()
+    assert closed.features == expected.features and closed.scores == expected.scores and closed.rows == 150
