@@ -5,6 +5,8 @@
     python launch.py +exp=quickstart                  # train, promote and serve the tiny LLM
     python launch.py +exp=llm_tiny sweep=asha stages=[sweep,promote,serve]
     python launch.py stage=rollback serve.model=llm_tiny
+    python launch.py stage=rollout serve.model=ranker_dlrm serve.canary_version=5   # judged, step by step
+    python launch.py stage=monitor serve.model=ranker_dlrm      # traffic, latency, quality, drift, alerts
     python launch.py +exp=llm_8b_zero3 cluster=aws_p5 plan=true    # memory, time and cost; starts nothing
     python launch.py +exp=llm_tiny cluster=remote cluster.address=http://HEAD:8265 submit=true
     python launch.py --cfg job +exp=llm_tiny        # print the resolved config and exit (Hydra's flag)
@@ -24,7 +26,8 @@ from trainers.config import config_from_dict, plain_config, redacted, register_c
 
 logger = logging.getLogger("slipway")
 
-STAGES = ("train", "sweep", "promote", "canary", "rollback", "registry", "export", "serve")
+STAGES = ("train", "sweep", "promote", "canary", "shadow", "rollout", "rollback", "registry", "export", "serve",
+          "monitor")
 # Whether Hydra got as far as calling main(): before that, a failure is a config that does not compose.
 _composed = False
 
@@ -100,6 +103,18 @@ def _run_stage(stage: str, cfg: RootConfig, *, config: dict, experiment: str, pr
     if stage == "canary":
         promote.set_canary(cfg.serve, model=model)
         return "canary", f"{model} {describe_aliases(cfg, model)}"
+    if stage == "shadow":
+        promote.set_shadow(cfg.serve, model=model)
+        return "shadow", f"{model} {describe_aliases(cfg, model)}"
+    if stage == "rollout":
+        from serve.rollout import rollout
+
+        state = rollout(cfg.serve, model=model)
+        return "rollout", f"{model} v{state['canary']} {state['status'].replace('_', ' ')}: {state['reason']}"
+    if stage == "monitor":
+        from serve.monitor_report import monitor
+
+        return "monitor", monitor(cfg.serve, model=model, out_root=Path(cfg.paths.root).resolve())
     if stage == "rollback":
         event = promote.rollback(cfg.serve, model=model)
         return "production", f"{model} v{event['to']}"

@@ -375,17 +375,74 @@ class MonitorConfig:
     profile_rows: int = 20000  # held-out rows a version's reference profile is built from (stage=promote); 0 = all
     drift_window_s: float = 300.0  # a replica compares the rows of the last this many seconds with the reference
     publish_interval_s: float = 5.0  # how often a replica turns what it counted into Prometheus metrics
+    # Delayed labels (POST /v1/feedback, serve/feedback.py): an answer waits this long for its feedback, and at most
+    # this many answers wait at once (the oldest are dropped first); live quality covers this window of feedback.
+    feedback_ttl_s: float = 3600.0
+    max_predictions: int = 200_000
+    quality_window_s: float = 900.0
+    # Test-only: POST /v1/faults adds latency and errors to one version (scripts/replay_traffic.py --fault), to show
+    # that the rollout judge and the alerts catch them. Never on in production.
+    fault_injection: bool = False
+    # Where stage=rollout and stage=monitor read the served model (GET /v1/monitor); None = the endpoint that
+    # stage=serve starts from this config (http://serve.host:serve.port + serve.route_prefix)
+    url: str | None = None
+    # stage=monitor reads drift and firing alerts from this Prometheus (one that scrapes Ray's metrics and loads
+    # cluster/monitoring/slipway_rules.yml); None = drift scraped from the local Ray's metrics agents, no alerts
+    prometheus_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.profile_rows < 0:
             raise ValueError(f"serve.monitor.profile_rows={self.profile_rows}: expected 0 (all) or more rows")
-        for key in ("drift_window_s", "publish_interval_s"):
+        if self.max_predictions < 1:
+            raise ValueError(f"serve.monitor.max_predictions={self.max_predictions}: expected at least 1")
+        for key in ("drift_window_s", "publish_interval_s", "feedback_ttl_s", "quality_window_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"serve.monitor.{key}={getattr(self, key)}: expected a positive number of seconds")
         if self.drift_window_s < self.publish_interval_s:
             raise ValueError(f"serve.monitor.drift_window_s={self.drift_window_s} is shorter than "
                              f"serve.monitor.publish_interval_s={self.publish_interval_s}: a window holds whole "
                              "publishing intervals")
+
+
+@dataclass
+class RolloutConfig:
+    """stage=rollout (serve/rollout.py): the canary's traffic share steps up while the judge (serve/judge.py)
+    compares it with production serving at the same time; it ends promoted or rolled back by itself."""
+
+    steps: list[float] = field(default_factory=lambda: [1.0, 5.0, 25.0, 50.0, 100.0])  # canary %; 100 = promote
+    bake_s: float = 60.0  # at each step, traffic this long before the judge's first look
+    look_interval_s: float = 30.0  # between the judge's looks at one step
+    max_looks: int = 10  # a step still inconclusive at its last look rolls the canary back
+    min_samples: int = 200  # requests (and labelled rows) each arm needs before a metric is judged
+    alpha: float = 0.05  # the chance of rolling back a canary as good as production, over the whole rollout
+    latency_tolerance_ms: float = 10.0  # the canary may be this much slower (median shift) ...
+    latency_tolerance_ratio: float = 0.2  # ... or this share of production's median, whichever is more
+    error_tolerance: float = 0.005  # extra share of 5xx answers the canary may have
+    quality_tolerance: float = 0.01  # AUC (rankers) or mean feedback score (LLMs) the canary may lose
+    critical: list[str] = field(default_factory=lambda: ["latency", "errors", "quality"])  # fail alone, at once
+    resamples: int = 1000  # bootstrap resamples of the quality interval
+    lease_s: float = 300.0  # a rollout whose command wrote nothing for this long may be continued by another
+
+    def __post_init__(self) -> None:
+        steps = list(self.steps)
+        if not steps or any(not 0 < step <= 100 for step in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
+            raise ValueError(f"serve.rollout.steps={steps}: expected increasing percentages in (0, 100] ending at 100 "
+                             "(the promotion)")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"serve.rollout.alpha={self.alpha}: expected a probability in (0, 0.5)")
+        for key in ("max_looks", "min_samples", "resamples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"serve.rollout.{key}={getattr(self, key)}: expected at least 1")
+        for key in ("bake_s", "look_interval_s", "latency_tolerance_ms", "latency_tolerance_ratio", "error_tolerance",
+                    "quality_tolerance"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"serve.rollout.{key}={getattr(self, key)}: expected 0 or more")
+        unknown = sorted(set(self.critical) - {"latency", "errors", "quality"})
+        if unknown:
+            raise ValueError(f"serve.rollout.critical names {unknown}; the metrics are latency, errors and quality")
+        if not self.lease_s > self.look_interval_s:
+            raise ValueError(f"serve.rollout.lease_s={self.lease_s} must be longer than serve.rollout.look_interval_s="
+                             f"{self.look_interval_s}: a running rollout writes its state at every look")
 
 
 @dataclass
@@ -411,6 +468,10 @@ class ServeConfig:
     to_version: int | None = None
     canary_version: int | None = None  # a registered version that gets canary_percent of the traffic
     canary_percent: float = 0.0
+    # Shadow traffic: this share of requests is also sent to shadow_version, whose answers only the watcher sees
+    # (stage=shadow, or stage=serve with these set); 0 removes the shadow
+    shadow_version: int | None = None
+    shadow_percent: float = 0.0
     # The endpoint
     host: str = "127.0.0.1"  # localhost only unless you say otherwise
     port: int = 8000
@@ -458,6 +519,7 @@ class ServeConfig:
     max_batch_size: int = 64  # candidates of many requests are scored together by @serve.batch
     batch_wait_timeout_s: float = 0.005  # waited only while other requests are being ranked on the replica
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def __post_init__(self) -> None:
         # Checked at composition, before any stage runs: an empty key is an unset variable or a typo, and reading

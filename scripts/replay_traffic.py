@@ -3,6 +3,8 @@
     python scripts/replay_traffic.py --url http://127.0.0.1:8000 --model ranker_dlrm \
         --source outputs/runs/ranker_dlrm-1a2b3c4d --requests 500 --rate 20
     python scripts/replay_traffic.py ... --shift I1=1.5 --skew C3=0.6      # the same, drifted
+    python scripts/replay_traffic.py ... --feedback-delay 30               # clicks sent back 30 s later
+    python scripts/replay_traffic.py ... --fault 5:latency_ms=40,error_rate=0.05   # v5 slow and failing
 
 Rows come from the run's prepared split (--split, the held-out one by default; `train` gives rows the
 reference profile never saw) and are sent as raw features, `--candidates` rows per POST /v1/rank, by
@@ -14,14 +16,25 @@ Drift, injected into the rows before they are sent:
   --shift NAME=DELTA   adds DELTA to a dense feature's log1p value (its counts times e**DELTA);
   --skew NAME=SHARE    gives SHARE of the rows a categorical feature's most frequent category.
 
-It prints progress every 5 s, then the requests, errors, candidates scored, latency percentiles and the
-versions that answered; --out FILE writes the same as JSON. The API key, if the endpoint needs one, is read
+Delayed labels: with --feedback-delay S, each answer's clicks (the rows' labels: the indices of the candidates
+that were clicked) go to POST /v1/feedback S seconds after the answer came, with the answer's id, as a client
+that logs clicks would send them. The script waits for the last of them before it ends.
+
+Faults (test-only; the endpoint must run with serve.monitor.fault_injection=true): --fault VERSION:latency_ms=MS,
+error_rate=SHARE makes that version's requests wait MS longer and fail with a 500 at that rate, from the start of
+the replay to its end (POST /v1/faults); it shows that the rollout judge and the alerts catch a bad canary.
+
+SIGTERM or Ctrl-C stops sending; the answers in flight and their feedback are awaited. It prints progress every
+5 s, then the requests, errors, candidates scored, latency percentiles, feedback sent
+and the versions that answered; --out FILE writes the same as JSON. The API key, if the endpoint needs one, is read
 from the environment variable --api-key-env names, never from the command line.
 """
 
 import argparse
+import heapq
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -54,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shift", action="append", default=[], metavar="NAME=DELTA")
     parser.add_argument("--skew", action="append", default=[], metavar="NAME=SHARE")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feedback-delay", type=float, metavar="SECONDS",
+                        help="send each answer's clicks to /v1/feedback this long after it; default: no feedback")
+    parser.add_argument("--fault", metavar="VERSION:latency_ms=MS,error_rate=SHARE",
+                        help="test-only: make one version slow and failing while the replay runs")
     parser.add_argument("--api-key-env", help="the environment variable holding the API key")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = parser.parse_args(argv)
@@ -62,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1")
     if args.rate < 0:
         parser.error("--rate must be 0 (no pacing) or more")
+    if args.feedback_delay is not None and args.feedback_delay < 0:
+        parser.error("--feedback-delay must be 0 or more seconds")
     return args
 
 
@@ -78,9 +97,18 @@ def parse_assignments(items: list[str], *, flag: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ rows
 
-def load_rows(source: Path, *, split: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dense, sparse) model inputs of the first `rows` rows of the run's prepared split (prepared again if
-    the data cache lost it)."""
+def parse_fault(text: str) -> dict:
+    """--fault VERSION:latency_ms=MS,error_rate=SHARE as the body of POST /v1/faults."""
+    version, _, settings = text.partition(":")
+    if not version.isdigit():
+        raise SystemExit(f"--fault {text!r}: expected VERSION:latency_ms=MS,error_rate=SHARE, e.g. 5:error_rate=0.1")
+    return {"version": int(version), **parse_assignments([part for part in settings.split(",") if part],
+                                                         flag="--fault")}
+
+
+def load_rows(source: Path, *, split: str, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dense, sparse, label) of the first `rows` rows of the run's prepared split (prepared again if the data
+    cache lost it)."""
     import yaml
 
     from serve.evaluate import run_held_out_batches
@@ -95,11 +123,13 @@ def load_rows(source: Path, *, split: str, rows: int) -> tuple[np.ndarray, np.nd
     batches = list(run_held_out_batches(run_cfg, rows=rows, trained_on=None, split=split))
     dense = np.concatenate([batch["dense"].numpy() for batch in batches])
     sparse = np.concatenate([batch["sparse"].numpy() for batch in batches])
+    label = np.concatenate([batch["label"].numpy() for batch in batches])
     if len(dense) < rows:
         print(f"the {split} split has {len(dense)} rows; they are sent again in turn", flush=True)
         repeats = -(-rows // len(dense))
         dense, sparse = np.tile(dense, (repeats, 1))[:rows], np.tile(sparse, (repeats, 1))[:rows]
-    return dense, sparse
+        label = np.tile(label, repeats)[:rows]
+    return dense, sparse, label
 
 
 def inject_drift(dense: np.ndarray, sparse: np.ndarray, encoder, *, shifts: dict, skews: dict,
@@ -127,9 +157,14 @@ def inject_drift(dense: np.ndarray, sparse: np.ndarray, encoder, *, shifts: dict
 class Replay:
     """Clients sending the requests in turn, paced to a total rate; what came back, under a lock."""
 
-    def __init__(self, url: str, bodies: list[bytes], *, headers: dict, rate: float):
+    def __init__(self, url: str, bodies: list[bytes], *, headers: dict, rate: float,
+                 clicks: list[list[int]] | None = None, feedback_delay: float | None = None):
         self.url, self.bodies, self.headers, self.rate = url, bodies, headers, rate
+        self.clicks, self.feedback_delay = clicks, feedback_delay
+        self.feedback = Feedback(url.rsplit("/v1/", 1)[0] + "/v1/feedback", headers=headers) \
+            if feedback_delay is not None else None
         self.lock = threading.Lock()
+        self.stopped = False  # SIGTERM or Ctrl-C: no new requests; those in flight finish and the summary prints
         self.next_index = 0
         self.latencies_ms: list[float] = []
         self.statuses: Counter = Counter()
@@ -139,7 +174,7 @@ class Replay:
 
     def _claim(self) -> int | None:
         with self.lock:
-            if self.next_index >= len(self.bodies):
+            if self.next_index >= len(self.bodies) or self.stopped:
                 return None
             index, self.next_index = self.next_index, self.next_index + 1
         if self.rate:
@@ -163,6 +198,8 @@ class Replay:
                 if status == 200:
                     self.versions[answer.get("model_version")] += 1
                     self.scored += len(answer["scores"])
+            if status == 200 and self.feedback is not None:
+                self.feedback.later(time.monotonic() + self.feedback_delay, answer["id"], self.clicks[index])
 
     def summary(self) -> dict:
         with self.lock:
@@ -173,10 +210,61 @@ class Replay:
                     "statuses": {str(s): n for s, n in self.statuses.items()}, "candidates_scored": self.scored,
                     "versions": {str(v): n for v, n in self.versions.items()}, "seconds": round(elapsed, 2),
                     "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
-                    "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None}
+                    "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
+                    "feedback": dict(self.feedback.statuses) if self.feedback else {}}
+
+
+class Feedback:
+    """Clicks sent to POST /v1/feedback when they fall due, by one thread, in the order they fall due."""
+
+    def __init__(self, url: str, *, headers: dict):
+        self.url, self.headers = url, headers
+        self.due: list[tuple[float, str, list[int]]] = []
+        self.condition = threading.Condition()
+        self.statuses: Counter = Counter()
+        self.closed = False
+        self.thread = threading.Thread(target=self._send_due, daemon=True)
+        self.thread.start()
+
+    def later(self, when: float, request_id: str, clicked: list[int]) -> None:
+        with self.condition:
+            heapq.heappush(self.due, (when, request_id, clicked))
+            self.condition.notify()
+
+    def close(self) -> None:
+        """Wait until every click has been sent."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        self.thread.join()
+
+    def _send_due(self) -> None:
+        while True:
+            with self.condition:
+                while not self.due or self.due[0][0] > time.monotonic():
+                    if self.closed and not self.due:
+                        return
+                    self.condition.wait(timeout=None if not self.due else self.due[0][0] - time.monotonic())
+                _, request_id, clicked = heapq.heappop(self.due)
+            body = json.dumps({"request_id": request_id, "clicked": clicked}).encode()
+            request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    status = response.status
+            except urllib.error.HTTPError as err:
+                status = err.code
+            except OSError:
+                status = "connection error"
+            with self.condition:
+                self.statuses[status] += 1
 
 
 def run(replay: Replay, *, concurrency: int) -> dict:
+    def stop(*_):
+        replay.stopped = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     threads = [threading.Thread(target=replay.client, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
@@ -188,7 +276,18 @@ def run(replay: Replay, *, concurrency: int) -> dict:
         progress = replay.summary()
         print(f"  {progress['requests']}/{len(replay.bodies)} requests, {progress['errors']} errors, "
               f"{progress['seconds']:.0f} s", flush=True)
+    if replay.feedback is not None:
+        replay.feedback.close()
     return replay.summary()
+
+
+def post_json(url: str, body: dict, *, headers: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raise SystemExit(f"{url}: {err.code} {err.read().decode(errors='replace')}") from None
 
 
 def main(argv=None) -> int:
@@ -205,11 +304,13 @@ def main(argv=None) -> int:
     export_dir = registry.fetch(args.model, version, cache_dir=Path(tempfile.gettempdir()) / "slipway-replay")
     encoder = FeatureEncoder.from_file(export_dir / "feature_spec.json")
     rng = np.random.default_rng(args.seed)
-    dense, sparse = load_rows(source, split=args.split, rows=args.requests * args.candidates)
+    dense, sparse, label = load_rows(source, split=args.split, rows=args.requests * args.candidates)
     dense, sparse = inject_drift(dense, sparse, encoder, shifts=shifts, skews=skews, rng=rng)
     rows = encoder.raw_rows(dense, sparse)
     bodies = [json.dumps({"model": args.model, "context": {},
                           "candidates": rows[start : start + args.candidates]}).encode()
+              for start in range(0, len(rows), args.candidates)]
+    clicks = [np.flatnonzero(label[start : start + args.candidates] > 0.5).tolist()
               for start in range(0, len(rows), args.candidates)]
     headers = {"content-type": "application/json"}
     if args.api_key_env:
@@ -221,15 +322,24 @@ def main(argv=None) -> int:
                        *(f"{n} {s:.0%} one category" for n, s in skews.items())]) or "none"
     print(f"replaying {len(bodies)} requests of {args.candidates} {args.split} rows to {args.url} "
           f"(v{version}'s feature spec; drift: {drift})", flush=True)
-    replay = Replay(args.url.rstrip("/") + "/v1/rank", bodies, headers=headers, rate=args.rate)
-    summary = {**run(replay, concurrency=args.concurrency), "shift": shifts, "skew": skews, "split": args.split}
+    base = args.url.rstrip("/")
+    fault = parse_fault(args.fault) if args.fault else None
+    if fault:
+        print(f"fault injected: {post_json(base + '/v1/faults', fault, headers=headers)['faults']}", flush=True)
+    replay = Replay(base + "/v1/rank", bodies, headers=headers, rate=args.rate, clicks=clicks,
+                    feedback_delay=args.feedback_delay)
+    try:
+        summary = {**run(replay, concurrency=args.concurrency), "shift": shifts, "skew": skews, "split": args.split}
+    finally:
+        if fault:
+            post_json(base + "/v1/faults", {"version": fault["version"]}, headers=headers)
     print(f"{summary['requests']} requests ({summary['errors']} errors, statuses {summary['statuses']}), "
           f"{summary['candidates_scored']} candidates scored in {summary['seconds']} s; "
           f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; answered by versions "
-          f"{summary['versions']}", flush=True)
+          f"{summary['versions']}; feedback {summary['feedback'] or 'none'}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    return 0 if summary["errors"] == 0 else 1
+    return 0 if summary["errors"] == 0 or fault else 1
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def error_from_dict(error: dict) -> RequestError:
     if "retry_after_s" in error:
         return RequestError(503, error["message"], None, type="server_error",
                             headers={"retry-after": str(error["retry_after_s"])})
-    return RequestError(400, error["message"], error.get("param"))
+    return RequestError(error.get("status", 400), error["message"], error.get("param"))
 
 
 def overloaded(reason: str, *, retry_after_s: int) -> RequestError:

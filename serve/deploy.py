@@ -59,6 +59,7 @@ def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
     replica class (serve/replicas.py), which the production replicas call for the canary's share. The production
     deployment keeps the name `<family>_replica`. With serve.engine=vllm: serve/vllm_app.py."""
     from serve.router import Router
+    from serve.watcher import watcher_deployment
 
     _check_serve_config(serve_cfg)
     if serve_cfg.engine == ServeEngine.vllm:
@@ -66,12 +67,14 @@ def build_app(serve_cfg: ServeConfig, *, model: str, family: str):
 
         return build_vllm_app(serve_cfg, model=model)
     settings = serve_settings(serve_cfg, model=model, family=family)
-    # The canary scales to zero while there is none; the production replicas' first check brings up its first.
-    canary = replica_deployment(serve_cfg, family=family, name=f"{family}_canary", min_replicas=0,
-                                initial_replicas=0)
+    # The canary and the shadow scale to zero while there is none; the production replicas' first check brings
+    # up the first replica of each.
+    canary, shadow = (replica_deployment(serve_cfg, family=family, name=f"{family}_{role}", min_replicas=0,
+                                         initial_replicas=0).bind({**settings, "role": role})
+                      for role in ("canary", "shadow"))
     production = ingress_deployment(serve_cfg, Router, family=family, settings=settings,
                                     user_config={"preload_aliases": True})
-    return production.bind(canary.bind({**settings, "role": "canary"}), settings=settings)
+    return production.bind(canary, watcher_deployment().bind(settings), shadow, settings=settings)
 
 
 def production_version(registry: Registry, model: str) -> tuple[int, str]:
@@ -196,7 +199,7 @@ def serve_endpoint(cfg: RootConfig, *, model: str) -> str:
     """The serve stage: apply canary settings, deploy, show a sample answer, then serve until Ctrl-C (or return
     at once with serve.block=false)."""
     from cluster.connection import connect
-    from serve.promote import set_canary
+    from serve.promote import set_canary, set_shadow
 
     vllm = cfg.serve.engine == ServeEngine.vllm
     if vllm:  # what is missing is said before the registry changes or Ray starts
@@ -205,6 +208,8 @@ def serve_endpoint(cfg: RootConfig, *, model: str) -> str:
         require_ray_serve_llm()
     if cfg.serve.canary_version is not None:
         set_canary(cfg.serve, model=model)
+    if cfg.serve.shadow_version is not None:
+        set_shadow(cfg.serve, model=model)
     if vllm:
         llm_configs(cfg.serve, model=model)
     connect(cfg.cluster)

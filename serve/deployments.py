@@ -3,6 +3,8 @@ serve/vllm_app.py the vLLM one): the settings the ingress and the replicas get, 
 deployment options, autoscaling, and the bounded queues in front of them.
 """
 
+import dataclasses
+
 from conf.schema import ServeConfig
 from serve import api
 from serve.registry import Registry
@@ -19,8 +21,7 @@ def serve_settings(serve_cfg: ServeConfig, *, model: str, family: str) -> dict:
             "max_body_bytes": serve_cfg.max_body_bytes, "max_running_requests": serve_cfg.max_running_requests,
             "max_batched_tokens": serve_cfg.max_batched_tokens, "max_queued_requests": serve_cfg.max_queued_requests,
             "ongoing_limit": replica_class(family).ongoing_limit(serve_cfg),
-            "monitor": {"drift_window_s": serve_cfg.monitor.drift_window_s,
-                        "publish_interval_s": serve_cfg.monitor.publish_interval_s}}
+            "monitor": dataclasses.asdict(serve_cfg.monitor)}
 
 
 def ingress_deployment(serve_cfg: ServeConfig, ingress: type, *, family: str, settings: dict,

@@ -30,7 +30,7 @@ from trainers.families import Family, get_family
 
 logger = logging.getLogger(__name__)
 
-PRODUCTION, CANARY = "production", "canary"
+PRODUCTION, CANARY, SHADOW = "production", "canary", "shadow"
 # How often a promoter gates again when another one moved production while it was scoring.
 GATE_ATTEMPTS = 5
 
@@ -380,18 +380,29 @@ def rollback(serve_cfg, *, model: str) -> dict:
 
 def set_canary(serve_cfg, *, model: str) -> dict | None:
     """serve.canary_version + serve.canary_percent -> the canary alias; percent 0 removes the canary."""
-    percent, version = serve_cfg.canary_percent, serve_cfg.canary_version
+    return _set_share(serve_cfg, model=model, alias=CANARY, version=serve_cfg.canary_version,
+                      percent=serve_cfg.canary_percent)
+
+
+def set_shadow(serve_cfg, *, model: str) -> dict | None:
+    """serve.shadow_version + serve.shadow_percent -> the shadow alias (a share of requests mirrored to it, whose
+    answers no client sees); percent 0 removes the shadow."""
+    return _set_share(serve_cfg, model=model, alias=SHADOW, version=serve_cfg.shadow_version,
+                      percent=serve_cfg.shadow_percent)
+
+
+def _set_share(serve_cfg, *, model: str, alias: str, version: int | None, percent: float) -> dict | None:
     if not 0 <= percent <= 100:
-        raise ValueError(f"serve.canary_percent must be between 0 and 100, got {percent}")
+        raise ValueError(f"serve.{alias}_percent must be between 0 and 100, got {percent}")
     registry = Registry(serve_cfg.registry)
     if percent == 0:
-        if registry.resolve(model, CANARY) is None:
+        if registry.resolve(model, alias) is None:
             return None
-        return registry.move_alias(model, CANARY, None, reason=serve_cfg.reason or "canary removed")
+        return registry.move_alias(model, alias, None, reason=serve_cfg.reason or f"{alias} removed")
     if version is None:
-        raise ValueError("serve.canary_percent needs serve.canary_version=N (a registered version)")
-    reason = serve_cfg.reason or f"canary v{version} at {percent:g}%"
-    return registry.move_alias(model, CANARY, version, reason=reason, alias_fields={"percent": percent})
+        raise ValueError(f"serve.{alias}_percent needs serve.{alias}_version=N (a registered version)")
+    reason = serve_cfg.reason or f"{alias} v{version} at {percent:g}%"
+    return registry.move_alias(model, alias, version, reason=reason, alias_fields={"percent": percent})
 
 
 # ------------------------------------------------------------------------------------------------ listing

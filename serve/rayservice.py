@@ -39,10 +39,11 @@ def app(args: dict):
 
     cfg = compose_config(args)
     model = cfg.serve.model
-    if cfg.serve.canary_version is not None:
-        raise ValueError("serve.canary_version: a RayService does not move aliases; set the canary with "
-                         f"`python launch.py stage=canary serve.model={model} serve.registry={cfg.serve.registry} "
-                         "serve.canary_version=N serve.canary_percent=P` (the router picks it up)")
+    for arm in ("canary", "shadow"):
+        if getattr(cfg.serve, f"{arm}_version") is not None:
+            raise ValueError(f"serve.{arm}_version: a RayService does not move aliases; set the {arm} with "
+                             f"`python launch.py stage={arm} serve.model={model} serve.registry={cfg.serve.registry} "
+                             f"serve.{arm}_version=N serve.{arm}_percent=P` (the replicas pick it up)")
     _, family = production_version(Registry(cfg.serve.registry), model)
     logger.info("building the %s application for %s from %s", family, model, cfg.serve.registry)
     return build_app(cfg.serve, model=model, family=family)

@@ -6,6 +6,7 @@ Layout under the registry root, per model::
                                   under the lock: its presence = committed)
     <model>/aliases.json          {"production": {"version": 3, "moved_at": ..., "reason": ..., "lock_token": 7}}
     <model>/history/00000001.json one immutable event per file, numbered in order
+    <model>/rollout.json          the progressive rollout's state (serve/rollout.py), rewritten at every look
     <model>/fence.json            the last fencing token handed out with the lock
     <model>/lock/                 the per-model lock: held.json on a local or NFS path, <uuid>.json on S3 or GCS
 
@@ -30,7 +31,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 VERSION_RECORD = "version.json"
 CLAIM_RECORD = "claim.json"
+ROLLOUT_RECORD = "rollout.json"
 RESERVED_EXPORT_NAMES = frozenset({VERSION_RECORD, CLAIM_RECORD})
 RESERVED_VERSION_KEYS = frozenset({"version", "model", "created_at", "files", "lock_token"})
 RESERVED_EVENT_KEYS = frozenset({"seq", "event", "alias", "from", "to", "at", "reason", "version", "moved_at",
@@ -262,6 +264,27 @@ class Registry:
                                 "(stage=registry) or delete it to start with no aliases")
         return aliases
 
+    def rollout(self, model: str) -> dict | None:
+        """The model's progressive rollout state (serve/rollout.py), or None when none was ever started."""
+        path = f"{self._model_dir(model)}/{ROLLOUT_RECORD}"
+        try:
+            state = read_json(self.filesystem, path)
+        except FileNotFoundError:
+            return None
+        if not isinstance(state, dict) or not isinstance(state.get("canary"), int):
+            raise RegistryError(f"serve registry: {path} is not a rollout record; its history (stage=registry) "
+                                "holds every step: delete the file to end the rollout it described")
+        return state
+
+    def update_rollout(self, model: str, change: Callable[[dict | None], dict]) -> dict:
+        """Write `change(current rollout state)` as the new state, under the model's lock, so that two commands
+        cannot both start or continue a rollout; `change` raises to refuse."""
+        with self._lock(model) as lock:
+            state = change(self.rollout(model))
+            write_atomically(self.filesystem, f"{self._model_dir(model)}/{ROLLOUT_RECORD}", json_bytes(state),
+                             fence=lock.check)
+        return state
+
     def resolve(self, model: str, alias: str) -> int | None:
         """The version an alias points at, or None when the alias is not set."""
         return self.aliases(model).get(_check_name(alias, key="serve.alias"), {}).get("version")
@@ -333,7 +356,8 @@ class Registry:
 
     def move_alias(self, model: str, alias: str, version: int | None, *, reason: str,
                    details: dict | None = None, alias_fields: dict | None = None,
-                   expected: int | None | _AnyVersion = ANY_VERSION, preceded_by: dict | None = None) -> dict:
+                   expected: int | None | _AnyVersion = ANY_VERSION, preceded_by: dict | None = None,
+                   rollout: dict | None = None) -> dict:
         """Point `alias` at a committed version (None removes it) and record the move; returns the history event.
 
         `details` go into the event only; `alias_fields` (e.g. a canary's {"percent": 10}) are kept on the alias
@@ -341,6 +365,8 @@ class Registry:
         (None: unset) when the lock is held, AliasMoved is raised and nothing changes. `preceded_by` is an event
         (e.g. the gate's decision) recorded just before the move under the same lock, so a decision and the move
         it allowed are in the history together or not at all; the move's event names its seq as "preceded_by".
+        `rollout` is a rollout state (serve/rollout.py) written under the same lock: a judge's rollback or promotion
+        and the rollout's end are one step.
         """
         model_dir = self._model_dir(model)
         _check_name(alias, key="serve.alias")
@@ -361,6 +387,9 @@ class Registry:
                 aliases[alias] = {**alias_fields, "version": version, "moved_at": now, "reason": reason,
                                   "lock_token": lock.token}
             write_atomically(self.filesystem, f"{model_dir}/aliases.json", json_bytes(aliases), fence=lock.check)
+            if rollout is not None:
+                write_atomically(self.filesystem, f"{model_dir}/{ROLLOUT_RECORD}", json_bytes(rollout),
+                                 fence=lock.check)
             links = {}
             if preceded_by is not None:
                 links["preceded_by"] = self._append_event(lock, model_dir, {"at": now, **preceded_by})["seq"]

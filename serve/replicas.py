@@ -154,7 +154,7 @@ class _VersionedReplica:
     @staticmethod
     def ongoing_limit(serve_cfg) -> int:
         """Model requests one replica takes at once: those it works on (serve.max_ongoing_requests) and as many
-        waiting (serve.max_queued_requests); the ingress refuses more with a 503 (serve/router.py)."""
+        waiting (serve.max_queued_requests); the ingress refuses more with a 503 (serve/ingress.py)."""
         return serve_cfg.max_ongoing_requests + serve_cfg.max_queued_requests
 
     def check_health(self) -> None:
@@ -171,6 +171,7 @@ class LLMReplica(_VersionedReplica):
     class adds versions, the engine's bounded queue as a 503, cancellation and metrics."""
 
     ROUTES = ("/v1/completions", "/v1/chat/completions")
+    QUALITY_METRIC = "feedback_score"  # what the rollout judge compares (serve/rollout.py): clients' scores
 
     def __init__(self, settings: dict):
         super().__init__(settings)
@@ -376,6 +377,7 @@ class _ScoreItem:
 
 class RankerReplica(_VersionedReplica):
     ROUTES = ("/v1/rank",)
+    QUALITY_METRIC = "auc"  # what the rollout judge compares (serve/rollout.py): the AUC of clicks fed back
 
     @staticmethod
     def sample_request(serve_cfg, *, model: str, fetch_export) -> tuple[str, dict]:

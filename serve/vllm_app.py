@@ -8,7 +8,7 @@ The application has one deployment per engine and one in front of them:
 
   llm_replica       the ingress (VllmIngress), named as the native engine's: the API key, the body limit, the
                     version choice (production, or the canary's share once it passed its check), `x-model-version`
-                    on every answer and Slipway's request metrics, as on the native engine (serve/router.py:
+                    on every answer and Slipway's request metrics, as on the native engine (serve/ingress.py:
                     Ingress). A request is checked by the same parsers as the native engine's, so a bad one gets
                     the same named error on either engine; the client's body then goes on unchanged to the
                     version's engine.
@@ -45,17 +45,17 @@ from starlette.exceptions import HTTPException
 from conf.schema import ServeConfig
 from serve import api
 from serve.deployments import autoscaling_config, ingress_deployment, serve_settings
-from serve.registry import Registry
-from serve.router import (
+from serve.ingress import (
     CHAT,
     COMPLETIONS,
     AsciiJSONResponse,
     Ingress,
     LLMRoute,
     Routes,
-    _unknown_route,
     routes_from_aliases,
+    unknown_route,
 )
+from serve.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def vllm_ingress_deployment(serve_cfg: ServeConfig, *, settings: dict):
 # ------------------------------------------------------------------------------------------------ the ingress
 
 vllm_http = FastAPI(title="Slipway (vLLM)", docs_url=None, redoc_url=None)
-vllm_http.exception_handler(HTTPException)(_unknown_route)
+vllm_http.exception_handler(HTTPException)(unknown_route)
 
 
 def routes_with_engines(routes: Routes, versions: list[int]) -> Routes:
@@ -252,7 +252,7 @@ class VllmIngress(Ingress):
     async def chat_completions(self, request: Request):
         return await self._answer(request, CHAT.path, lambda *args: self._forward(CHAT, *args))
 
-    async def _forward(self, route: LLMRoute, payload: dict, version: int, canary: bool):
+    async def _forward(self, route: LLMRoute, payload: dict, version: int, canary: bool, served: dict):
         """Check the body as the native engine would, then hand it to the version's engine as it came."""
         route.parse(payload, served=self.model, max_tokens_limit=self.settings["max_tokens_limit"])
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
@@ -270,12 +270,13 @@ class VllmIngress(Ingress):
             chunks = getattr(self.engines[target].options(stream=True), method).remote(body, None)
             return target, chunks, await chunks.__anext__()
 
-        served, chunks, first = await self._with_production_fallback(attempt, version, canary)
+        answered, chunks, first = await self._with_production_fallback(attempt, version, canary)
+        served["version"] = answered
         error = _engine_error(first)
         if error is not None:
             chunks.cancel()
             raise error
-        headers = {"x-model-version": str(served)}
+        headers = {"x-model-version": str(answered)}
         if not payload.get("stream"):
             chunks.cancel()
             return AsciiJSONResponse(first.model_dump(mode="json"), headers=headers)

@@ -90,6 +90,11 @@ LLM_STRATEGY_RUNS = {
     "hsdp": ["strategy=hsdp", "strategy.hsdp_shard_size=2", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"],
 }
 RANKER_REFERENCE_RUN = ["strategy=ddp", "cluster.num_workers=1"]
+# Two passes over 360k training rows in 700 steps of 1024: about 15 s of training on 2 cores, close to the
+# Bayes-optimal AUC (tests/trainers/test_ranker_training.py). The rollout tests serve it as a good production.
+RANKER_QUALITY_RUN = ["data.rows=400000", "trainer.max_steps=700", "trainer.global_batch_size=1024",
+                      "trainer.micro_batch_size=512", "trainer.eval_every_n_steps=350", "checkpoint.every_n_steps=350",
+                      "trainer.log_every_n_steps=50", "trainer.warmup_steps=10"]
 # The sharded runs crash once, after their step-3 checkpoint (the test-only hook), and go on from it: the parity,
 # export and serving tests read them as any finished run, and tests/trainers/test_resume.py checks the restore.
 CRASH_AT_STEP = {"llm-zero2": 5, "llm-zero3": 5, "llm-hsdp": 5}

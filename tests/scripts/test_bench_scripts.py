@@ -45,6 +45,8 @@ SMOKE_ARGS = {
                        "--candidates", "4", "--max-tokens", "2"],
     "bench_drift.py": ["--rows", "20000", "--windows", "5", "--window-rows", "360", "2000", "--shifts", "2.0",
                        "--repeats", "2"],
+    "bench_shadow.py": ["--seconds", "2", "--warmup-s", "1", "--rounds", "1", "--concurrency", "1",
+                        "--candidates", "4"],
     # A 23M-parameter Llama of the 1B's architecture (the default writes and loads 2.5 GB).
     "bench_import.py": ["--smoke"],
 }
@@ -60,6 +62,7 @@ RUNS = {
     "sweep": ("bench_sweep.py", SMOKE_ARGS["bench_sweep.py"]),
     "serve": ("bench_serve.py", SMOKE_ARGS["bench_serve.py"]),
     "drift": ("bench_drift.py", SMOKE_ARGS["bench_drift.py"]),
+    "shadow": ("bench_shadow.py", SMOKE_ARGS["bench_shadow.py"]),
 }
 
 
@@ -199,6 +202,15 @@ def test_bench_drift(outputs):
     (detection,) = results["detection"]
     # A shift of 2 in log1p units multiplies the feature's counts by e**2: found at the first check it may flag.
     assert detection["shift"] == 2.0 and detection["detected"] == 2 and detection["max_rows"] == 360
+
+
+def test_bench_shadow(outputs):
+    output = output_of(outputs, "shadow")
+    for setting in ("off", "100%"):
+        assert figure(output, rf"shadow {setting:>4}: +{NUMBER} req/s") > 0
+    assert figure(output, rf"shadow 100% / off \(medians over rounds\): p50 {NUMBER}x") > 0
+    (level,) = results_json(output)["levels"]
+    assert level["concurrency"] == 1 and level["errors"] == 0 and level["shadow_p50_ms"] > 0, level
 
 
 def test_bench_import(import_output):

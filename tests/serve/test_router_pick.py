@@ -1,4 +1,4 @@
-"""The router's choice of model version per request (serve/router.py: routes_from_aliases and Routes.pick), on
+"""The router's choice of model version per request (serve/ingress.py: routes_from_aliases and Routes.pick), on
 a real registry's aliases and without Ray Serve.
 
 The router draws `random.random()` per request and asks Routes.pick for the version; these tests drive the
@@ -11,9 +11,9 @@ import random
 import pytest
 
 from conf.schema import ServeConfig
-from serve.promote import set_canary
+from serve.ingress import Routes, routes_from_aliases
+from serve.promote import set_canary, set_shadow
 from serve.registry import Registry
-from serve.router import Routes, routes_from_aliases
 
 MODEL = "ranker"
 
@@ -52,6 +52,21 @@ def test_without_a_canary_every_request_goes_to_production(registry):
 
 def test_the_canary_alias_becomes_the_routes(registry):
     assert _canary(registry, 2, 10) == Routes(production=1, canary=2, canary_percent=10.0)
+
+
+def test_the_shadow_alias_becomes_the_routes_and_never_answers(registry):
+    """stage=shadow: the shadow is a route beside production and canary; pick() never returns it (it only gets
+    copies of requests, serve/router.py), and percent 0 removes it."""
+    _canary(registry, 2, 10)
+    set_shadow(ServeConfig(registry=registry.uri, shadow_version=3, shadow_percent=20), model=MODEL)
+    routes = routes_from_aliases(registry.aliases(MODEL), model=MODEL)
+    assert routes == Routes(production=1, canary=2, canary_percent=10.0, shadow=3, shadow_percent=20.0)
+    rng = random.Random(1)
+    assert {routes.pick(rng.random()) for _ in range(10_000)} == {1, 2}
+    set_shadow(ServeConfig(registry=registry.uri, shadow_percent=0), model=MODEL)
+    assert routes_from_aliases(registry.aliases(MODEL), model=MODEL).shadow is None
+    with pytest.raises(ValueError, match="serve.shadow_percent needs serve.shadow_version"):
+        set_shadow(ServeConfig(registry=registry.uri, shadow_percent=5), model=MODEL)
 
 
 @pytest.mark.parametrize("percent", [1, 10, 25, 50, 90])

@@ -81,6 +81,23 @@ def test_a_completion_is_the_exported_models_own_greedy_output(endpoint):
     assert answer["usage"]["completion_tokens"] == expected.completion_tokens
 
 
+def test_thumbs_on_a_completion_join_it_as_its_arms_feedback_score(endpoint):
+    """An LLM's delayed label is a score per answer: thumbs up and down on two completions (by their ids) average
+    to 0.5 on the arm that answered them; a click list, which only a ranker's answer can take, is refused."""
+    url, _, _ = endpoint
+    ids = [completions(url, max_tokens=2, temperature=0)[1]["id"] for _ in range(2)]
+    time.sleep(1.5)  # the answers reach the watcher within half a second
+    for request_id, thumbs in zip(ids, ("up", "down"), strict=True):
+        status, joined, _ = request(url + "/v1/feedback", {"request_id": request_id, "thumbs": thumbs})
+        assert status == 200 and joined == {"request_id": request_id, "status": "joined"}, joined
+    status, refused, _ = request(url + "/v1/feedback", {"request_id": completions(url, max_tokens=2)[1]["id"],
+                                                        "clicked": [0]})
+    assert status in (202, 400), refused  # 400 once the answer is known; 202 while it is still on its way
+    status, summary, _ = request(url + "/v1/monitor")
+    production = next(arm for arm in summary["arms"] if arm["version"] == 1 and arm["arm"] == "production")
+    assert (production["feedback_rows"], production["feedback_score"]) == (2, 0.5), production
+
+
 def test_a_streamed_completion_sends_the_same_text_as_events(endpoint):
     url, _, _ = endpoint
     _, plain, _ = completions(url, max_tokens=12, temperature=0.8, seed=7)

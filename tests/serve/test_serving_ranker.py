@@ -52,7 +52,8 @@ def served_ranker(trained_runs, serve_port, tmp_path_factory):
     serve_cfg = ServeConfig(registry=str(root / "registry"), port=serve_port, num_cpus=0.25, min_replicas=1,
                             max_replicas=1, api_key=API_KEY, max_candidates=8, max_batch_size=16,
                             batch_wait_timeout_s=0.05,
-                            monitor=MonitorConfig(publish_interval_s=1.0, drift_window_s=DRIFT_WINDOW_S))
+                            monitor=MonitorConfig(publish_interval_s=1.0, drift_window_s=DRIFT_WINDOW_S,
+                                                  fault_injection=True))
     # As stage=promote registers a run's best checkpoint: exported, profiled on the held-out split, gated.
     assert promote(serve_cfg, model=MODEL, source=run_dir, experiment="ranker_dlrm",
                    cache_dir=root / "cache")["decision"] == "promoted"
@@ -119,6 +120,31 @@ def test_the_sample_request_printed_by_the_serve_stage_is_accepted(endpoint):
     route, body = replica_class("ranker").sample_request(ServeConfig(), model=MODEL, fetch_export=lambda: export_dir)
     status, answer, _ = request(url + route, body, headers=AUTH)
     assert status == 200 and len(answer["scores"]) == len(body["candidates"]), answer
+
+
+def test_feedback_joins_an_answer_by_its_id_and_refusals_name_the_field(endpoint):
+    """POST /v1/feedback with the id of an answer: 200 once joined (the answer reaches the watcher within half a
+    second; before that it waits there, 202), 409 for a second label, 400 naming the field, 401 without the key;
+    the joined clicks show in GET /v1/monitor."""
+    url, _ = endpoint
+    status, answer, _ = rank(url, {"model": MODEL, "context": CONTEXT, "candidates": CANDIDATES})
+    assert status == 200 and answer["id"].startswith("rank-"), answer
+    status, joined, _ = request(url + "/v1/feedback", {"request_id": answer["id"], "clicked": [1]}, headers=AUTH)
+    assert (status, joined["status"]) in ((200, "joined"), (202, "pending")), joined
+    time.sleep(1.5)  # reported by then: a pending label has joined
+    status, again, _ = request(url + "/v1/feedback", {"request_id": answer["id"], "clicked": []}, headers=AUTH)
+    assert status == 409 and again["error"]["param"] == "request_id", again
+    _, other, _ = rank(url, {"model": MODEL, "context": CONTEXT, "candidates": CANDIDATES})
+    time.sleep(1.5)
+    for body, field in (({"request_id": other["id"], "clicked": [len(CANDIDATES)]}, "clicked"),
+                        ({"request_id": other["id"], "thumbs": "meh"}, "thumbs"), ({"clicked": [0]}, "request_id")):
+        status, refused, _ = request(url + "/v1/feedback", body, headers=AUTH)
+        assert status == 400 and refused["error"]["param"] == field, refused
+    status, _, _ = request(url + "/v1/feedback", {"request_id": answer["id"], "clicked": [0]})
+    assert status == 401
+    status, summary, _ = request(url + "/v1/monitor", headers=AUTH)
+    production = [arm for arm in summary["arms"] if arm["arm"] == "production" and arm["version"] == 1]
+    assert status == 200 and production[0]["labelled_rows"] >= len(CANDIDATES), summary
 
 
 def test_requests_need_the_api_key(endpoint):
@@ -371,19 +397,20 @@ def window_rows(url: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def firing_drift(url: str) -> set[tuple[str, str]]:
-    """(alert, feature) of Slipway's drift alerts firing for this model."""
+def firing(url: str) -> set[tuple[str, str]]:
+    """(alert, feature) of Slipway's alerts firing for this model."""
     return {(alert["labels"]["alertname"], alert["labels"].get("feature", "")) for alert in
             prometheus_query(url, "/api/v1/alerts")["alerts"]
             if alert["state"] == "firing" and alert["labels"].get("model") == MODEL}
 
 
-def test_a_real_prometheus_fires_the_drift_alert_for_the_shifted_feature_only(served_ranker, ray_session,
-                                                                              tmp_path):
+def test_a_real_prometheus_fires_the_drift_alert_for_the_shifted_feature_and_the_error_alert(served_ranker,
+                                                                                           ray_session, tmp_path):
     """Prometheus (the Debian package) scrapes Ray's metrics endpoint and evaluates cluster/monitoring's rules
     (their 10 minutes of `for` cut to none). Once earlier tests' traffic has left the replica's drift window, no
     drift alert fires; replayed rows with I2 shifted make SlipwayFeatureDrift fire for I2, and for no other
-    feature."""
+    feature. Then the fault hook fails half of v1's requests during a replay: SlipwayErrorBudgetFastBurn fires
+    for v1, where no error alert fired before."""
     rules = (REPO_ROOT / "cluster" / "monitoring" / "slipway_rules.yml").read_text()
     (tmp_path / "rules.yml").write_text(rules.replace("for: 10m", "for: 0s"))
     metrics_port = ray_session._private.worker.global_worker.node.metrics_export_port
@@ -401,14 +428,29 @@ def test_a_real_prometheus_fires_the_drift_alert_for_the_shifted_feature_only(se
             time.sleep(1)
         assert window_rows(url) == 0.0, (tmp_path / "prometheus.log").read_text()[-3000:]
         time.sleep(3)  # a few rule evaluations on the empty window
-        assert firing_drift(url) == set()
+        assert firing(url) == set()
         replay(served_ranker, ray_session, "--split", "train", "--requests", "60", "--candidates", "8",
                "--shift", "I2=2.0")
-        deadline, firing = time.monotonic() + 60, set()
-        while ("SlipwayFeatureDrift", "I2") not in firing and time.monotonic() < deadline:
+        deadline, alerts = time.monotonic() + 60, set()
+        while ("SlipwayFeatureDrift", "I2") not in alerts and time.monotonic() < deadline:
             time.sleep(1)
-            firing = firing_drift(url)
-        assert {feature for alert, feature in firing if alert == "SlipwayFeatureDrift"} == {"I2"}, firing
+            alerts = firing(url)
+        assert {feature for alert, feature in alerts if alert == "SlipwayFeatureDrift"} == {"I2"}, alerts
+        assert not {alert for alert, _ in alerts if alert.startswith("SlipwayError")}, alerts
+        faulty = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "replay_traffic.py"), "--url",
+                                 served_ranker.url, "--model", MODEL, "--source", str(served_ranker.run_dir),
+                                 "--registry", str(served_ranker.registry), "--api-key-env", "REPLAY_KEY",
+                                 "--requests", "120", "--rate", "12", "--candidates", "4",
+                                 "--fault", "1:error_rate=0.5"],
+                                env={**os.environ, "REPLAY_KEY": API_KEY}, capture_output=True, text=True, timeout=300)
+        assert faulty.returncode == 0 and "'500'" in faulty.stdout, faulty.stdout + faulty.stderr
+        deadline = time.monotonic() + 60
+        while ("SlipwayErrorBudgetFastBurn", "") not in alerts and time.monotonic() < deadline:
+            time.sleep(1)
+            alerts = firing(url)
+        ratios = {window: prometheus_query(url, "/api/v1/query?query=" + urllib.parse.quote(
+            f"slipway:request_server_error_ratio:{window}"))["result"] for window in ("rate5m", "rate1h")}
+        assert ("SlipwayErrorBudgetFastBurn", "") in alerts, (alerts, ratios)
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)

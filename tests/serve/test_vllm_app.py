@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conf.schema import ServeConfig
+from serve.ingress import Routes
 from serve.registry import RESERVED_EXPORT_NAMES, RESERVED_VERSION_KEYS, Registry
-from serve.router import Routes
 from tests.helpers import REPO_ROOT, composition_error
 
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None

@@ -11,18 +11,15 @@ import torch
 
 from conf.schema import RankerConfig
 from datasets.metrics import logloss, roc_auc
-from tests.helpers import RANKER_REFERENCE_RUN, read_metrics, run_ranker, train_losses
+from tests.helpers import RANKER_QUALITY_RUN, RANKER_REFERENCE_RUN, read_metrics, run_ranker, train_losses
 from trainers.loop import CRASH_AT_STEP_ENV
 from trainers.ranker import build_ranker
 
 RTOL = 1e-4
-# Two passes over 360k training rows in 700 steps of 1024: about 15 s of training on 2 cores. The gap to the
-# Bayes-optimal AUC at this size is about 0.024 (a single process with the same recipe: 0.0241); the bound
-# leaves room for noise, while a broken interaction, a wrong loss or lost gradients leave AUC far below it.
-# The full-size bar (+exp=ranker_dlrm: 0.01) is measured by running it; see README.
-QUALITY_OVERRIDES = ["data.rows=400000", "trainer.max_steps=700", "trainer.global_batch_size=1024",
-                     "trainer.micro_batch_size=512", "trainer.eval_every_n_steps=350",
-                     "checkpoint.every_n_steps=350", "trainer.log_every_n_steps=50", "trainer.warmup_steps=10"]
+# The gap to the Bayes-optimal AUC of the quality run (tests/helpers.py: RANKER_QUALITY_RUN) is about 0.024 (a
+# single process with the same recipe: 0.0241); the bound leaves room for noise, while a broken interaction, a wrong
+# loss or lost gradients leave AUC far below it. The full-size bar (+exp=ranker_dlrm: 0.01) is measured by running
+# it; see README.
 QUALITY_GAP_BOUND = 0.04
 
 
@@ -56,8 +53,8 @@ def test_zero2_matches_single_process(reference_losses, data_cache, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quality_run(ray_session, data_cache, tmp_path_factory):
-    return run_ranker(tmp_path_factory.mktemp("quality"), data_cache, QUALITY_OVERRIDES)
+def quality_run(trained_runs):
+    return trained_runs("ranker-quality", RANKER_QUALITY_RUN, ranker=True)
 
 
 def test_dlrm_comes_close_to_the_bayes_optimal_auc(quality_run):
