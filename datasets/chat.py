@@ -366,18 +366,26 @@ def _assemble_rows(groups: list[list[Example]], *, seq_len: int, pad_id: int) ->
     return {"tokens": tokens, "loss_mask": loss_mask[:, :seq_len], "document_ids": document_ids[:, :seq_len]}
 
 
-def prompts_of(tokens: np.ndarray, loss_mask: np.ndarray, document_ids: np.ndarray) -> list[np.ndarray]:
+def conversations_of(tokens: np.ndarray, loss_mask: np.ndarray,
+                     document_ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per conversation of fine-tuning rows (as _assemble_rows lays them out: whole conversations packed in
-    rows, `document_ids` per input position, `loss_mask[p]` whether the token after position p is trained), its
-    tokens before its first trained one: the prompt a client would have sent. Padding trains nothing: skipped."""
-    prompts = []
+    rows, `document_ids` per input position, `loss_mask[p]` whether the token after position p is trained):
+    its tokens before its first trained one, the prompt a client would have sent, and its trained tokens, the
+    answers it was taught. Padding trains nothing: skipped."""
+    pairs = []
     for row, mask, documents in zip(tokens, loss_mask, document_ids, strict=True):
         starts = np.flatnonzero(np.r_[True, documents[1:] != documents[:-1]])
         for start, end in zip(starts, [*starts[1:], len(documents)], strict=True):
             trained = np.flatnonzero(mask[start:end])
             if trained.size:  # position p predicts token p + 1, the first trained one
-                prompts.append(row[start : start + int(trained[0]) + 1])
-    return prompts
+                targets = start + trained + 1
+                pairs.append((row[start : start + int(trained[0]) + 1], row[targets[targets < len(row)]]))
+    return pairs
+
+
+def prompts_of(tokens: np.ndarray, loss_mask: np.ndarray, document_ids: np.ndarray) -> list[np.ndarray]:
+    """Each conversation's prompt (see conversations_of)."""
+    return [prompt for prompt, _ in conversations_of(tokens, loss_mask, document_ids)]
 
 
 def _split_stats(examples: list[Example], rows: dict[str, np.ndarray]) -> dict:

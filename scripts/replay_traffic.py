@@ -1,37 +1,44 @@
-"""Replay a run's prepared rows against a served ranker, as its clients would send them, to watch it work.
+"""Replay a run's held-out data against its served model, as its clients would send it, to watch it work.
 
     python scripts/replay_traffic.py --url http://127.0.0.1:8000 --model ranker_dlrm \
         --source outputs/runs/ranker_dlrm-1a2b3c4d --requests 500 --rate 20
     python scripts/replay_traffic.py ... --shift I1=1.5 --skew C3=0.6      # the same, drifted
     python scripts/replay_traffic.py ... --feedback-delay 30               # clicks sent back 30 s later
     python scripts/replay_traffic.py ... --fault 5:latency_ms=40,error_rate=0.05   # v5 slow and failing
+    python scripts/replay_traffic.py --url http://127.0.0.1:8000 --model llm_sft \
+        --source outputs/runs/llm_sft-5e6f7a8b --requests 100 --feedback-delay 5      # an LLM's prompts
 
 Rows come from the run's prepared split (--split, the held-out one by default; `train` gives rows the
-reference profile never saw) and are sent as raw features, `--candidates` rows per POST /v1/rank, by
-`--concurrency` clients at `--rate` requests per second in all (0: as fast as answers come). The feature spec
-is the served version's own (the registry's production version unless --version), so the raw values encode
-back to exactly the rows' model inputs (serve/features.py: raw_rows).
+reference profile never saw), sent by `--concurrency` clients at `--rate` requests per second in all (0: as fast
+as answers come).
+  - A ranker's rows go as raw features, `--candidates` rows per POST /v1/rank. The feature spec is the served
+    version's own (the registry's production version unless --version), so the raw values encode back to
+    exactly the rows' model inputs (serve/features.py: raw_rows). Their labels are the clicks.
+  - A fine-tuned LLM's conversations go as their prompts (the tokens before the first trained one, as token ids)
+    to POST /v1/completions, greedy, up to --max-tokens. The label a client would give an answer is taken as its
+    word-level F1 against the answer the conversation holds: a score in [0, 1].
 
-Drift, injected into the rows before they are sent:
+Drift, injected into a ranker's rows before they are sent:
   --shift NAME=DELTA   adds DELTA to a dense feature's log1p value (its counts times e**DELTA);
   --skew NAME=SHARE    gives SHARE of the rows a categorical feature's most frequent category.
 
-Delayed labels: with --feedback-delay S, each answer's clicks (the rows' labels: the indices of the candidates
-that were clicked) go to POST /v1/feedback S seconds after the answer came, with the answer's id, as a client
-that logs clicks would send them. The script waits for the last of them before it ends.
+Delayed labels: with --feedback-delay S, each answer's label (a ranker's clicks: the indices of the candidates
+that were clicked; an LLM answer's score) goes to POST /v1/feedback S seconds after the answer came, with the
+answer's id, as a client would send it. The script waits for the last of them before it ends.
 
 Faults (test-only; the endpoint must run with serve.monitor.fault_injection=true): --fault VERSION:latency_ms=MS,
 error_rate=SHARE makes that version's requests wait MS longer and fail with a 500 at that rate, from the start of
 the replay to its end (POST /v1/faults); it shows that the rollout judge and the alerts catch a bad canary.
 
 SIGTERM or Ctrl-C stops sending; the answers in flight and their feedback are awaited. It prints progress every
-5 s, then the requests, errors, candidates scored, latency percentiles, feedback sent
+5 s, then the requests, errors, candidates scored (or completion tokens), latency percentiles, feedback sent
 and the versions that answered; --out FILE writes the same as JSON. The API key, if the endpoint needs one, is read
 from the environment variable --api-key-env names, never from the command line.
 """
 
 import argparse
 import heapq
+import itertools
 import json
 import os
 import signal
@@ -42,6 +49,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,22 +70,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--version", type=int, help="whose feature spec encodes the rows; default: production")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--candidates", type=int, default=8, help="rows per request")
+    parser.add_argument("--candidates", type=int, default=8, help="rankers: rows per request")
+    parser.add_argument("--max-tokens", type=int, default=16, help="LLMs: the longest answer asked for")
     parser.add_argument("--rate", type=float, default=0.0, help="requests per second in all; 0: no pacing")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--shift", action="append", default=[], metavar="NAME=DELTA")
     parser.add_argument("--skew", action="append", default=[], metavar="NAME=SHARE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--feedback-delay", type=float, metavar="SECONDS",
-                        help="send each answer's clicks to /v1/feedback this long after it; default: no feedback")
+                        help="send each answer's label to /v1/feedback this long after it; default: no feedback")
     parser.add_argument("--fault", metavar="VERSION:latency_ms=MS,error_rate=SHARE",
                         help="test-only: make one version slow and failing while the replay runs")
     parser.add_argument("--api-key-env", help="the environment variable holding the API key")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = parser.parse_args(argv)
-    for name in ("requests", "candidates", "concurrency"):
+    for name in ("requests", "candidates", "concurrency", "max_tokens"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate < 0:
         parser.error("--rate must be 0 (no pacing) or more")
     if args.feedback_delay is not None and args.feedback_delay < 0:
@@ -106,20 +116,34 @@ def parse_fault(text: str) -> dict:
                                                          flag="--fault")}
 
 
-def load_rows(source: Path, *, split: str, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dense, sparse, label) of the first `rows` rows of the run's prepared split (prepared again if the data
-    cache lost it)."""
+@dataclass
+class Traffic:
+    """What to send and what its answers mean, for one model family."""
+
+    path: str  # the route: /v1/rank, /v1/completions
+    bodies: list[bytes]
+    label: Callable[[int, dict], dict]  # (request index, its answer) -> the label fields of its feedback
+    counted: Callable[[dict], int]  # what an answer adds up to: candidates scored, completion tokens
+    unit: str
+    description: str
+
+
+def load_run_config(source: Path):
     import yaml
 
-    from serve.evaluate import run_held_out_batches
     from trainers.config import config_from_dict
 
     config_file = source / "config.yaml"
     if not config_file.is_file():
         raise SystemExit(f"--source {source}: no config.yaml; expected a run directory that launch.py printed")
-    run_cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    if run_cfg.model.family != "ranker":
-        raise SystemExit(f"--source {source} trained a {run_cfg.model.family}; this script replays ranker rows")
+    return config_from_dict(yaml.safe_load(config_file.read_text()))
+
+
+def load_rows(run_cfg, *, split: str, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dense, sparse, label) of the first `rows` rows of the run's prepared split (prepared again if the data
+    cache lost it)."""
+    from serve.evaluate import run_held_out_batches
+
     batches = list(run_held_out_batches(run_cfg, rows=rows, trained_on=None, split=split))
     dense = np.concatenate([batch["dense"].numpy() for batch in batches])
     sparse = np.concatenate([batch["sparse"].numpy() for batch in batches])
@@ -152,24 +176,81 @@ def inject_drift(dense: np.ndarray, sparse: np.ndarray, encoder, *, shifts: dict
     return dense, sparse
 
 
+def ranker_traffic(args, run_cfg, export_dir: Path, *, shifts: dict, skews: dict) -> Traffic:
+    from serve.features import FeatureEncoder
+
+    encoder = FeatureEncoder.from_file(export_dir / "feature_spec.json")
+    dense, sparse, label = load_rows(run_cfg, split=args.split, rows=args.requests * args.candidates)
+    dense, sparse = inject_drift(dense, sparse, encoder, shifts=shifts, skews=skews,
+                                 rng=np.random.default_rng(args.seed))
+    rows = encoder.raw_rows(dense, sparse)
+    starts = range(0, len(rows), args.candidates)
+    bodies = [json.dumps({"model": args.model, "context": {}, "candidates": rows[start : start + args.candidates]})
+              .encode() for start in starts]
+    clicks = [np.flatnonzero(label[start : start + args.candidates] > 0.5).tolist() for start in starts]
+    drift = ", ".join([*(f"{n} +{d:g} (log1p)" for n, d in shifts.items()),
+                       *(f"{n} {s:.0%} one category" for n, s in skews.items())]) or "none"
+    return Traffic("/v1/rank", bodies, label=lambda index, _: {"clicked": clicks[index]},
+                   counted=lambda answer: len(answer["scores"]), unit="candidates scored",
+                   description=f"{len(bodies)} requests of {args.candidates} {args.split} rows (drift: {drift})")
+
+
+def llm_traffic(args, run_cfg, export_dir: Path) -> Traffic:
+    from tokenizers import Tokenizer
+
+    from datasets.chat import conversations_of
+    from serve.evaluate import run_held_out_batches
+    from serve.export import read_model_config
+
+    pairs = []
+    for batch in run_held_out_batches(run_cfg, rows=args.requests, trained_on=None, split=args.split):
+        if "loss_mask" not in batch:
+            raise SystemExit(f"--source {args.source} trained on text windows, which hold no prompts; LLM replay "
+                             "needs a fine-tuning run on conversations (data=chat_jsonl)")
+        pairs.extend(conversations_of(batch["tokens"].numpy(), batch["loss_mask"].numpy(),
+                                      batch["document_ids"].numpy()))
+    if not pairs:
+        raise SystemExit(f"the {args.split} split of {args.source} holds no conversation with a trained answer")
+    pairs = [pairs[index % len(pairs)] for index in range(args.requests)]
+    tokenizer = Tokenizer.from_file(str(export_dir / read_model_config(export_dir)["tokenizer"]))
+    references = [tokenizer.decode(answer.tolist()) for _, answer in pairs]
+    bodies = [json.dumps({"model": args.model, "prompt": prompt.tolist(), "max_tokens": args.max_tokens,
+                          "temperature": 0}).encode() for prompt, _ in pairs]
+    return Traffic("/v1/completions", bodies,
+                   label=lambda index, answer: {"score": word_f1(answer["choices"][0]["text"], references[index])},
+                   counted=lambda answer: answer["usage"]["completion_tokens"], unit="completion tokens",
+                   description=f"{len(bodies)} prompts of {args.split} conversations")
+
+
+def word_f1(answer: str, reference: str) -> float:
+    """How much of the reference answer an answer says: the F1 of their words (as SQuAD scores answers)."""
+    said, expected = answer.split(), reference.split()
+    if not said or not expected:
+        return float(said == expected)
+    common = sum((Counter(said) & Counter(expected)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(said), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
 # ---------------------------------------------------------------------------------------------- sending
 
 class Replay:
     """Clients sending the requests in turn, paced to a total rate; what came back, under a lock."""
 
-    def __init__(self, url: str, bodies: list[bytes], *, headers: dict, rate: float,
-                 clicks: list[list[int]] | None = None, feedback_delay: float | None = None):
-        self.url, self.bodies, self.headers, self.rate = url, bodies, headers, rate
-        self.clicks, self.feedback_delay = clicks, feedback_delay
-        self.feedback = Feedback(url.rsplit("/v1/", 1)[0] + "/v1/feedback", headers=headers) \
-            if feedback_delay is not None else None
+    def __init__(self, base_url: str, traffic: Traffic, *, headers: dict, rate: float,
+                 feedback_delay: float | None = None):
+        self.url, self.traffic, self.bodies = base_url + traffic.path, traffic, traffic.bodies
+        self.headers, self.rate, self.feedback_delay = headers, rate, feedback_delay
+        self.feedback = Feedback(base_url + "/v1/feedback", headers=headers) if feedback_delay is not None else None
         self.lock = threading.Lock()
         self.stopped = False  # SIGTERM or Ctrl-C: no new requests; those in flight finish and the summary prints
         self.next_index = 0
         self.latencies_ms: list[float] = []
         self.statuses: Counter = Counter()
         self.versions: Counter = Counter()
-        self.scored = 0
+        self.counted = 0
         self.started = time.perf_counter()
 
     def _claim(self) -> int | None:
@@ -197,9 +278,10 @@ class Replay:
                 self.statuses[status] += 1
                 if status == 200:
                     self.versions[answer.get("model_version")] += 1
-                    self.scored += len(answer["scores"])
+                    self.counted += self.traffic.counted(answer)
             if status == 200 and self.feedback is not None:
-                self.feedback.later(time.monotonic() + self.feedback_delay, answer["id"], self.clicks[index])
+                self.feedback.later(time.monotonic() + self.feedback_delay,
+                                    {"request_id": answer["id"], **self.traffic.label(index, answer)})
 
     def summary(self) -> dict:
         with self.lock:
@@ -207,7 +289,8 @@ class Replay:
             elapsed = time.perf_counter() - self.started
             return {"requests": int(sum(self.statuses.values())), "errors": sum(n for s, n in self.statuses.items()
                                                                                if s != 200),
-                    "statuses": {str(s): n for s, n in self.statuses.items()}, "candidates_scored": self.scored,
+                    "statuses": {str(s): n for s, n in self.statuses.items()}, "counted": self.counted,
+                    "unit": self.traffic.unit,
                     "versions": {str(v): n for v, n in self.versions.items()}, "seconds": round(elapsed, 2),
                     "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
                     "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
@@ -219,16 +302,17 @@ class Feedback:
 
     def __init__(self, url: str, *, headers: dict):
         self.url, self.headers = url, headers
-        self.due: list[tuple[float, str, list[int]]] = []
+        self.due: list[tuple[float, int, dict]] = []  # (when, order, body): the order breaks ties
         self.condition = threading.Condition()
         self.statuses: Counter = Counter()
+        self.order = itertools.count()
         self.closed = False
         self.thread = threading.Thread(target=self._send_due, daemon=True)
         self.thread.start()
 
-    def later(self, when: float, request_id: str, clicked: list[int]) -> None:
+    def later(self, when: float, body: dict) -> None:
         with self.condition:
-            heapq.heappush(self.due, (when, request_id, clicked))
+            heapq.heappush(self.due, (when, next(self.order), body))
             self.condition.notify()
 
     def close(self) -> None:
@@ -245,9 +329,9 @@ class Feedback:
                     if self.closed and not self.due:
                         return
                     self.condition.wait(timeout=None if not self.due else self.due[0][0] - time.monotonic())
-                _, request_id, clicked = heapq.heappop(self.due)
-            body = json.dumps({"request_id": request_id, "clicked": clicked}).encode()
-            request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+                _, _, body = heapq.heappop(self.due)
+            request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=self.headers,
+                                             method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=60) as response:
                     status = response.status
@@ -292,7 +376,6 @@ def post_json(url: str, body: dict, *, headers: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from serve.features import FeatureEncoder
     from serve.registry import Registry
 
     shifts, skews = parse_assignments(args.shift, flag="--shift"), parse_assignments(args.skew, flag="--skew")
@@ -302,39 +385,32 @@ def main(argv=None) -> int:
     if version is None:
         raise SystemExit(f"{args.model} has no production version in {registry.uri}: name one with --version")
     export_dir = registry.fetch(args.model, version, cache_dir=Path(tempfile.gettempdir()) / "slipway-replay")
-    encoder = FeatureEncoder.from_file(export_dir / "feature_spec.json")
-    rng = np.random.default_rng(args.seed)
-    dense, sparse, label = load_rows(source, split=args.split, rows=args.requests * args.candidates)
-    dense, sparse = inject_drift(dense, sparse, encoder, shifts=shifts, skews=skews, rng=rng)
-    rows = encoder.raw_rows(dense, sparse)
-    bodies = [json.dumps({"model": args.model, "context": {},
-                          "candidates": rows[start : start + args.candidates]}).encode()
-              for start in range(0, len(rows), args.candidates)]
-    clicks = [np.flatnonzero(label[start : start + args.candidates] > 0.5).tolist()
-              for start in range(0, len(rows), args.candidates)]
+    run_cfg = load_run_config(source)
+    if run_cfg.model.family == "ranker":
+        traffic = ranker_traffic(args, run_cfg, export_dir, shifts=shifts, skews=skews)
+    elif shifts or skews:
+        raise SystemExit("--shift and --skew change a ranker's features; --source trained an LLM")
+    else:
+        traffic = llm_traffic(args, run_cfg, export_dir)
     headers = {"content-type": "application/json"}
     if args.api_key_env:
         key = os.environ.get(args.api_key_env)
         if not key:
             raise SystemExit(f"--api-key-env {args.api_key_env}: that environment variable is not set")
         headers["authorization"] = f"Bearer {key}"
-    drift = ", ".join([*(f"{n} +{d:g} (log1p)" for n, d in shifts.items()),
-                       *(f"{n} {s:.0%} one category" for n, s in skews.items())]) or "none"
-    print(f"replaying {len(bodies)} requests of {args.candidates} {args.split} rows to {args.url} "
-          f"(v{version}'s feature spec; drift: {drift})", flush=True)
+    print(f"replaying {traffic.description} to {args.url} (v{version}'s export)", flush=True)
     base = args.url.rstrip("/")
     fault = parse_fault(args.fault) if args.fault else None
     if fault:
         print(f"fault injected: {post_json(base + '/v1/faults', fault, headers=headers)['faults']}", flush=True)
-    replay = Replay(base + "/v1/rank", bodies, headers=headers, rate=args.rate, clicks=clicks,
-                    feedback_delay=args.feedback_delay)
+    replay = Replay(base, traffic, headers=headers, rate=args.rate, feedback_delay=args.feedback_delay)
     try:
         summary = {**run(replay, concurrency=args.concurrency), "shift": shifts, "skew": skews, "split": args.split}
     finally:
         if fault:
             post_json(base + "/v1/faults", {"version": fault["version"]}, headers=headers)
     print(f"{summary['requests']} requests ({summary['errors']} errors, statuses {summary['statuses']}), "
-          f"{summary['candidates_scored']} candidates scored in {summary['seconds']} s; "
+          f"{summary['counted']} {summary['unit']} in {summary['seconds']} s; "
           f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; answered by versions "
           f"{summary['versions']}; feedback {summary['feedback'] or 'none'}", flush=True)
     if args.out:

@@ -186,10 +186,11 @@ def _at_capacity(in_flight: int) -> api.RequestError:
 
 class Ingress:
     """What every ingress replica does around the model, whichever engine runs it: follow the registry's aliases,
-    check the canary, authenticate, bound the body and the requests in flight, pick each request's version, and
-    answer in OpenAI's shape with metrics. Subclasses say how a version change is prepared (`_accept_routes`),
-    how the canary is checked (`_probe_canary`) and how a request reaches the model; they start the tasks with
-    `_start_tasks` once they can take traffic."""
+    check the canary and the shadow, authenticate, bound the body and the requests in flight, pick each request's
+    version, answer in OpenAI's shape with metrics, and report every answer to the watcher. Subclasses say how a
+    version change is prepared (`_accept_routes`), how the canary and the shadow are checked (`_probe_canary`,
+    `_probe_shadow`) and how a request reaches the model; they start the tasks with `_start_tasks` once they can
+    take traffic."""
 
     def __init__(self, *, settings: dict, watcher=None):
         self.settings = settings
@@ -210,7 +211,7 @@ class Ingress:
     def _start_tasks(self) -> None:
         if not self._tasks:
             loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._follow_registry()), loop.create_task(self._watch_canary())]
+            self._tasks = [loop.create_task(self._follow_registry()), loop.create_task(self._watch_arms())]
             if self.watcher is not None:
                 self._tasks.append(loop.create_task(self._report_answers()))
 
@@ -245,7 +246,7 @@ class Ingress:
             except Exception:  # an unreadable registry or a version that fails to load keeps the current routes
                 logger.exception("could not switch to the registry's aliases; still serving %s", self.routes)
 
-    async def _watch_canary(self) -> None:
+    async def _watch_arms(self) -> None:
         """Check the canary and the shadow every refresh; traffic goes only to one that passed."""
         while True:
             await asyncio.sleep(self.settings["refresh_s"])

@@ -90,7 +90,7 @@ class Traffic:
         import json
 
         self.process.send_signal(signal.SIGTERM)
-        output, _ = self.process.communicate(timeout=120)
+        output, _ = self.process.communicate(timeout=300)  # requests in flight finish, then their feedback
         assert self.out.is_file(), output[-3000:]
         return json.loads(self.out.read_text())
 
