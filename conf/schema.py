@@ -375,6 +375,12 @@ class MonitorConfig:
     profile_rows: int = 20000  # held-out rows a version's reference profile is built from (stage=promote); 0 = all
     drift_window_s: float = 300.0  # a replica compares the rows of the last this many seconds with the reference
     publish_interval_s: float = 5.0  # how often a replica turns what it counted into Prometheus metrics
+    # The per-bin row counters (ray_slipway_profile_bin_rows_total: exact live histograms from Prometheus) cost a
+    # series per feature, bin, version, arm and replica: about 500 per ranker replica and version. Ray's metrics
+    # agent keeps at most 2000 series per metric (OpenTelemetry's default limit) for its whole life and folds the
+    # rest into one overflow series, so a long-lived cluster serving many versions may turn them off; the PSI
+    # gauges and the drift alerts stay.
+    bin_counters: bool = True
     # Delayed labels (POST /v1/feedback, serve/feedback.py): an answer waits this long for its feedback, and at most
     # this many answers wait at once (the oldest are dropped first); live quality covers this window of feedback.
     feedback_ttl_s: float = 3600.0

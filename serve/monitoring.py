@@ -140,9 +140,9 @@ class ProfileMetrics:
             "slipway_profile_window_rows", description="Rows in this replica's drift window (drift is flagged from "
             "serve/drift.py MIN_LIVE_ROWS on)", tag_keys=self.TAGS)
 
-    def publish(self, live: LiveProfile, *, tags: dict) -> None:
+    def publish(self, live: LiveProfile, *, tags: dict, bin_counters: bool = True) -> None:
         closed = live.close_interval()
-        for name, histogram in _histograms(closed):
+        for name, histogram in _histograms(closed) if bin_counters else ():
             for bin_name, rows in _bin_rows(histogram):
                 self.bin_rows.inc(rows, tags={**tags, "feature": name, "bin": bin_name})
         window = live.window()

@@ -135,7 +135,8 @@ class _VersionedReplica:
                     continue
                 tags = {"model": self.settings["model"], "version": str(version), "arm": self.settings["role"]}
                 try:
-                    await asyncio.to_thread(metrics.publish, loaded.live, tags=tags)
+                    await asyncio.to_thread(metrics.publish, loaded.live, tags=tags,
+                                            bin_counters=self.settings["monitor"]["bin_counters"])
                 except Exception:  # watching must never take serving down
                     logger.exception("publishing %s v%d's live profile failed", self.settings["model"], version)
 

@@ -60,7 +60,9 @@ def rollout_app(trained_runs, serve_port, tmp_path_factory):
     serve_cfg = ServeConfig(registry=str(root / "registry"), port=serve_port, num_cpus=0.25, min_replicas=1,
                             max_replicas=1, api_key=API_KEY, max_candidates=8, refresh_s=0.5,
                             route_prefix="/rollout", rollout=RolloutConfig(**TEST_ROLLOUT),
-                            monitor=MonitorConfig(publish_interval_s=1.0, fault_injection=True))
+                            # No per-bin counters: this app's versions and arms would take ~3000 series, more
+                            # than Ray's agent keeps per metric in a session (conf/schema.py: bin_counters).
+                            monitor=MonitorConfig(publish_interval_s=1.0, fault_injection=True, bin_counters=False))
     assert promote(serve_cfg, model=MODEL, source=good, experiment="ranker_dlrm",
                    cache_dir=root / "cache")["decision"] == "promoted"
     assert promote(serve_cfg, model=MODEL, source=worse, experiment="ranker_dlrm",
