@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PENDING_S = 30.0  # feedback that came before its prediction waits this long for it
-ARMS = ("production", "canary", "shadow")
 
 
 class FeedbackError(ValueError):
