@@ -26,8 +26,8 @@ from trainers.config import config_from_dict, plain_config, redacted, register_c
 
 logger = logging.getLogger("slipway")
 
-STAGES = ("train", "sweep", "promote", "canary", "shadow", "rollout", "rollback", "registry", "export", "serve",
-          "monitor")
+STAGES = ("train", "sweep", "promote", "optimize", "canary", "shadow", "rollout", "rollback", "registry", "export",
+          "serve", "monitor")
 # Whether Hydra got as far as calling main(): before that, a failure is a config that does not compose.
 _composed = False
 
@@ -115,6 +115,11 @@ def _run_stage(stage: str, cfg: RootConfig, *, config: dict, experiment: str, pr
         from serve.monitor_report import monitor
 
         return "monitor", monitor(cfg.serve, model=model, out_root=Path(cfg.paths.root).resolve())
+    if stage == "optimize":
+        from serve.optimize import optimize
+
+        root = Path(cfg.paths.root).resolve()
+        return "optimize_dir", optimize(cfg.serve, model=model, root=root, cache_dir=root / "registry_cache")
     if stage == "rollback":
         event = promote.rollback(cfg.serve, model=model)
         return "production", f"{model} v{event['to']}"
@@ -171,8 +176,53 @@ def train(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     from trainers.run import train as train_run
 
     run_dir = Path(cfg.paths.root).resolve() / "runs" / outputs.run_name(config, experiment=experiment)
-    train_run(Run(cfg=cfg, config=config, experiment=experiment, run_dir=run_dir))
+    train_run(Run(cfg=cfg, config=config, experiment=experiment, run_dir=run_dir, teacher=resolve_teacher(cfg)))
     return run_dir
+
+
+def resolve_teacher(cfg: RootConfig):
+    """model.teacher as a local export directory of the student's family (trainers/distill.py: TeacherSource), or
+    None without one. Resolved here, on the driver, because only this layer may read the registry; the workers get
+    the directory. A registry version is fetched into paths.root (storage every node reads) and verified."""
+    from conf.derived import TEACHER_SYNTAX, parse_teacher
+    from trainers.distill import TeacherSource, read_teacher_config
+
+    if cfg.model.teacher is None:
+        return None
+    reference = parse_teacher(cfg.model.teacher)
+    if reference.path is not None:
+        directory = Path(reference.path).expanduser().resolve()
+        if not directory.is_dir():
+            raise ValueError(f"model.teacher={reference.text}: {directory} is not a directory; expected "
+                             f"{TEACHER_SYNTAX}")
+        teacher = TeacherSource(reference=reference.text, directory=str(directory))
+    else:
+        teacher = _fetch_teacher(cfg, reference)
+    read_teacher_config(Path(teacher.directory), reference=reference.text, family=cfg.model.family)
+    return teacher
+
+
+def _fetch_teacher(cfg: RootConfig, reference):
+    from serve.registry import Registry
+    from trainers.distill import TeacherSource
+
+    registry, model, text = Registry(cfg.serve.registry), reference.model, reference.text
+    committed = [record["version"] for record in registry.versions(model)]
+    if not committed:
+        raise ValueError(f"model.teacher={text}: the registry {registry.uri} (serve.registry) has no model {model!r}; "
+                         f"its models: {', '.join(registry.models()) or 'none'}")
+    version = reference.version
+    if version is None:
+        version = registry.resolve(model, reference.alias)
+        if version is None:
+            aliases = ", ".join(sorted(registry.aliases(model))) or "none"
+            raise ValueError(f"model.teacher={text}: model {model!r} has no alias {reference.alias!r} (its aliases: "
+                             f"{aliases}); name one, or a version: registry:{model}@v{committed[-1]}")
+    elif version not in committed:
+        raise ValueError(f"model.teacher={text}: model {model!r} has no version {version}; its versions: "
+                         f"{', '.join(f'v{number}' for number in committed)}")
+    directory = registry.fetch(model, version, cache_dir=Path(cfg.paths.root).resolve() / "registry_cache")
+    return TeacherSource(reference=text, directory=str(directory), model=model, version=version)
 
 
 def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
@@ -185,12 +235,16 @@ def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     from trainers.sweep import check_model_candidates, local_cpus_for_sweep, run_sweep, sweep_name, validate_sweep
 
     dimensions = validate_sweep(cfg, config=config, check_trial=check_config)
+    if any(dimension.key == "model.teacher" for dimension in dimensions):
+        raise ValueError("sweep.space has model.teacher: the teacher is resolved once, for the whole sweep; sweep "
+                         "the distill block instead, or run one sweep per teacher")
     sweep_dir = Path(cfg.paths.root).resolve() / "sweeps" / sweep_name(config, experiment=experiment)
     previous = outputs.read_summary(sweep_dir)
     if previous and previous.get("status") == "finished":
         logger.info("%s already finished (%d trials); not sweeping again", sweep_dir.name, previous["trials"])
         return sweep_dir
     preflight(cfg)
+    teacher = resolve_teacher(cfg)  # once, for every trial: an alias moving mid-sweep does not split the trials
     prepared = prepare_data(cfg)  # once, here: trials reuse it unless the space changes data keys
     check_model_candidates(dimensions, config, data=prepared.to_dict())
     local_cpus = None
@@ -198,7 +252,8 @@ def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
         local_cpus = cfg.cluster.local_num_cpus or local_cpus_for_sweep(cfg, cores=os.cpu_count() or 1)
     connect(cfg.cluster, num_cpus=local_cpus)
     check_shared_storage(Path(cfg.paths.root).resolve())
-    summary = run_sweep(cfg, config=config, dimensions=dimensions, sweep_dir=sweep_dir, experiment=experiment)
+    summary = run_sweep(cfg, config=config, dimensions=dimensions, sweep_dir=sweep_dir, experiment=experiment,
+                        teacher=teacher)
     logger.info("finished %s: %s", sweep_dir.name, sweep_report.headline(summary))
     return sweep_dir
 

@@ -2,6 +2,7 @@
 has to import a higher one to read them (DESIGN.md section 4)."""
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,10 @@ BOUNDS: dict[str, Bound] = {
     "data.in_memory_limit_mb": AT_LEAST_0,
     "data.cardinalities": AT_LEAST_1,
     "data.zipf_exponent": POSITIVE,
+    # distillation (read with model.teacher only, checked always: a typo waits for the day a teacher is set)
+    "distill.mixture_weight": FRACTION,
+    "distill.temperature": POSITIVE,
+    "distill.weight": FRACTION,
     # cluster
     "cluster.cpus_per_worker": POSITIVE,
     "cluster.local_num_cpus": AT_LEAST_1,
@@ -161,6 +166,9 @@ BOUNDS: dict[str, Bound] = {
     "serve.max_candidates": AT_LEAST_1,
     "serve.max_batch_size": AT_LEAST_1,
     "serve.batch_wait_timeout_s": AT_LEAST_0,
+    "serve.optimize_max_quality_loss": AT_LEAST_0,
+    "serve.optimize_time_s": POSITIVE,
+    "serve.optimize_calibration_rows": AT_LEAST_1,
 }
 
 
@@ -193,6 +201,45 @@ def check_serve(cfg) -> None:
         raise ValueError(f"serve.max_replicas={serve.max_replicas} must be at least serve.min_replicas="
                          f"{serve.min_replicas}")
     check_gate_metric(cfg)
+
+
+# ---------------------------------------------------------------- distillation's teacher: model.teacher
+
+TEACHER_SYNTAX = "registry:MODEL@ALIAS (e.g. @production), registry:MODEL@vN (a version number) or an export directory"
+REGISTRY_PREFIX = "registry:"
+# The registry's own name rule (serve/registry.py: NAME_PATTERN), for the model and the alias alike.
+_REGISTRY_REFERENCE = re.compile(r"registry:([A-Za-z0-9][A-Za-z0-9_.-]*)@([A-Za-z0-9][A-Za-z0-9_.-]*)")
+_VERSION_NUMBER = re.compile(r"v([0-9]+)")
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """model.teacher, parsed: a registry model with an alias or a version number, or a local export directory."""
+
+    text: str  # as written, for errors and the manifest
+    model: str | None = None
+    alias: str | None = None
+    version: int | None = None
+    path: str | None = None
+
+
+def parse_teacher(value: str) -> TeacherReference:
+    """model.teacher's syntax, checked with the config (an alias named like a version, "v3", reads as version 3)."""
+    if not value.strip():
+        raise ValueError(f"model.teacher is empty: expected {TEACHER_SYNTAX}, or null to train without a teacher")
+    if not value.startswith(REGISTRY_PREFIX):
+        return TeacherReference(text=value, path=value)
+    match = _REGISTRY_REFERENCE.fullmatch(value)
+    if match is None:
+        raise ValueError(f"model.teacher={value!r} is not a registry reference: expected {TEACHER_SYNTAX}; names "
+                         "hold letters, digits, '_', '.' or '-'")
+    model, tag = match.groups()
+    number = _VERSION_NUMBER.fullmatch(tag)
+    if number is None:
+        return TeacherReference(text=value, model=model, alias=tag)
+    if int(number.group(1)) < 1:
+        raise ValueError(f"model.teacher={value!r}: registry versions are numbered from 1 (@v1, @v2, ...)")
+    return TeacherReference(text=value, model=model, version=int(number.group(1)))
 
 
 # ------------------------------------------------------------ the eval gate's metric: serve.gate_metric

@@ -102,6 +102,12 @@ class MetricMode(StrEnum):
     max = "max"
 
 
+class DistillLoss(StrEnum):
+    forward_kl = "forward_kl"  # KL(teacher || student): the student covers everything the teacher thinks likely
+    reverse_kl = "reverse_kl"  # KL(student || teacher): the student picks the teacher's main modes
+    mixture = "mixture"  # distill.mixture_weight x forward + (1 - distill.mixture_weight) x reverse
+
+
 class ServeEngine(StrEnum):
     native = "native"  # Slipway's continuous-batching engine (serve/engine.py): CPU or GPU, any family
     vllm = "vllm"  # LLMs on GPUs: vLLM through Ray Serve LLM, one engine per version (serve/vllm_app.py)
@@ -145,6 +151,9 @@ class LLMConfig:
     # "auto" builds on the meta device when the model is too big to build whole and the strategy can
     # materialize shards (fsdp); otherwise on the worker's device.
     init_device: InitDevice = InitDevice.auto
+    # Distillation: the teacher whose logits this model learns from (the `distill` block says how), as
+    # registry:MODEL@ALIAS, registry:MODEL@vN or the path of an export directory. null trains on the data alone.
+    teacher: str | None = None
 
 
 @dataclass
@@ -165,6 +174,7 @@ class RankerConfig:
     cross_rank: int = 0  # dcn: 0 = full-rank W; r > 0 factorizes W = U V^T with rank r (DCN-v2's low-rank cross)
     deep_mlp: list[int] = field(default_factory=lambda: [256, 128])  # dcn: the deep network after the cross network
     init_device: InitDevice = InitDevice.auto  # as for the LLM
+    teacher: str | None = None  # as for the LLM: registry:MODEL@ALIAS, registry:MODEL@vN or an export directory
 
 
 @dataclass
@@ -257,6 +267,21 @@ class TrainerConfig:
     eval_every_n_steps: int | None = None
     eval_batches: int = 4  # eval batches (micro_batch_size x workers rows) per evaluation; 0 = all
     torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU share
+
+
+@dataclass
+class DistillConfig:
+    """How a student learns from model.teacher (trainers/distill.py); read only when model.teacher is set. The
+    training loss is (1 - weight) x the family's own loss on the data + weight x the distillation term."""
+
+    # LLMs: the divergence between the softened token distributions. Rankers compare two-class distributions
+    # (click, no click), where forward_kl is the cross-entropy against the teacher's softened probability.
+    loss: DistillLoss = DistillLoss.forward_kl
+    mixture_weight: float = 0.5  # loss=mixture: the share of forward KL
+    # Both models' logits are divided by it; the term is scaled by its square so that its gradients keep their
+    # size as it changes (Hinton et al., 2015).
+    temperature: float = 2.0
+    weight: float = 0.5  # the distillation term's share of the loss, in [0, 1]
 
 
 @dataclass
@@ -524,6 +549,16 @@ class ServeConfig:
     max_candidates: int = 256
     max_batch_size: int = 64  # candidates of many requests are scored together by @serve.batch
     batch_wait_timeout_s: float = 0.005  # waited only while other requests are being ranked on the replica
+    # stage=optimize (serve/optimize.py): one child version per method (trainers/optimizations/) derived from
+    # serve.version (default production), measured, and registered only if its gate metric on the held-out split
+    # is at most optimize_max_quality_loss worse than the parent's, relative to it (0.01: 1%; for an AUC of 0.78,
+    # a drop of up to 0.0078). Speed is the replica's forward at optimize_batch_sizes (null: the family's serving
+    # sizes), timed for optimize_time_s each; Wanda pruning reads optimize_calibration_rows training rows.
+    optimize: list[str] = field(default_factory=list)
+    optimize_max_quality_loss: float = 0.01
+    optimize_batch_sizes: list[int] | None = None
+    optimize_time_s: float = 2.0
+    optimize_calibration_rows: int = 64
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
@@ -551,6 +586,7 @@ class RootConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # used with model.teacher only
     # What this command does, in order: train | sweep | promote | canary | rollback | registry | serve (launch.py
     # checks them together: which may follow which); `train` means the sweep when one is set.
     stages: list[str] = field(default_factory=lambda: ["train"])

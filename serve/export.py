@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from trainers.checkpointing import MODEL_CONFIG_FILE, checkpoint_format, recorded_strategy
-from trainers.families import Family, get_family
-from trainers.safe_loading import check_plain_name
+from trainers.exported import build_model_from_config, check_matches, family_of, load_exported_model, read_model_config
 from trainers.strategies import CheckpointFormat
 
 logger = logging.getLogger(__name__)
@@ -62,34 +60,6 @@ class LoadedModel:
         return self.directory / self.model_config[key]
 
 
-# ----------------------------------------------------------------------------------------------- building
-
-def read_model_config(directory: Path) -> dict:
-    path = Path(directory) / MODEL_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: expected a checkpoint or export directory")
-    config = json.loads(path.read_text())
-    try:
-        family = get_family(config.get("family"))
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-    for key in family.asset_keys:  # names that export copies and serving opens: they stay inside the directory
-        if key in config:
-            check_plain_name(config[key], source=path, field=key)
-    return config
-
-
-def family_of(model_config: dict) -> Family:
-    return get_family(model_config["family"])
-
-
-def build_model_from_config(model_config: dict, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The plain model a model_config.json describes; on "meta", only names and shapes."""
-    family = family_of(model_config)
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(family.model_schema), model_config["model"]))
-    return family.build_model(cfg, data=model_config, device=device)
-
-
 # ------------------------------------------------------------------------------ consolidating the shards
 
 def model_template(model_config: dict) -> dict[str, torch.Tensor]:
@@ -105,7 +75,7 @@ def consolidated_groups(checkpoint_dir: Path, *, template: dict[str, torch.Tenso
     pops its tensors frees them: nothing here keeps a group once the next one is asked for."""
     source = Path(checkpoint_dir)
     for group, names in zip(stored.consolidate_groups(source, template, groups=groups), groups, strict=True):
-        _check_matches(group, {name: template[name] for name in names}, source=source)
+        check_matches(group, {name: template[name] for name in names}, source=source)
         for name in names:
             tensor = group[name]
             if tensor.dtype != torch.float32 or not tensor.is_contiguous():
@@ -124,17 +94,6 @@ def consolidated_from_checkpoint(checkpoint_dir: Path, *, model_config: dict,
     for group in consolidated_groups(checkpoint_dir, template=template, groups=[list(template)], stored=stored):
         state.update(group)
     return state
-
-
-def _check_matches(state: dict, template: dict, *, source: Path) -> None:
-    missing, unexpected = sorted(template.keys() - state.keys()), sorted(state.keys() - template.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match its model_config.json: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for name, tensor in template.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model config says "
-                             f"{tuple(tensor.shape)}")
 
 
 # ---------------------------------------------------------------------------------------- export and load
@@ -182,13 +141,6 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, *, info: dict, dtype:
 
 def load_export(directory: Path, *, device: str | torch.device = "cpu") -> LoadedModel:
     """The exported model in eval mode (fp32 whatever the export's dtype), its weights checked name by name and
-    shape by shape."""
-    directory = Path(directory)
-    model_config = read_model_config(directory)
-    model = build_model_from_config(model_config, device=device)
-    template = model.state_dict()
-    state = family_of(model_config).export_layout.read(directory, names=list(template), device=device)
-    _check_matches(state, template, source=directory)
-    model.load_state_dict(state, strict=True)
-    model.eval().requires_grad_(False)
-    return LoadedModel(model=model, model_config=model_config, directory=directory)
+    shape by shape; a derived version (an optimized child) in its method's form (trainers/exported.py)."""
+    model, model_config = load_exported_model(directory, device=device)
+    return LoadedModel(model=model, model_config=model_config, directory=Path(directory))

@@ -83,7 +83,8 @@ def _number(value, pattern: str = "{:.4f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def format_report(model: str, summary: dict, drift: dict, alerts: list[dict] | None) -> str:
+def format_report(model: str, summary: dict, drift: dict, alerts: list[dict] | None, *,
+                  lineage: dict[int, str] | None = None) -> str:
     lines = [f"{model}: the last {summary['window_s']:g} s per version and arm",
              f"{'version':<8} {'arm':<11} {'requests':>8} {'5xx':>5} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
              f"{'labelled':>8} {'auc':>7} {'logloss':>7} {'calib':>6} {'est auc':>7} {'est ll':>7} {'feedback':>8}"]
@@ -95,6 +96,8 @@ def format_report(model: str, summary: dict, drift: dict, alerts: list[dict] | N
             f"{_number(arm['auc']):>7} {_number(arm['logloss']):>7} {_number(arm['calibration_error'], '{:.3f}'):>6} "
             f"{_number(arm['estimated_auc']):>7} {_number(arm['estimated_logloss']):>7} "
             f"{_number(arm['feedback_score'], '{:.3f}'):>8}")
+    for version, derived in sorted((lineage or {}).items()):
+        lines.append(f"v{version} is a child: {derived} (stage=optimize)")
     lines.append(f"feedback: {summary['feedback']}")
     lines.append(f"drift (largest PSI of any replica; {PSI_MAJOR:g} and over is a major shift):")
     for (version, arm), features in sorted(drift.items()):
@@ -114,7 +117,7 @@ def format_report(model: str, summary: dict, drift: dict, alerts: list[dict] | N
     return "\n".join(lines)
 
 
-def plot_report(path: Path, model: str, summary: dict, drift: dict) -> None:
+def plot_report(path: Path, model: str, summary: dict, drift: dict, *, lineage: dict[int, str] | None = None) -> None:
     """Four panels: traffic and 5xx, latency percentiles, quality (live and estimated), PSI per feature."""
     import matplotlib
 
@@ -122,7 +125,7 @@ def plot_report(path: Path, model: str, summary: dict, drift: dict) -> None:
     import matplotlib.pyplot as plt
 
     arms = summary["arms"]
-    names = [f"v{arm['version']} {arm['arm']}" for arm in arms]
+    names = [f"{_version_name(arm['version'], lineage or {})} {arm['arm']}" for arm in arms]
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     positions = range(len(arms))
     axes[0][0].bar(positions, [arm["requests"] for arm in arms], label="requests")
@@ -170,12 +173,34 @@ def monitor(serve_cfg, *, model: str, out_root: Path) -> Path:
         drift, alerts = drift_from_prometheus(prometheus, model=model)
     else:
         drift, alerts = (drift_from_local_ray(model=model) if LOCAL_TARGETS.is_file() else {}), None
-    print(format_report(model, summary, drift, alerts), flush=True)
+    lineage = lineage_of(serve_cfg, model, {arm["version"] for arm in summary["arms"]})
+    print(format_report(model, summary, drift, alerts, lineage=lineage), flush=True)
     out_dir = out_root / "monitor" / model
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "monitor.json").write_text(json.dumps({
         "summary": summary, "alerts": alerts,
         "drift": [{"version": v, "arm": a, "psi": features} for (v, a), features in sorted(drift.items())]},
         indent=2) + "\n")
-    plot_report(out_dir / "monitor.png", model, summary, drift)
+    plot_report(out_dir / "monitor.png", model, summary, drift, lineage=lineage)
     return out_dir / "monitor.png"
+
+
+def lineage_of(serve_cfg, model: str, versions: set[int]) -> dict[int, str]:
+    """{version: "int8_dynamic of v3"} for the versions that stage=optimize derived among those in the report and
+    those the aliases serve, read from the registry; none when this shell cannot read it (the report is the
+    endpoint's, the registry only names)."""
+    from serve.registry import Registry
+
+    try:
+        registry = Registry(serve_cfg.registry)
+        versions = versions | {alias["version"] for alias in registry.aliases(model).values()}
+        records = {version: registry.version(model, version) for version in versions}
+    except (OSError, ValueError) as err:
+        logger.warning("no lineage in the report: the registry %s cannot be read here (%s)", serve_cfg.registry, err)
+        return {}
+    return {version: f"{record['derived']['method']} of v{record['derived']['parent']}"
+            for version, record in records.items() if record.get("derived")}
+
+
+def _version_name(version: int, lineage: dict[int, str]) -> str:
+    return f"v{version} ({lineage[version]})" if version in lineage else f"v{version}"

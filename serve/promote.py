@@ -420,20 +420,58 @@ def format_registry(registry: Registry, model: str) -> str:
                                                                else ""))
     lines = [f"{model} in {registry.uri}", "version  created              step  metrics                      "
              "aliases            source"]
-    for record in versions:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.get("trained_metrics", {}).items()
-                            if k in ("val_loss", "auc", "logloss"))
-        lines.append(f"v{record['version']:<7} {record['created_at'][:19]:<20} {record.get('step', ''):>5}  "
+    for record in _lineage_order(versions):
+        # A child shows what stage=optimize measured for it, a trained version what training logged.
+        measured = record.get("measured_metrics") or record.get("trained_metrics", {})
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in measured.items()
+                            if k in ("val_loss", "auc", "logloss") and isinstance(v, float))
+        lines.append(f"{_version_label(record):<8} {record['created_at'][:19]:<20} {record.get('step', ''):>5}  "
                      f"{metrics:<28} {', '.join(held.get(record['version'], [])):<18} "
-                     f"{Path(record.get('source_run', '')).name}")
+                     f"{_lineage(record)}")
     lines.append("history:")
     for event in registry.history(model):
         lines.append("  " + _format_event(event))
     return "\n".join(lines)
 
 
+def _lineage(record: dict) -> str:
+    derived = record.get("derived")
+    if derived:
+        return f"{derived['method']} of v{derived['parent']}"
+    return Path(record.get("source_run", "")).name
+
+
+def _lineage_order(versions: list[dict]) -> list[dict]:
+    """Trained versions in order, each followed by its children (and theirs): the lineage as a tree."""
+    children: dict[int | None, list[dict]] = {}
+    numbers = {record["version"] for record in versions}
+    for record in versions:
+        parent = (record.get("derived") or {}).get("parent")
+        children.setdefault(parent if parent in numbers else None, []).append(record)
+    ordered: list[dict] = []
+
+    def visit(parent: int | None, depth: int) -> None:
+        for record in children.get(parent, []):
+            ordered.append({**record, "_depth": depth})
+            visit(record["version"], depth + 1)
+    visit(None, 0)
+    return ordered
+
+
+def _version_label(record: dict) -> str:
+    """v3 for a trained version; a child indented under its parent, as a tree: '└ v5'."""
+    depth = record.get("_depth", 0)
+    return f"{'  ' * (depth - 1)}└ v{record['version']}" if depth else f"v{record['version']}"
+
+
 def _format_event(event: dict) -> str:
     when = event.get("at", "")[:19]
+    if event.get("event") == "optimize":
+        child = f" -> v{event['version']}" if event.get("version") else ""
+        loss = event.get("quality_loss")
+        loss = f"{loss:+.2%}" if isinstance(loss, float) else loss
+        return (f"{when} optimize v{event['parent']} {event['method']}{child}: {event['decision']} "
+                f"({event['metric']} {loss})")
     if event.get("event") == "alias":
         before = f"v{event['from']}" if event.get("from") else "-"
         after = f"v{event['to']}" if event.get("to") else "-"

@@ -201,6 +201,28 @@ class LLMReplica(_VersionedReplica):
 
     # Token ids profiled by bucket: the most frequent of the held-out split's, each its own bin, then all others.
     TOKEN_BUCKETS = 50
+    # stage=optimize times decode steps of this many sequences at once (one, and a batch the engine runs)
+    PROBE_BATCH_SIZES = (1, 8)
+    PROBE_PROMPT = 16  # prompt tokens each probed sequence starts from
+
+    @staticmethod
+    def forward_probe(model, rows: dict, *, batch_size: int):
+        """One decode step of `batch_size` sequences per call, as the engine steps them (serve/optimize.py times
+        it); returns the tokens it generated. The sequences start from held-out rows' first tokens, and go back
+        to their prompts when the cache is full, so every call is a decode step at a realistic length."""
+        from trainers.llm import build_kv_cache
+
+        tokens = rows["tokens"][:, :LLMReplica.PROBE_PROMPT].repeat(batch_size, 1)[:batch_size].to(
+            model.tok_embeddings.weight.device)
+        cache = build_kv_cache(model, batch_size=batch_size, max_len=min(model.cfg.max_seq_len, 128))
+        state = {"next": model(tokens, cache=cache)[:, -1:].argmax(-1)}
+
+        def step() -> int:
+            if cache.length >= cache.max_len:
+                cache.length = tokens.shape[1]
+            state["next"] = model(state["next"], cache=cache)[:, -1:].argmax(-1)
+            return batch_size
+        return step
 
     @staticmethod
     def reference_profile(export_dir: Path, batches) -> Profile:
@@ -494,10 +516,25 @@ class RankerReplica(_VersionedReplica):
         scores = iter(np.split(probs, np.cumsum([len(dense) for dense, _ in valid])[:-1]))
         return [inputs if isinstance(inputs, FeatureError) else next(scores) for inputs in encoded], len(probs)
 
+    PROBE_BATCH_SIZES = (64, 512)  # stage=optimize times forward passes of this many candidates
+
+    @staticmethod
+    def forward_probe(model, rows: dict, *, batch_size: int):
+        """One forward pass over `batch_size` held-out rows per call, as `_forward` scores candidates
+        (serve/optimize.py times it); returns the rows scored."""
+        device = replica_device()
+        dense = rows["dense"].float().repeat(-(-batch_size // len(rows["dense"])), 1)[:batch_size].to(device)
+        sparse = rows["sparse"].repeat(-(-batch_size // len(rows["sparse"])), 1)[:batch_size].to(device)
+
+        def forward() -> int:
+            torch.sigmoid(model(dense, sparse).float())
+            return batch_size
+        return forward
+
     @staticmethod
     def _forward(ranker: LoadedRanker, *, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         model = ranker.export.model
-        device = next(model.parameters()).device
+        device = replica_device()  # a quantized child may hold only buffers, so not read off its parameters
         with torch.no_grad():
             scores = model(torch.from_numpy(dense).to(device), torch.from_numpy(sparse).to(device))
             return torch.sigmoid(scores.float()).cpu().numpy()

@@ -22,9 +22,10 @@ import torch.distributed as dist
 
 from conf.derived import resolve_precision
 from conf.schema import Precision, RootConfig
-from trainers import checkpointing, optim, outputs
+from trainers import checkpointing, distill, optim, outputs
 from trainers.checkpointing import TrainState
 from trainers.config import config_from_dict
+from trainers.distill import Objective
 from trainers.families import Batch, Family, get_family, init_device_for
 from trainers.strategies import Strategy, build_strategy, get_strategy
 from trainers.tracking import Tracker
@@ -121,20 +122,23 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: column.to(device, non_blocking=True) for key, column in batch.items()}
 
 
-def train_step(strategy: Strategy, family: Family, rows: Batch, ctx: WorkerContext,
-               micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this rank's rows; returns (this rank's mean loss, grad norm before clipping),
-    both as device tensors so the step never waits on the GPU just to log."""
-    losses = []
+def train_step(strategy: Strategy, objective: Objective, rows: Batch, ctx: WorkerContext,
+               micro: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step over this rank's rows; returns (this rank's mean loss, grad norm before clipping, the
+    objective's other terms averaged alike, e.g. distill_loss), all as device tensors so the step never waits on
+    the GPU just to log. `objective` is the family's loss, or its mix with a teacher's (trainers/distill.py)."""
+    losses, terms = [], {}
     for index in range(ctx.accum_steps):
         batch = to_device(slice_rows(rows, index * micro, (index + 1) * micro), ctx.device)
         with strategy.micro_step(is_last=index == ctx.accum_steps - 1):
             with strategy.autocast():
-                loss = family.loss(strategy.model, batch)
+                loss, extra = objective(strategy.model, batch)
             strategy.backward(loss)
         losses.append(loss.detach())
+        for key, value in extra.items():
+            terms.setdefault(key, []).append(value)
     grad_norm = strategy.step()
-    return torch.stack(losses).mean(), grad_norm
+    return torch.stack(losses).mean(), grad_norm, {key: torch.stack(values).mean() for key, values in terms.items()}
 
 
 VALID_KEY = "_valid"  # evaluation's mask of real (not padding) rows, gathered with the family's outputs
@@ -240,6 +244,8 @@ def _format_progress(metrics: dict, max_steps: int, family: Family) -> str:
             f"{metrics['step_time_s']:.3f} s/step | data wait {metrics['data_wait_frac']:.0%} | eta {eta}")
     if "mfu" in metrics:
         line += f" | mfu {metrics['mfu']:.1%}"
+    if "distill_loss" in metrics:
+        line += f" | distill {metrics['distill_loss']:.4f}"
     return line
 
 
@@ -255,6 +261,10 @@ def train_loop(config: dict) -> None:
     ctx = _setup_worker(cfg)
     family = get_family(cfg.model.family)
     strategy = _setup_strategy(cfg, family, data, ctx)
+    # The teacher stays beside the strategy's model (never wrapped, trained or checkpointed), so a resumed run
+    # loads it again from its export.
+    teacher = distill.load_teacher(config.get("teacher"), device=ctx.device)
+    objective = distill.build_objective(family, teacher=teacher, cfg=cfg.distill)
     state = checkpointing.restore_latest(strategy, rank=ctx.rank) or TrainState()
     state.strategy = cfg.strategy.name  # recorded in every checkpoint: what export reads it back with
     tracker = None
@@ -263,15 +273,15 @@ def train_loop(config: dict) -> None:
         tracker = Tracker(cfg.logger, run_dir=run_dir, run_name=config["run_name"], config=config["cfg"],
                           resume_step=state.step)
     try:
-        _train(cfg, family=family, strategy=strategy, state=state, ctx=ctx, data=data, run_dir=run_dir,
-               tracker=tracker)
+        _train(cfg, family=family, objective=objective, strategy=strategy, state=state, ctx=ctx, data=data,
+               run_dir=run_dir, tracker=tracker)
     finally:
         if tracker:
             tracker.finish()
 
 
-def _train(cfg: RootConfig, *, family: Family, strategy: Strategy, state: TrainState, ctx: WorkerContext, data: dict,
-           run_dir: Path, tracker: Tracker | None) -> None:
+def _train(cfg: RootConfig, *, family: Family, objective: Objective, strategy: Strategy, state: TrainState,
+           ctx: WorkerContext, data: dict, run_dir: Path, tracker: Tracker | None) -> None:
     import ray.train
 
     trainer = cfg.trainer
@@ -299,13 +309,13 @@ def _train(cfg: RootConfig, *, family: Family, strategy: Strategy, state: TrainS
                 progress.waited(wait_seconds)
             rows = slice_rows(batch, ctx.rank * ctx.rows_per_rank, (ctx.rank + 1) * ctx.rows_per_rank)
             _maybe_inject_crash(state.step + 1, run_dir, ctx.rank)
-            loss, grad_norm = train_step(strategy, family, rows, ctx, trainer.micro_batch_size)
+            loss, grad_norm, terms = train_step(strategy, objective, rows, ctx, trainer.micro_batch_size)
             state.step += 1
             state.batches_in_epoch += 1
             progress.step_done()
             stop = _after_step(cfg, family=family, strategy=strategy, state=state, ctx=ctx, loss=loss,
-                               grad_norm=grad_norm, val_shard=val_shard, progress=progress, tracker=tracker,
-                               flops_per_item=flops_per_item, payload=payload, run_dir=run_dir)
+                               grad_norm=grad_norm, terms=terms, val_shard=val_shard, progress=progress,
+                               tracker=tracker, flops_per_item=flops_per_item, payload=payload, run_dir=run_dir)
             if stop and ctx.rank == 0:
                 logger.info("step %d: the sweep's scheduler stopped this trial; ending the run here", state.step)
             if stop or state.step >= trainer.max_steps:
@@ -328,8 +338,9 @@ def _timed(iterable):
 
 
 def _after_step(cfg: RootConfig, *, family: Family, strategy: Strategy, state: TrainState, ctx: WorkerContext,
-                loss: torch.Tensor, grad_norm: torch.Tensor, val_shard, progress: Progress,
-                tracker: Tracker | None, flops_per_item: float, payload: dict, run_dir: Path) -> bool:
+                loss: torch.Tensor, grad_norm: torch.Tensor, terms: dict[str, torch.Tensor], val_shard,
+                progress: Progress, tracker: Tracker | None, flops_per_item: float, payload: dict,
+                run_dir: Path) -> bool:
     """Log, evaluate, checkpoint and report as scheduled after an optimizer step. Returns whether a sweep
     asked this run to stop: rank 0's answer, shared through the log step's all-reduce so that every rank
     stops at the same step."""
@@ -343,10 +354,11 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy: Strategy, state: T
     if do_log:
         # The norm is already global; averaging it (and the stop flag) with the loss saves extra syncs.
         asked = torch.tensor(float(ctx.rank == 0 and outputs.stop_requested(run_dir)))
-        mean_loss, grad_norm, stop_votes = _all_reduce_mean([loss, grad_norm, asked], ctx.device)
+        mean_loss, grad_norm, stop_votes, *term_means = _all_reduce_mean([loss, grad_norm, asked, *terms.values()],
+                                                                         ctx.device)
         stop = stop_votes > 0
         metrics.update(train_loss=mean_loss, grad_norm=grad_norm, lr=strategy.current_lr(), epoch=state.epoch,
-                       **progress.window(step))
+                       **dict(zip(terms, term_means, strict=True)), **progress.window(step))
         if ctx.device.type == "cuda":
             peak = cfg.cluster.peak_tflops_per_gpu * 1e12 * ctx.world_size
             metrics["mfu"] = metrics[family.throughput_key] * flops_per_item / peak

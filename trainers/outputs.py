@@ -33,8 +33,13 @@ HASH_EXCLUDED_KEYS = (
 
 
 def config_hash(config: dict, *, excluded: tuple[str, ...] = HASH_EXCLUDED_KEYS) -> str:
-    """sha256 of the resolved config minus the `excluded` dotted keys, as hex."""
+    """sha256 of the resolved config minus the `excluded` dotted keys, as hex. A teacher (model.teacher) and how it
+    teaches (distill) change what a run computes and are hashed; without a teacher, the distill block is read by
+    nothing and both are left out, so that runs keep the names they had before distillation existed."""
     trimmed = json.loads(json.dumps(config))
+    if (trimmed.get("model") or {}).get("teacher") is None:
+        trimmed.get("model", {}).pop("teacher", None)
+        trimmed.pop("distill", None)
     for dotted in excluded:
         *parents, leaf = dotted.split(".")
         node = trimmed
@@ -101,9 +106,11 @@ def _package_versions() -> dict:
     return versions
 
 
-def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_identity: dict, repo: Path) -> None:
+def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_identity: dict, repo: Path,
+                    teacher: dict | None = None) -> None:
     """config.yaml and manifest.json, written before training starts. The manifest describes this launch at
-    its top level and keeps every launch of the run directory, oldest first, under "launches"."""
+    its top level and keeps every launch of the run directory, oldest first, under "launches". A distilled run's
+    `teacher` (its reference, the registry model and version it resolved to, its directory) is recorded too."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     git = _git_state(repo)
@@ -120,6 +127,7 @@ def write_run_files(run_dir: Path, *, config: dict, experiment: str, data_identi
         "world_size": config["cluster"]["num_workers"],
         "strategy": config["strategy"]["name"],
         "model_family": config["model"]["family"],
+        **({"teacher": teacher} if teacher else {}),
         "launches": [*_previous_launches(run_dir), launch],
     }
     atomic_write(run_dir / "manifest.json", json.dumps(manifest, indent=2))
@@ -178,6 +186,9 @@ def identity_changes(run_dir: Path, identity: dict) -> list[str]:
         old = before.get("data_files", {}).get(name)
         if old and old != digest:
             changes.append(f"{name} (sha256 {old[:12]} -> {digest[:12]})")
+    # A teacher named by an alias resolves to whatever version the alias holds at each launch.
+    if before.get("teacher") and before["teacher"] != identity.get("teacher"):
+        changes.append(f"the teacher ({before['teacher']} -> {identity.get('teacher')})")
     return changes
 
 

@@ -18,9 +18,18 @@ from pathlib import Path
 
 from cluster.capacity import WORKER_GROUP_START_TIMEOUT_ENV
 from cluster.connection import REPO_ROOT
-from conf.derived import check_bounds, check_serve, is_elastic, resolve_address, scaling_workers, worker_range
+from conf.derived import (
+    check_bounds,
+    check_serve,
+    is_elastic,
+    parse_teacher,
+    resolve_address,
+    scaling_workers,
+    worker_range,
+)
 from conf.schema import ClusterConfig, PlacementStrategy, Precision, ResumePolicy, RootConfig
 from trainers import outputs
+from trainers.distill import TeacherSource, check_teacher_data
 from trainers.families import Family, get_family
 from trainers.loop import CRASH_AT_STEP_ENV, train_loop
 from trainers.strategies import all_strategies, get_strategy
@@ -39,6 +48,8 @@ class Run:
     config: dict  # plain and redacted: config.yaml, the run name's hash, W&B and the workers
     experiment: str
     run_dir: Path
+    # model.teacher resolved to a local export directory (launch.py: resolve_teacher); None without a teacher
+    teacher: TeacherSource | None = None
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -67,6 +78,8 @@ def check_config(cfg: RootConfig) -> None:
     check_serve(cfg)  # a train command may serve too (+exp=quickstart): its mistakes surface before training
     family = get_family(cfg.model.family)
     _check_family_fits(cfg, family)
+    if cfg.model.teacher is not None:
+        parse_teacher(cfg.model.teacher)  # its syntax; what it names is resolved with the registry (launch.py)
     _check_worker_counts(cfg)
     _check_placement(cfg)
 
@@ -188,11 +201,12 @@ def train(run: Run, *, connect: bool = True, callbacks: list | None = None) -> d
     outputs.check_writable(Path(run.cfg.paths.data_cache), key="paths.data_cache")
     outputs.check_writable(run.run_dir.parent, key="paths.root")
     prepared = prepare_data(run.cfg)
+    _check_teacher(run, data=prepared.to_dict())
     with outputs.run_lock(run.run_dir):
         identity = _data_identity(run, prepared)
         _check_resumable(run, identity)
         outputs.write_run_files(run.run_dir, config=run.config, experiment=run.experiment, data_identity=identity,
-                                repo=REPO_ROOT)
+                                repo=REPO_ROOT, teacher=run.teacher.to_dict() if run.teacher else None)
         previous = outputs.read_summary(run.run_dir)
         if previous and previous.get("status") == "finished":
             logger.info("%s already finished (%d steps); not training again", run.run_dir.name, previous["steps"])
@@ -205,9 +219,25 @@ def train(run: Run, *, connect: bool = True, callbacks: list | None = None) -> d
     return summary
 
 
+def _check_teacher(run: Run, *, data: dict) -> None:
+    """A run with model.teacher needs it resolved (launch.py does it, with the registry) and fitting the student's
+    prepared data: a teacher with another vocabulary or other tables would give logits of other classes."""
+    if run.cfg.model.teacher is None:
+        assert run.teacher is None, "a resolved teacher without model.teacher"
+        return
+    if run.teacher is None:
+        raise ValueError(f"model.teacher={run.cfg.model.teacher} was not resolved to an export directory: runs "
+                         "with a teacher start from launch.py, which resolves it")
+    family = _family(run)
+    check_teacher_data(run.teacher, family=family, payload=family.checkpoint_payload(run.cfg.model, data))
+
+
 def _data_identity(run: Run, prepared) -> dict:
     files = _family(run).checkpoint_payload(run.cfg.model, prepared.to_dict())["files"]
-    return outputs.data_identity(prepared.fingerprint, files)
+    identity = outputs.data_identity(prepared.fingerprint, files)
+    if run.teacher is not None:  # what a distilled run learned from besides its data
+        identity["teacher"] = run.teacher.identity
+    return identity
 
 
 def _check_resumable(run: Run, identity: dict) -> None:
@@ -266,7 +296,7 @@ def build_trainer(run: Run, *, data: dict, datasets: dict, callbacks: list | Non
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": run.config, "data": data, "run_dir": str(run.run_dir),
-                           "run_name": run.run_dir.name},
+                           "run_name": run.run_dir.name, "teacher": run.teacher.to_dict() if run.teacher else None},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling_workers(cfg.cluster), use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.cluster.placement_strategy.value),

@@ -16,6 +16,7 @@ from pathlib import Path
 from conf.schema import RootConfig, SweepScheduler, SweepSearcher
 from trainers import outputs, sweep_report
 from trainers.config import config_from_dict
+from trainers.distill import TeacherSource
 from trainers.families import get_family
 from trainers.search_space import Dimension, check_candidates, parse_space, with_values
 
@@ -162,8 +163,10 @@ def local_cpus_for_sweep(cfg: RootConfig, *, cores: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ the trial
 
-def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: str) -> None:
-    """One Tune trial: the base config with this trial's values, trained exactly like a plain run."""
+def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: str,
+                teacher: dict | None = None) -> None:
+    """One Tune trial: the base config with this trial's values, trained exactly like a plain run (with the
+    sweep's teacher, resolved once by its driver: launch.py)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -177,8 +180,9 @@ def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: 
     outputs.clear_stop_request(run_dir)  # a trial that runs has not been stopped (a resumed sweep reruns it)
     # The driver prepared the base data; only swept data keys build anything here. The sweep's driver has
     # connected to Ray and checked the cluster already.
-    train(Run(cfg=cfg, config=config, experiment=experiment, run_dir=run_dir), connect=False,
-          callbacks=[TuneReportCallback()])
+    run = Run(cfg=cfg, config=config, experiment=experiment, run_dir=run_dir,
+              teacher=TeacherSource(**teacher) if teacher else None)
+    train(run, connect=False, callbacks=[TuneReportCallback()])
 
 
 def _report_ended_run(run_dir: Path, *, metric: str) -> bool:
@@ -220,7 +224,7 @@ def release_leftover_placement_groups(run_dirs: list[Path]) -> int:
 # ---------------------------------------------------------------------------------------------- the driver
 
 def run_sweep(cfg: RootConfig, *, config: dict, dimensions: list[Dimension], sweep_dir: Path,
-              experiment: str) -> dict:
+              experiment: str, teacher: TeacherSource | None = None) -> dict:
     """Run (or restore and finish) the sweep and write its report; returns summary.json's content.
 
     Raises KeyboardInterrupt when Ctrl-C stopped the sweep before every trial ended: Tune has saved its
@@ -232,7 +236,7 @@ def run_sweep(cfg: RootConfig, *, config: dict, dimensions: list[Dimension], swe
     at_once = trials_at_once(cfg, cluster_resources=ray.cluster_resources())
     started = time.time()
     tuner = _build_or_restore_tuner(cfg, config=config, dimensions=dimensions, sweep_dir=sweep_dir,
-                                    experiment=experiment, metric=metric, mode=mode, at_once=at_once)
+                                    experiment=experiment, metric=metric, mode=mode, at_once=at_once, teacher=teacher)
     try:
         tuner.fit()
     finally:
@@ -248,12 +252,13 @@ def run_sweep(cfg: RootConfig, *, config: dict, dimensions: list[Dimension], swe
 
 
 def _build_or_restore_tuner(cfg: RootConfig, *, config: dict, dimensions: list[Dimension], sweep_dir: Path,
-                            experiment: str, metric: str, mode: str, at_once: int):
+                            experiment: str, metric: str, mode: str, at_once: int,
+                            teacher: TeacherSource | None = None):
     from ray import tune
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base_config=_absolute_paths(config), experiment=experiment,
-                             sweep_dir=str(sweep_dir)),
+                             sweep_dir=str(sweep_dir), teacher=teacher.to_dict() if teacher else None),
         {"CPU": TRIAL_DRIVER_CPUS},
     )
     if tune.Tuner.can_restore(str(sweep_dir)):

@@ -49,6 +49,8 @@ SMOKE_ARGS = {
                         "--candidates", "4"],
     # A 23M-parameter Llama of the 1B's architecture (the default writes and loads 2.5 GB).
     "bench_import.py": ["--smoke"],
+    # A DLRM and the tiny LLM trained a few steps, optimized without compile, timed for 0.3 s.
+    "bench_optimize.py": ["--smoke"],
 }
 NUMBER = r"([-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?)"
 
@@ -63,6 +65,7 @@ RUNS = {
     "serve": ("bench_serve.py", SMOKE_ARGS["bench_serve.py"]),
     "drift": ("bench_drift.py", SMOKE_ARGS["bench_drift.py"]),
     "shadow": ("bench_shadow.py", SMOKE_ARGS["bench_shadow.py"]),
+    "optimize": ("bench_optimize.py", SMOKE_ARGS["bench_optimize.py"]),
 }
 
 
@@ -211,6 +214,21 @@ def test_bench_shadow(outputs):
     assert figure(output, rf"shadow 100% / off \(medians over rounds\): p50 {NUMBER}x") > 0
     (level,) = results_json(output)["levels"]
     assert level["concurrency"] == 1 and level["errors"] == 0 and level["shadow_p50_ms"] > 0, level
+
+
+def test_bench_optimize(outputs):
+    output = output_of(outputs, "optimize")
+    results = results_json(output)
+    for name, methods in (("dlrm", {"int8_dynamic", "int8_weight_only", "int8_tables"}),
+                          ("llm", {"int8_dynamic", "int8_weight_only", "prune_wanda_50", "prune_magnitude_50",
+                                   "prune_2of4"})):
+        rows = results["tables"][name]["rows"]
+        assert rows[0]["decision"] == "parent" and {row["label"] for row in rows[1:]} == methods
+        assert all(speed["items_per_s"] > 0 for row in rows for speed in row["speeds"])
+        assert all(row["decision"] in ("registered", "refused") for row in rows[1:])
+        assert f"bench_{name}: children of v1" in output
+    assert figure(output, rf"prune_wanda_50\s+perplexity\s+{NUMBER}") > 1
+    assert Path(re.search(r"plot: (\S+)", output).group(1)).stat().st_size > 10_000
 
 
 def test_bench_import(import_output):

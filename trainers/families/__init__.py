@@ -67,7 +67,9 @@ def _write_plain(groups, out_dir, *, model_config: dict, dtype: torch.dtype) -> 
     state = {}
     for group in groups:
         for name in list(group):
-            state[name] = group.pop(name).to(dtype).contiguous()
+            tensor = group.pop(name)
+            # Integer tensors (an int8 child's weights, trainers/optimizations/) are stored as they are.
+            state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"family": model_config["family"]})
 
 
@@ -101,6 +103,10 @@ class Family:
     build_model: Callable[..., nn.Module]  # (model cfg, *, data: dict, device) -> module
     count_parameters: Callable[..., int]  # (model cfg, *, data: dict) -> parameters, without building
     blocks: Callable[[nn.Module], nn.ModuleList]  # the units FSDP2 shards one by one (and LLMs checkpoint)
+    # The modules torch.compile may compile whole for serving (trainers/optimizations/compile.py): their inputs are
+    # tensors only, so one graph with dynamic shapes serves every batch (an LLM engine's slot layout is Python data
+    # that would recompile a graph holding attention at every step).
+    compile_units: Callable[[nn.Module], list[nn.Module]]
     # Pretrained weights: (model cfg) -> the checkpoint directory a run starts from, or None; and
     # (model, directory) -> fills the model's parameters (or this rank's shards of them) from it.
     pretrained_from: Callable[..., str | None]
@@ -112,6 +118,12 @@ class Family:
     eval_metrics: Callable[[dict[str, np.ndarray]], dict[str, float]]  # all validation rows -> metrics
     metric: str  # the validation metric that ranks checkpoints
     metric_mode: str  # "min" or "max"
+    # Distillation (trainers/distill.py): (student, teacher, batch, *, cfg: DistillConfig) -> (the family's loss,
+    # the distillation term) of one micro-batch, from one student forward pass; and the model_config keys a
+    # teacher's export must share with the student's for their logits to mean the same classes (a key that names a
+    # side file, one of asset_keys, compares the files' contents).
+    distill_losses: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    teacher_matches: tuple[str, ...]
     sweep_metrics: dict[str, str]  # validation metrics a sweep can rank trials by -> their natural mode
     summary_keys: tuple[str, ...]  # final metrics repeated at the top level of summary.json
     headline_keys: tuple[str, ...]  # final metrics in the run's last log line

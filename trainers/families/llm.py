@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cluster.activations import llm_activations
 from conf.schema import ChatDataConfig, LLMConfig, TextDataConfig
 from trainers import llm, pretrained
+from trainers.distill import token_distill_loss
 from trainers.families import Batch, ExportLayout, Family, model_config_dict
 
 
@@ -120,6 +122,21 @@ def _masked_token_losses(model: nn.Module, batch: Batch):
     return per_token.view(len(rows), -1), batch["loss_mask"].float()
 
 
+def _distill_losses(student: nn.Module, teacher: nn.Module, batch: Batch, *, cfg) -> tuple:
+    """(next-token cross-entropy, the distillation term) from one student forward pass: the term covers the
+    targets the cross-entropy trains (a fine-tuning row's loss_mask), each position's teacher seeing the same
+    tokens (and, packed, the same document boundaries) as the student."""
+    rows = batch["tokens"].long()
+    extra = {"document_ids": batch["document_ids"].long()} if "loss_mask" in batch else {}
+    logits = student(rows[:, :-1], **extra).float()
+    with torch.no_grad():
+        teacher_logits = teacher(rows[:, :-1], **extra).float()
+    per_token = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="none").view(len(rows), -1)
+    mask = batch["loss_mask"].float() if "loss_mask" in batch else None
+    data_loss = per_token.mean() if mask is None else (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return data_loss, token_distill_loss(logits, teacher_logits, cfg=cfg, mask=mask)
+
+
 def _payload(cfg: LLMConfig, data: dict) -> dict:
     from datasets.tokenizer import TOKENIZER_CONFIG_FILE
 
@@ -155,6 +172,10 @@ LLM = Family(
     build_model=lambda cfg, *, data, device: llm.build_llm(cfg, vocab_size=vocab_size(cfg, data), device=device),
     count_parameters=lambda cfg, *, data: llm.count_parameters(cfg, vocab_size=vocab_size(cfg, data))["total"],
     blocks=lambda model: model.layers,
+    # Each block's norms and feed-forward, and the head: attention reads the engine's slot layout and stays eager.
+    compile_units=lambda model: [unit for layer in model.layers
+                                 for unit in (layer.attention_norm, layer.ffn_norm, layer.feed_forward)]
+    + [model.norm, model.output],
     pretrained_from=lambda cfg: cfg.init_from,
     load_pretrained=pretrained.load_pretrained,
     supports_activation_checkpointing=True,
@@ -163,6 +184,8 @@ LLM = Family(
     eval_metrics=lambda outputs: {"val_loss": float(np.mean(outputs["loss"]))},
     metric="val_loss",
     metric_mode="min",
+    distill_losses=_distill_losses,
+    teacher_matches=("vocab_size", "tokenizer"),  # the same token ids, in a table of the same size
     sweep_metrics={"val_loss": "min"},
     summary_keys=(),
     headline_keys=(),

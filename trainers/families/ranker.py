@@ -10,6 +10,7 @@ from cluster.activations import ranker_activations
 from conf.schema import ClickLogDataConfig, RankerConfig
 from datasets.metrics import binary_metrics, logloss, roc_auc
 from trainers import ranker
+from trainers.distill import binary_distill_loss
 from trainers.families import PLAIN_LAYOUT, Batch, Family, model_config_dict
 
 
@@ -52,6 +53,15 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(_logits(model, batch), batch["label"].float())
+
+
+def _distill_losses(student: nn.Module, teacher: nn.Module, batch: Batch, *, cfg) -> tuple:
+    """(the click loss, the logit-matching term) from one student forward pass."""
+    logits = _logits(student, batch)
+    with torch.no_grad():
+        teacher_logits = _logits(teacher, batch)
+    data_loss = F.binary_cross_entropy_with_logits(logits, batch["label"].float())
+    return data_loss, binary_distill_loss(logits, teacher_logits, cfg=cfg)
 
 
 def _predict(model: nn.Module, batch: Batch) -> Batch:
@@ -107,6 +117,7 @@ RANKER = Family(
         cfg, num_dense=data["num_dense"], table_sizes=data["table_sizes"]
     )["total"],
     blocks=lambda model: model.tables,  # one FSDP2 unit per table: sharded at rest, gathered one at a time
+    compile_units=lambda model: [model],  # the whole forward: dense and sparse tensors in, logits out
     pretrained_from=lambda cfg: None,
     export_layout=PLAIN_LAYOUT,
     load_pretrained=None,
@@ -116,6 +127,8 @@ RANKER = Family(
     eval_metrics=_metrics,
     metric="auc",
     metric_mode="max",
+    distill_losses=_distill_losses,
+    teacher_matches=("num_dense", "table_sizes"),  # the same features, hashed into tables of the same sizes
     sweep_metrics={"auc": "max", "logloss": "min"},
     summary_keys=("auc", "logloss", "calibration", "bayes_auc", "bayes_logloss", "auc_gap"),
     headline_keys=("auc", "logloss", "calibration", "bayes_auc", "auc_gap"),
