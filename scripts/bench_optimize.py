@@ -4,10 +4,12 @@ quality-against-latency plot of every child (optimize.png).
 
     python scripts/bench_optimize.py                 # about 10 minutes on 2 cores
     python scripts/bench_optimize.py --smoke         # a few steps each, short timings
+    python scripts/bench_optimize.py --run dlrm=outputs/runs/ranker_dlrm-1a2b3c4d --models dlrm
 
-Each model is trained and promoted by launch.py into a registry under --out, then `stage=optimize` derives one
-child per method, measures parent and children on the same held-out rows and batches, and registers the
-children within the quality bound (serve.optimize_max_quality_loss). Its tables are printed as it prints them.
+Each model is trained, promoted and optimized by one launch.py command into a registry under --out (or, with
+--run NAME=RUN_DIR, a finished run is promoted and optimized): `stage=optimize` derives one child per method,
+measures parent and children on the same held-out rows and batches, and registers the children within the
+quality bound (serve.optimize_max_quality_loss). Its tables are printed as it prints them.
 Then, for the LLM, the pruning comparison of the Wanda paper (perplexity at 50% unstructured and 2:4, Wanda
 against magnitude), and the int8 decode speed at the --large-llm preset's shape: tiny models spend their
 decode step in Python and small kernels, where int8's per-call quantization costs more than its smaller GEMMs
@@ -47,8 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per version and batch size")
     parser.add_argument("--large-llm", default="llm_125m", help="conf/model preset whose shape int8 decode is timed at")
     parser.add_argument("--smoke", action="store_true", help="a few training steps, short timings, no large LLM")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
+                        help="optimize this finished run (launch.py's run_dir) rather than training NAME's")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "slipway-bench-optimize")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.run = _run_dirs(args.run)
+    return args
 
 
 def launch(overrides: list[str], *, log: Path) -> str:
@@ -64,20 +70,35 @@ def launch(overrides: list[str], *, log: Path) -> str:
 
 
 def train_and_optimize(name: str, args) -> dict:
+    """One launch.py command: train (or take --run's finished run), promote, optimize; returns optimize.json."""
     experiment, training, methods, bound = MODELS[name]
     if args.smoke:
         training = SMOKE_TRAINING.get("llm" if name == "llm" else "dlrm")
         methods = [method for method in methods if method not in ("compile", "prune_magnitude_2of4")]
-    common = [f"paths.root={args.out}", f"serve.model=bench_{name}", f"serve.registry={args.out / 'registry'}"]
-    print(f"== {name}: training and promoting +exp={experiment}", flush=True)
-    launch([f"+exp={experiment}", *training, *common, "stages=[train,promote]", "serve.force=true"],
-           log=args.out / f"{name}_train.log")
-    stdout = launch(["stage=optimize", *common, f"serve.optimize=[{','.join(methods)}]",
-                     f"serve.optimize_max_quality_loss={bound}", f"serve.optimize_time_s={args.seconds}"],
-                    log=args.out / f"{name}_optimize.log")
-    print("\n".join(line for line in stdout.splitlines() if not line.startswith("optimize_dir")), flush=True)
+    optimize = [f"paths.root={args.out}", f"serve.model=bench_{name}", f"serve.registry={args.out / 'registry'}",
+                "serve.force=true", f"serve.optimize=[{','.join(methods)}]",
+                f"serve.optimize_max_quality_loss={bound}", f"serve.optimize_time_s={args.seconds}"]
+    if name in args.run:
+        print(f"== {name}: promoting {args.run[name]} and optimizing it", flush=True)
+        command = [f"serve.source={args.run[name]}", "stages=[promote,optimize]", *optimize]
+    else:
+        print(f"== {name}: training +exp={experiment}, promoting and optimizing it", flush=True)
+        command = [f"+exp={experiment}", *training, "stages=[train,promote,optimize]", *optimize]
+    stdout = launch(command, log=args.out / f"{name}.log")
+    print("\n".join(line for line in stdout.splitlines() if not line.startswith(("optimize_dir", "run_dir",
+                                                                                   "promotion"))), flush=True)
     optimize_dir = Path(stdout.strip().splitlines()[-1].removeprefix("optimize_dir: "))
     return json.loads((optimize_dir / "optimize.json").read_text())
+
+
+def _run_dirs(values: list[str]) -> dict[str, Path]:
+    runs = {}
+    for value in values:
+        name, _, directory = value.partition("=")
+        if name not in MODELS or not directory:
+            raise SystemExit(f"--run {value}: expected NAME=RUN_DIR with NAME one of {', '.join(MODELS)}")
+        runs[name] = Path(directory)
+    return runs
 
 
 def pruning_summary(table: dict) -> list[str]:

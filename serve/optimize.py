@@ -33,7 +33,7 @@ from torch import nn
 
 from conf.schema import RootConfig
 from serve.evaluate import evaluate_model, profile_on_run_data, run_held_out_batches, training_eval_rows
-from serve.export import EXPORT_INFO_FILE, LoadedModel, asset_files, load_export
+from serve.export import DEFAULT_SHARD_BYTES, EXPORT_INFO_FILE, LoadedModel, asset_files, load_export
 from serve.monitoring import PROFILE_FILE
 from serve.promote import PRODUCTION
 from serve.registry import Registry
@@ -164,8 +164,8 @@ def _parent(registry: Registry, model: str, *, version: int | None, cache_dir: P
 
 # ------------------------------------------------------------------------------------------- a child
 
-def _decide_and_register(method: Method, child: "Measurement", registry: Registry, model: str, parent: Parent, *,
-                         reference: "Measurement", directory: Path, serve_cfg) -> None:
+def _decide_and_register(method: Method, child: Measurement, registry: Registry, model: str, parent: Parent, *,
+                         reference: Measurement, directory: Path, serve_cfg) -> None:
     """Register the child if its quality loss is within serve.optimize_max_quality_loss; record the decision."""
     metric, mode = parent.family.metric, parent.family.metric_mode
     child.quality_loss = quality_loss(reference.metrics[metric], child.metrics[metric], mode=mode)
@@ -194,7 +194,7 @@ def _decide_and_register(method: Method, child: "Measurement", registry: Registr
 def write_child(method: Method, parent: Parent, out_dir: Path, *, calibration_rows: int) -> Path:
     """The child's export: the parent's side files, the derived weights in the method's layout (in the parent's
     export dtype), model_config.json with its steps under "derived" (the parent's, then this one), and export.json.
-A child of a child carries both steps: int8 of a pruned version, compile of an int8 one."""
+    A child of a child carries both steps: int8 of a pruned version, compile of an int8 one."""
     loaded = load_export(parent.directory)
     earlier = [step["method"] for step in loaded.model_config.get("derived", [])]
     if method.name in earlier:
@@ -214,7 +214,7 @@ A child of a child carries both steps: int8 of a pruned version, compile of an i
     parent_info = json.loads((parent.directory / EXPORT_INFO_FILE).read_text())
     dtype = getattr(torch, parent_info.get("dtype", "float32"))
     layout = child_layout(derived_steps(model_config, source=out_dir)) or parent.family.export_layout
-    layout.write(child.state_dict(), out_dir, model_config=model_config, dtype=dtype, shard_bytes=5 * 10**9)
+    layout.write(child.state_dict(), out_dir, model_config=model_config, dtype=dtype, shard_bytes=DEFAULT_SHARD_BYTES)
     info = {"derived_from": parent.version, "method": method.name, "settings": method.settings,
             "dtype": parent_info.get("dtype"), "parameters": parent_info.get("parameters"),
             "source_run": parent_info.get("source_run"), "step": parent_info.get("step")}
