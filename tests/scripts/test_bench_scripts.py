@@ -49,8 +49,7 @@ SMOKE_ARGS = {
                         "--candidates", "4"],
     # A 23M-parameter Llama of the 1B's architecture (the default writes and loads 2.5 GB).
     "bench_import.py": ["--smoke"],
-    # A DLRM trained a few steps and the session's tiny LLM run (the fixture adds --run), optimized without
-    # compile, timed for 0.3 s.
+    # A DLRM and the tiny LLM trained a few steps, optimized without compile, timed for 0.3 s.
     "bench_optimize.py": ["--smoke"],
 }
 NUMBER = r"([-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?)"
@@ -71,22 +70,15 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory, data_cache, trained_runs) -> dict[str, tuple[int, str]]:
+def outputs(tmp_path_factory, data_cache) -> dict[str, tuple[int, str]]:
     """Every smoke run, started together: {run: (exit code, stdout and stderr)}. bench_overhead's corpus is the
-    tiny runs' own (tests/helpers.py), prepared once in the session's data cache for both. bench_optimize trains
-    its DLRM (its train-promote-optimize command) and takes the session's shared LLM run for the other (--run,
-    its promote-optimize command), which saves a second training among the concurrent smoke runs."""
-    from tests.helpers import LLM_STRATEGY_RUNS
-
+    tiny runs' own (tests/helpers.py), prepared once in the session's data cache for both."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
-    optimize_runs = ["--run", f"llm={trained_runs('llm-ddp', LLM_STRATEGY_RUNS['ddp'])}"]
     processes, logs = {}, {}
     for run, (name, args) in RUNS.items():
         if run == "overhead":
             args = [*args, f"paths.data_cache={data_cache}"]
-        if run == "optimize":
-            args = [*args, *optimize_runs]
         out = tmp_path_factory.mktemp(run)
         logs[run] = out / "output.log"  # a file, not a pipe: a full pipe would stall a chatty script
         with logs[run].open("w") as log:

@@ -4,14 +4,15 @@ Each quantized module keeps its weights as plain tensors (int8 values and their 
 an ordinary safetensors file that loads with no code of its own (nothing pickled), and the module's kernels are
 chosen when it is built, not when it is saved.
 
-Which kernels, measured on this project's 2-core CPU (AVX-512 with VNNI, torch 2.13; the measurements are in
-README's "Making a model cheaper to serve"):
+Which kernels, measured on this project's 2-core CPU (AVX-512 with VNNI, torch 2.13) by the kernel table of
+scripts/bench_optimize.py (torchao's columns appear when torchao is importable):
 - int8_dynamic runs on torch's own quantized engine (fbgemm / x86: `torch.ao.nn.quantized.dynamic.Linear`): the
-  activations are quantized per call, the product is an int8 GEMM. It beat fp32 3x on a 768x768 layer at batch 1
-  and 2.5x on a 429x429 layer at batch 512, where torchao 0.18's eager CPU path ran slower than fp32 (3x slower
-  at batch 1): torchao's int8 kernels are written for GPUs and for torch.compile. torch marks the eager
-  quantization API as deprecated in favour of torchao, so the engine is checked for when a child loads, and a
-  torch without it gets an error that says so rather than a silent fp32 model.
+  activations are quantized per call, the product is an int8 GEMM. Against fp32 it ran 3.7x faster on a 2048x768
+  layer at batch 1 and 2.2x on a 429x429 layer at batch 512, where torchao 0.18's eager CPU paths ran at 0.47x and
+  1.0x (dynamic) or 0.37x and 0.8x (weight-only): torchao's int8 kernels are written for GPUs and torch.compile.
+  Small layers lose (0.3x at 128x128, batch 1): quantizing the activations costs more than the GEMM saves.
+  torch marks the eager quantization API as deprecated in favour of torchao, so the engine is checked for when a
+  child loads, and a torch without it gets an error that says so rather than a silent fp32 model.
 - int8_weight_only stores int8 weights and multiplies in the activations' dtype after widening them. On a CPU that
   saves memory (4x smaller linear weights) but not time (the widening costs more than the smaller read saves at
   these sizes); its speed-up needs a fused GPU kernel, which this project has not run.
