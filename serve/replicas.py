@@ -207,9 +207,10 @@ class LLMReplica(_VersionedReplica):
 
     @staticmethod
     def forward_probe(model, rows: dict, *, batch_size: int):
-        """One decode step of `batch_size` sequences per call, as the engine steps them (serve/optimize.py times
-        it); returns the tokens it generated. The sequences start from held-out rows' first tokens, and go back
-        to their prompts when the cache is full, so every call is a decode step at a realistic length."""
+        """One decode step of `batch_size` sequences per call through the KV cache (model.forward, the layers the
+        engine's slotted step also runs; serve/optimize.py times it); returns the tokens it generated. The
+        sequences start from held-out rows' first tokens, and go back to their prompts when the cache is full,
+        so every call is a decode step at a realistic length."""
         from trainers.llm import build_kv_cache
 
         tokens = rows["tokens"][:, :LLMReplica.PROBE_PROMPT].repeat(batch_size, 1)[:batch_size].to(

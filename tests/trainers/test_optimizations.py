@@ -157,6 +157,7 @@ def test_an_llm_child_loads_back_with_the_same_logits(tmp_path, method_name):
 def test_a_compiled_child_gives_the_parents_scores(tmp_path):
     child, directory = _write_child(tmp_path, _ranker_config(), "compile")
     loaded, _ = load_exported_model(directory)
+    assert loaded._compiled_call_impl is not None  # the loader compiled the ranker's forward (its compile unit)
     dense, sparse = _ranker_inputs()
     with torch.no_grad():
         torch.testing.assert_close(loaded(dense, sparse), child(dense, sparse), rtol=1e-5, atol=1e-6)
