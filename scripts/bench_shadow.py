@@ -29,6 +29,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+SHADOW_START_TIMEOUT_S = 300
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,13 +74,20 @@ def set_share(serve_cfg, model: str, percent: float, *, url: str, body: dict) ->
 
     set_shadow(replace(serve_cfg, shadow_version=2, shadow_percent=percent), model=model)
     time.sleep(3 * serve_cfg.refresh_s + 1)  # followed, then checked (the first check loads the shadow)
-    deadline = time.monotonic() + 60
-    while percent and time.monotonic() < deadline:
+    # The shadow deployment scales up from zero replicas when its alias appears: a new replica process, which takes
+    # seconds on an idle machine and a minute or more on two cores shared with other Ray jobs.
+    started = time.monotonic()
+    next_report = started + 30
+    while percent and time.monotonic() < started + SHADOW_START_TIMEOUT_S:
         if (2, "shadow") in {(arm["version"], arm["arm"]) for arm in Endpoint(url).summary(window_s=5)["arms"]}:
             return
         closed_loop(serve_cfg.port, "/v1/rank", body, concurrency=1, seconds=1.0, warmup_s=0.0)
+        if time.monotonic() > next_report:
+            print(f"  waiting for the shadow replica to answer ({time.monotonic() - started:.0f} s)", flush=True)
+            next_report += 30
     if percent:
-        raise SystemExit("the shadow never answered a mirrored request; see the Serve logs")
+        raise SystemExit(f"the shadow never answered a mirrored request in {SHADOW_START_TIMEOUT_S} s; "
+                         "see the Serve logs")
 
 
 def measure(serve_cfg, model: str, *, url: str, body: dict, args) -> dict:
