@@ -264,13 +264,16 @@ def experiment_name() -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
+    import psutil
     from ray.train import TrainingFailedError
 
     from cluster.submit import JobFailedError
+    from trainers import startup
     from trainers.sweep import SweepFailedError
 
     global _composed
     _composed = True
+    startup.begin(process_start=psutil.Process().create_time())
     try:
         results = run(dict_cfg, experiment=experiment_name(), command_line=command_overrides())
     except (ValueError, FileNotFoundError) as err:

@@ -388,6 +388,11 @@ class SweepConfig:
     grace_period: int | None = None  # asha: steps before a trial can be stopped; null = the first evaluation
     reduction_factor: float = 2.0  # asha: keep the best 1/reduction_factor of trials at each rung
     seed: int = 0  # the searcher's random state: the same sweep draws the same trials
+    # A trial of one worker (cluster.num_workers=1) trains in its Tune trial's own process (Ray Train's local mode),
+    # which Tune reuses from trial to trial: no Train controller and worker process to start per trial, and torch
+    # and the model code stay imported. false: every trial starts a worker group, as a plain run does. Trials of
+    # several workers always do: each worker needs a process of its own.
+    in_process_trials: bool = True
     space: dict[str, Any] = field(default_factory=dict)  # for every family; wins over family_space
     family_space: dict[str, Any] = field(default_factory=dict)  # model.family -> its own dimensions
 

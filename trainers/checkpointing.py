@@ -10,14 +10,13 @@ plus the strategy's own part, in its checkpoint format (trainers/strategies/): d
 optimizer.pt and scheduler.pt from rank 0; fsdp and hsdp a dcp/ directory (one shard file per rank); ZeRO a
 deepspeed/ directory of per-rank partitions.
 
-Every rank writes its part into a local temporary directory and calls `ray.train.report` with it; Ray
-merges the parts into one directory in the run's storage. Loading never unpickles arbitrary objects
-(trainers/safe_loading.py).
+Every rank writes its part into a local temporary directory and reports it (trainers/session.py: to Ray Train,
+which merges the parts into one directory in the run's storage, or to an in-process run, which renames it into
+the run directory). Loading never unpickles arbitrary objects (trainers/safe_loading.py).
 """
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from trainers import session
 from trainers.safe_loading import load_tensors
 from trainers.strategies import CheckpointFormat, Strategy, all_strategies, checkpoint_formats, get_strategy
 
@@ -114,39 +114,29 @@ def checkpoint_format(checkpoint_dir: Path) -> CheckpointFormat:
 
 def save_and_report(strategy: Strategy, state: TrainState, metrics: dict, *, rank: int, model_config: dict,
                     files: dict[str, str]) -> None:
-    """Every rank writes its part and reports; Ray uploads the parts into storage as one checkpoint."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="slipway-ckpt-") as tmp:
+    """Every rank writes its part and reports it; the parts become one checkpoint in the run's storage."""
+    # ignore_cleanup_errors: an in-process run's report renames the directory away
+    with tempfile.TemporaryDirectory(prefix=".slipway-ckpt-", dir=session.staging_dir(),
+                                     ignore_cleanup_errors=True) as tmp:
         write_checkpoint_dir(strategy, state, Path(tmp), rank=rank, model_config=model_config, files=files)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_step_{state.step:08d}",
-        )
+        session.report(metrics, checkpoint_dir=Path(tmp), name=session.checkpoint_dir_name(state.step))
 
 
 def report_metrics(metrics: dict) -> None:
-    import ray.train
-
-    ray.train.report(metrics)
+    session.report(metrics)
 
 
 def has_checkpoint() -> bool:
     """Whether this run has a checkpoint to resume (then pretrained weights need not be read first)."""
-    import ray.train
-
-    return ray.train.get_checkpoint() is not None
+    return session.has_checkpoint()
 
 
 def restore_latest(strategy: Strategy, *, rank: int) -> TrainState | None:
-    """Restore from the run's latest checkpoint if Ray Train has one (rerun or worker restart)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        state = read_checkpoint_dir(strategy, Path(directory), rank=rank)
-    logger.info("restored checkpoint %s at step %d", os.path.basename(checkpoint.path), state.step)
+    """Restore from the run's latest checkpoint if it has one (rerun or worker restart)."""
+    with session.latest_checkpoint() as latest:
+        if latest is None:
+            return None
+        directory, name = latest
+        state = read_checkpoint_dir(strategy, directory, rank=rank)
+    logger.info("restored checkpoint %s at step %d", name, state.step)
     return state

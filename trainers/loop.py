@@ -1,4 +1,5 @@
-"""`train_loop`: what every Ray Train worker runs.
+"""`train_loop`: what every Ray Train worker runs (and a sweep's 1-worker trial, in its own process: what it asks
+of whoever runs it goes through trainers/session.py).
 
 Rebuild the typed config, build the model, apply the strategy, restore the latest checkpoint, then train
 on this rank's slice of each global batch, evaluating, logging and checkpointing on schedule.
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from conf.derived import resolve_precision
 from conf.schema import Precision, RootConfig
-from trainers import checkpointing, distill, optim, outputs
+from trainers import checkpointing, distill, optim, outputs, session, startup
 from trainers.checkpointing import TrainState
 from trainers.config import config_from_dict
 from trainers.distill import Objective
@@ -58,12 +59,8 @@ def configure_worker_logging() -> None:
 
 
 def _setup_worker(cfg: RootConfig) -> WorkerContext:
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world = session.rank_and_world()
+    device = session.device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and DeepSpeed use the current device, not the tensor's
     per_rank = cfg.trainer.global_batch_size // world
@@ -257,8 +254,40 @@ def train_loop(config: dict) -> None:
     """Per-worker entry. `config` holds plain data: the resolved config, run facts and the prepared data."""
     configure_worker_logging()
     cfg = config_from_dict(config["cfg"])
+    if config.get("in_process"):
+        _join_one_process_group(cfg)
+        try:
+            _train_worker(config, cfg)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the process trains the next trial: return what this one cached
+    else:
+        _train_worker(config, cfg)
+
+
+def _join_one_process_group(cfg: RootConfig) -> None:
+    """An in-process run (a sweep's 1-worker trial) has no Ray Train to start a process group, but the strategies'
+    wrappers and the loop's collectives need one: a group of this process alone, over an in-memory store (no
+    port). It stays for the process's later trials: DeepSpeed caches the world group it first sees
+    (deepspeed.utils.groups), so a group taken down and made again breaks the next ZeRO trial."""
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1, "an in-process run in a process of a larger group"
+        return
+    # What a launcher exports to each worker (Ray Train does too); DeepSpeed asserts LOCAL_RANK is set.
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "0"})
+    backend = "cpu:gloo,cuda:nccl" if cfg.cluster.use_gpu else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _train_worker(config: dict, cfg: RootConfig) -> None:
     data, run_dir = config["data"], Path(config["run_dir"])
     ctx = _setup_worker(cfg)
+    startup_mark = partial(startup.mark_in_worker, run_dir) if config.get("mark_startup") and ctx.rank == 0 else None
+    if startup_mark:
+        import psutil
+
+        startup_mark("worker_process_start", at=psutil.Process().create_time())
+        startup_mark("worker_loop_start")
     family = get_family(cfg.model.family)
     strategy = _setup_strategy(cfg, family, data, ctx)
     # The teacher stays beside the strategy's model (never wrapped, trained or checkpointed), so a resumed run
@@ -266,29 +295,30 @@ def train_loop(config: dict) -> None:
     teacher = distill.load_teacher(config.get("teacher"), device=ctx.device)
     objective = distill.build_objective(family, teacher=teacher, cfg=cfg.distill)
     state = checkpointing.restore_latest(strategy, rank=ctx.rank) or TrainState()
+    if startup_mark:
+        startup_mark("model_ready")
     state.strategy = cfg.strategy.name  # recorded in every checkpoint: what export reads it back with
     tracker = None
     if ctx.rank == 0:
-        outputs.record_placement_group(run_dir)
+        if not config.get("in_process"):  # an in-process run's group is its Tune trial's, which Tune releases
+            outputs.record_placement_group(run_dir)
         tracker = Tracker(cfg.logger, run_dir=run_dir, run_name=config["run_name"], config=config["cfg"],
                           resume_step=state.step)
     try:
         _train(cfg, family=family, objective=objective, strategy=strategy, state=state, ctx=ctx, data=data,
-               run_dir=run_dir, tracker=tracker)
+               run_dir=run_dir, tracker=tracker, startup_mark=startup_mark)
     finally:
         if tracker:
             tracker.finish()
 
 
 def _train(cfg: RootConfig, *, family: Family, objective: Objective, strategy: Strategy, state: TrainState,
-           ctx: WorkerContext, data: dict, run_dir: Path, tracker: Tracker | None) -> None:
-    import ray.train
-
+           ctx: WorkerContext, data: dict, run_dir: Path, tracker: Tracker | None, startup_mark=None) -> None:
     trainer = cfg.trainer
     if state.step >= trainer.max_steps:
         logger.info("checkpoint is at step %d = trainer.max_steps: nothing to train", state.step)
         return
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard, val_shard = session.dataset_shard("train"), session.dataset_shard("val")
     items_per_step = trainer.global_batch_size * family.items_per_row(data)
     flops_per_item = family.flops_per_item(cfg.model, data=data)
     progress = Progress(max_steps=trainer.max_steps, items_per_step=items_per_step,
@@ -309,7 +339,12 @@ def _train(cfg: RootConfig, *, family: Family, objective: Objective, strategy: S
                 progress.waited(wait_seconds)
             rows = slice_rows(batch, ctx.rank * ctx.rows_per_rank, (ctx.rank + 1) * ctx.rows_per_rank)
             _maybe_inject_crash(state.step + 1, run_dir, ctx.rank)
+            if startup_mark:  # start-up milestones (trainers/startup.py): this launch's first step
+                startup_mark("first_batch")
             loss, grad_norm, terms = train_step(strategy, objective, rows, ctx, trainer.micro_batch_size)
+            if startup_mark:
+                startup_mark("first_step")
+                startup_mark = None
             state.step += 1
             state.batches_in_epoch += 1
             progress.step_done()

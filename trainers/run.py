@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from cluster.capacity import WORKER_GROUP_START_TIMEOUT_ENV
 from cluster.connection import REPO_ROOT
 from conf.derived import (
@@ -28,7 +30,7 @@ from conf.derived import (
     worker_range,
 )
 from conf.schema import ClusterConfig, PlacementStrategy, Precision, ResumePolicy, RootConfig
-from trainers import outputs
+from trainers import outputs, session, startup
 from trainers.distill import TeacherSource, check_teacher_data
 from trainers.families import Family, get_family
 from trainers.loop import CRASH_AT_STEP_ENV, train_loop
@@ -50,6 +52,9 @@ class Run:
     run_dir: Path
     # model.teacher resolved to a local export directory (launch.py: resolve_teacher); None without a teacher
     teacher: TeacherSource | None = None
+    # Train in this process rather than in a Ray Train worker group: a sweep's 1-worker trial, whose Tune process is
+    # reused from trial to trial with its imports (trainers/sweep.py: trials_in_process; trainers/session.py).
+    in_process: bool = False
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -211,11 +216,17 @@ def train(run: Run, *, connect: bool = True, callbacks: list | None = None) -> d
         if previous and previous.get("status") == "finished":
             logger.info("%s already finished (%d steps); not training again", run.run_dir.name, previous["steps"])
             return previous
+        startup.mark("data_ready")
         if connect:
             _connect(run.cfg)
+        startup.mark("ray_ready")
         datasets = build_ray_datasets(prepared, in_memory_limit_mb=run.cfg.data.in_memory_limit_mb)
+        startup.mark("datasets_ready")
+        startup.write_driver_marks(run.run_dir)
         summary = fit(run, data=prepared.to_dict(), datasets=datasets, callbacks=callbacks)
     logger.info("finished %s: %s", run.run_dir.name, outputs.headline(summary, keys=_family(run).headline_keys))
+    if startup.is_marking() and (breakdown := startup.describe(run.run_dir)):
+        logger.info("start-up: %s", breakdown)
     return summary
 
 
@@ -295,8 +306,7 @@ def build_trainer(run: Run, *, data: dict, datasets: dict, callbacks: list | Non
                 placement_request(cfg.cluster), cfg.cluster.scale_up_timeout_s)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": run.config, "data": data, "run_dir": str(run.run_dir),
-                           "run_name": run.run_dir.name, "teacher": run.teacher.to_dict() if run.teacher else None},
+        train_loop_config=_loop_config(run, data=data),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling_workers(cfg.cluster), use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.cluster.placement_strategy.value),
@@ -319,6 +329,12 @@ def build_trainer(run: Run, *, data: dict, datasets: dict, callbacks: list | Non
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
+
+
+def _loop_config(run: Run, *, data: dict) -> dict:
+    """What train_loop is called with: plain data only (Ray ships it to every worker)."""
+    return {"cfg": run.config, "data": data, "run_dir": str(run.run_dir), "run_name": run.run_dir.name,
+            "teacher": run.teacher.to_dict() if run.teacher else None, "mark_startup": startup.is_marking()}
 
 
 def _worker_resources(cluster: ClusterConfig) -> dict[str, float]:
@@ -399,10 +415,11 @@ def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) 
     """
     from ray.train import TrainingFailedError
 
+    if run.in_process:
+        return _fit_in_process(run, data=data, datasets=datasets, callbacks=callbacks)
     family, run_dir = _family(run), run.run_dir
     trainer = build_trainer(run, data=data, datasets=datasets, callbacks=callbacks)
-    record = partial(outputs.write_summary, run_dir, metric=family.metric, mode=family.metric_mode,
-                     summary_keys=family.summary_keys)
+    record = _summary_writer(run)
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
@@ -418,6 +435,19 @@ def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) 
         raise KeyboardInterrupt from exit_request
     best = _best_checkpoint_path(result, metric=family.metric, mode=family.metric_mode)
     latest = result.checkpoint.path if result.checkpoint else None
+    return _record_end(run, record, best=best, latest=latest)
+
+
+def _summary_writer(run: Run):
+    family = _family(run)
+    return partial(outputs.write_summary, run.run_dir, metric=family.metric, mode=family.metric_mode,
+                   summary_keys=family.summary_keys)
+
+
+def _record_end(run: Run, record, *, best: str | None, latest: str | None) -> dict:
+    """summary.json and loss.png for a run whose training returned: finished, stopped by a sweep's scheduler, or
+    (short of trainer.max_steps otherwise) interrupted by Ctrl-C, which raises KeyboardInterrupt."""
+    run_dir = run.run_dir
     if outputs.last_logged_step(run_dir) < run.cfg.trainer.max_steps:
         if outputs.stop_requested(run_dir):  # a sweep's scheduler ended this trial early (trainers/sweep.py)
             summary = record(status="stopped", best_checkpoint=best, latest_checkpoint=latest)
@@ -428,6 +458,27 @@ def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) 
     summary = record(status="finished", best_checkpoint=best, latest_checkpoint=latest)
     outputs.plot_losses(run_dir)
     return summary
+
+
+def _fit_in_process(run: Run, *, data: dict, datasets: dict, callbacks: list | None) -> dict:
+    """Train in this process (trainers/session.py), the checkpoint manager doing a Train controller's work with the
+    reports; then record the run as fit() does."""
+    family, cluster = _family(run), run.cfg.cluster
+    record = _summary_writer(run)
+    # A GPU trial's process holds its GPU: Ray exposes it as the only visible device.
+    device = torch.device("cuda", 0) if cluster.use_gpu else torch.device("cpu")
+    storage = session.InProcessRun(run_dir=run.run_dir, datasets=datasets, keep_top_k=run.cfg.checkpoint.keep_top_k,
+                                   metric=family.metric, mode=family.metric_mode, device=device,
+                                   callbacks=list(callbacks or []))
+    try:
+        with session.in_process(storage):
+            train_loop({**_loop_config(run, data=data), "in_process": True})
+    except Exception as err:
+        record(status="failed", best_checkpoint=None, latest_checkpoint=None, error=f"{type(err).__name__}: {err}")
+        outputs.plot_losses(run.run_dir)
+        raise
+    best, latest = storage.best() or storage.latest(), storage.latest()
+    return _record_end(run, record, best=str(best) if best else None, latest=str(latest) if latest else None)
 
 
 def _named_placement_timeout(error, *, cluster: ClusterConfig):

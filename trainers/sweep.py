@@ -118,12 +118,26 @@ def grace_period(cfg: RootConfig) -> int:
 
 # ------------------------------------------------------------------------------------------------ resources
 
+def trials_in_process(cfg: RootConfig) -> bool:
+    """Whether each trial trains in its Tune trial's own process (sweep.in_process_trials: 1-worker trials)."""
+    return cfg.sweep.in_process_trials and cfg.cluster.num_workers == 1
+
+
 def trial_resources(cfg: RootConfig) -> dict[str, float]:
-    """What one trial's Train workers hold (its driver's quarter CPU aside)."""
+    """What one trial's Train workers hold (a worker-group trial's driver aside)."""
     resources = {"CPU": cfg.cluster.num_workers * cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.num_workers * cfg.cluster.gpus_per_worker
     return resources
+
+
+def trial_process_resources(cfg: RootConfig) -> dict[str, float]:
+    """What a trial's own Tune process asks for: the worker's share when it trains there, else a driver's."""
+    return trial_resources(cfg) if trials_in_process(cfg) else {"CPU": TRIAL_DRIVER_CPUS}
+
+
+def _driver_cpus(cfg: RootConfig) -> float:
+    return 0.0 if trials_in_process(cfg) else TRIAL_DRIVER_CPUS
 
 
 def trials_at_once(cfg: RootConfig, *, cluster_resources: dict[str, float]) -> int:
@@ -131,7 +145,7 @@ def trials_at_once(cfg: RootConfig, *, cluster_resources: dict[str, float]) -> i
     capped by sweep.max_concurrent_trials. Ray Train waits for a whole worker group, so starting more trials
     than fit would only park them, each holding a trial actor."""
     needed = trial_resources(cfg)
-    needed["CPU"] += TRIAL_DRIVER_CPUS
+    needed["CPU"] += _driver_cpus(cfg)
     spare = dict(cluster_resources)
     spare["CPU"] = spare.get("CPU", 0.0) - DATA_RESERVE_CPUS
     fits = min(math.floor(spare.get(name, 0.0) / amount + 1e-9) for name, amount in needed.items() if amount > 0)
@@ -158,7 +172,7 @@ def local_cpus_for_sweep(cfg: RootConfig, *, cores: int) -> int:
             f"cluster.cpus_per_worker={cfg.cluster.cpus_per_worker:g} CPU need {wanted * per_trial:g} CPU, but this "
             f"machine has {cores} cores; lower one of them"
         )
-    return math.ceil(wanted * (per_trial + TRIAL_DRIVER_CPUS) + DATA_RESERVE_CPUS)
+    return math.ceil(wanted * (per_trial + _driver_cpus(cfg)) + DATA_RESERVE_CPUS)
 
 
 # ------------------------------------------------------------------------------------------------ the trial
@@ -166,9 +180,8 @@ def local_cpus_for_sweep(cfg: RootConfig, *, cores: int) -> int:
 def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: str,
                 teacher: dict | None = None) -> None:
     """One Tune trial: the base config with this trial's values, trained exactly like a plain run (with the
-    sweep's teacher, resolved once by its driver: launch.py)."""
+    sweep's teacher, resolved once by its driver: launch.py), in this process or in a worker group."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from trainers.run import Run, train
 
@@ -180,9 +193,28 @@ def train_trial(params: dict, *, base_config: dict, experiment: str, sweep_dir: 
     outputs.clear_stop_request(run_dir)  # a trial that runs has not been stopped (a resumed sweep reruns it)
     # The driver prepared the base data; only swept data keys build anything here. The sweep's driver has
     # connected to Ray and checked the cluster already.
+    in_process = trials_in_process(cfg)
     run = Run(cfg=cfg, config=config, experiment=experiment, run_dir=run_dir,
-              teacher=TeacherSource(**teacher) if teacher else None)
-    train(run, connect=False, callbacks=[TuneReportCallback()])
+              teacher=TeacherSource(**teacher) if teacher else None, in_process=in_process)
+    train(run, connect=False, callbacks=[_tune_report_callback(in_process=in_process)])
+
+
+def _tune_report_callback(*, in_process: bool):
+    """The Ray Train callback that passes each report on to Tune. Ray's own sends it from the Train controller
+    through a queue actor; a run in the trial's own process is already in Tune's session and reports directly."""
+    from ray.train import UserCallback
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+    if not in_process:
+        return TuneReportCallback()
+
+    class InProcessTuneReport(UserCallback):
+        def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+            from ray import tune
+
+            tune.report({**metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {})})
+
+    return InProcessTuneReport()
 
 
 def _report_ended_run(run_dir: Path, *, metric: str) -> bool:
@@ -259,7 +291,7 @@ def _build_or_restore_tuner(cfg: RootConfig, *, config: dict, dimensions: list[D
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base_config=_absolute_paths(config), experiment=experiment,
                              sweep_dir=str(sweep_dir), teacher=teacher.to_dict() if teacher else None),
-        {"CPU": TRIAL_DRIVER_CPUS},
+        trial_process_resources(cfg),
     )
     if tune.Tuner.can_restore(str(sweep_dir)):
         logger.info("resuming sweep %s: finished trials are kept, unfinished ones continue from their checkpoints",

@@ -37,7 +37,8 @@ SMOKE_ARGS = {
     # 12 steps is the least the script takes (a log window after warmup, before the last step).
     "bench_ranker.py": ["--steps", "12", "--warmup-steps", "1", "--rows", "20000", "--global-batch", "256",
                         "--micro-batch", "128"],
-    "bench_sweep.py": ["--trials", "1", "--steps", "2", "--workers", "1"],
+    # One trial of each kind: in the trial's own process (1 worker), and a Ray Train worker group (2).
+    "bench_sweep.py": ["--trials", "1", "--steps", "2", "--workers", "1", "2", "--cpus-per-worker", "0.5"],
     # Long enough per load level that a request completes while the other scripts load both cores.
     "bench_serve.py": ["--seconds", "2", "--warmup-s", "2", "--concurrency", "1", "2", "--ranker-concurrency", "1",
                        "--batch-concurrency", "1",
@@ -136,6 +137,11 @@ def test_bench_overhead(outputs):
     # Both legs train the same rows from the same weights with the same optimizer: the losses must agree.
     assert figure(output, rf"train_loss at step 3\s+[\d.]+\s+[\d.]+\s+\(relative difference {NUMBER}\)") < 1e-3
     assert figure(output, rf"ratio ray/torchrun steady-state tokens/s: {NUMBER}") > 0
+    # The start-up breakdown: launch.py's milestones, each phase non-negative, adding up to the total.
+    total = figure(output, rf"ray train: {NUMBER} s from spawn to the end of step 1")
+    phases = [float(seconds) for seconds in re.findall(r"^  [\w ,.()-]+?\s+(-?[\d.]+) s$", output, re.MULTILINE)]
+    assert len(phases) == 9 and min(phases) >= 0 and sum(phases) == pytest.approx(total, abs=0.1 * len(phases))
+    assert "ray: CPU in the steady state" in output and "torchrun: CPU in the steady state" in output
     results = results_json(output)
     assert set(results["legs"]) == {"ray", "torchrun"}
     assert all(leg["tokens_per_s"] > 0 for leg in results["legs"].values())
@@ -159,12 +165,14 @@ def test_bench_ranker_breakdown(outputs):
 
 def test_bench_sweep(outputs):
     output = output_of(outputs, "sweep")
-    assert figure(output, rf"1 trials, 1 at a time: wall {NUMBER} s") > 0
-    assert math.isfinite(figure(output, rf"overhead per trial: {NUMBER} s"))
+    for workers in (1, 2):
+        assert figure(output, rf"{workers}-worker trials: 1 trials, 1 at a time: wall {NUMBER} s") > 0
+        assert math.isfinite(figure(output, rf"overhead per {workers}-worker trial: {NUMBER} s"))
     for phase in ("schedule", "startup", "training", "teardown"):
-        assert figure(output, rf"\n\s+{phase}\s+{NUMBER}") >= 0
+        assert len(re.findall(rf"\n\s+{phase}\s+{NUMBER}", output)) == 2
     results = results_json(output)
-    assert len(results["trials"]) == 1 and results["trials"][0]["training"] > 0
+    assert [sweep["workers"] for sweep in results["sweeps"]] == [1, 2]
+    assert all(len(sweep["trials"]) == 1 and sweep["trials"][0]["training"] > 0 for sweep in results["sweeps"])
 
 
 def test_bench_serve(outputs):

@@ -30,7 +30,7 @@ MODEL = "rollout-ranker"
 API_KEY = "rollout-secret"
 # Small steps and tolerances that a 2-core machine's noise stays within: the canary's share takes a second hop
 # (its own deployment), a few ms on an idle machine and more on a busy one.
-TEST_ROLLOUT = dict(steps=[50.0, 100.0], bake_s=2.0, look_interval_s=2.0, max_looks=12, min_samples=120,
+TEST_ROLLOUT = dict(steps=[50.0, 100.0], bake_s=2.0, look_interval_s=2.0, max_looks=20, min_samples=120,
                     latency_tolerance_ms=40.0, latency_tolerance_ratio=0.5, error_tolerance=0.05,
                     quality_tolerance=0.1, resamples=400, lease_s=6.0)
 

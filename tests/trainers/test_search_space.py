@@ -8,7 +8,14 @@ from conf.schema import RootConfig
 from tests.helpers import RANKER_OVERRIDES, TINY_OVERRIDES, compose_config
 from trainers.run import check_config
 from trainers.search_space import parse_space
-from trainers.sweep import local_cpus_for_sweep, sweep_name, trials_at_once, validate_sweep
+from trainers.sweep import (
+    local_cpus_for_sweep,
+    sweep_name,
+    trial_process_resources,
+    trials_at_once,
+    trials_in_process,
+    validate_sweep,
+)
 
 
 def composed(*overrides: str, base=TINY_OVERRIDES) -> tuple[RootConfig, dict]:
@@ -117,3 +124,16 @@ def test_trials_at_once_follow_the_cluster_resources():
     too_many, _ = composed("sweep=asha", "sweep.max_concurrent_trials=4")
     with pytest.raises(ValueError, match="sweep.max_concurrent_trials=4"):
         local_cpus_for_sweep(too_many, cores=2)
+
+
+def test_a_one_worker_trial_trains_in_its_own_process_and_asks_only_for_the_workers_share():
+    one_worker, _ = composed("sweep=asha", "cluster.num_workers=1")
+    assert trials_in_process(one_worker) and trial_process_resources(one_worker) == {"CPU": 1.0}
+    assert trials_at_once(one_worker, cluster_resources={"CPU": 4}) == 3  # (4 - 1 for data) // 1: no driver share
+    assert local_cpus_for_sweep(one_worker, cores=2) == 3  # two trials and the data reserve
+    gpu, _ = composed("sweep=asha", "cluster.num_workers=1", "cluster.use_gpu=true", "cluster.cpus_per_worker=4")
+    assert trial_process_resources(gpu) == {"CPU": 4.0, "GPU": 1.0}
+    for workers_instead in (composed("sweep=asha", "cluster.num_workers=1", "sweep.in_process_trials=false")[0],
+                            composed("sweep=asha")[0]):  # asked for, or 2 workers
+        assert not trials_in_process(workers_instead)
+        assert trial_process_resources(workers_instead) == {"CPU": 0.25}  # the trial only drives its Train run

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.slow
 
 # One trial at a time over a learning rate that learns and two that cannot (1e-6 and 1e-7 leave the loss
 # where it started), the good one first: ASHA records it at every rung, and the bad ones fall below the
-# cutoff at the first rung (step 5).
+# cutoff at the first rung (step 5). One worker per trial: each trains in its Tune trial's own process
+# (trainers/session.py); the interrupted sweep below runs trials of two workers, each a Ray Train run.
 ASHA_OVERRIDES = [
-    "sweep=asha", "~sweep.family_space.llm", "+sweep.space.trainer.lr=[grid,3e-3,1e-6,1e-7]",
+    "sweep=asha", "cluster.num_workers=1", "~sweep.family_space.llm", "+sweep.space.trainer.lr=[grid,3e-3,1e-6,1e-7]",
     "sweep.num_samples=1", "sweep.max_concurrent_trials=1", "trainer.max_steps=60",
     "trainer.eval_every_n_steps=5", "checkpoint.every_n_steps=30", "trainer.warmup_steps=2",
 ]

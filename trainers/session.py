@@ -1,0 +1,184 @@
+"""What a training worker asks of whatever runs it: its rank and world size, its device, its data, and where its
+reports and checkpoints go.
+
+Under Ray Train (every plain run, and sweep trials of several workers) the answer is Ray Train's worker API. A
+sweep's 1-worker trial instead trains in its Tune trial's own process (trainers/sweep.py: trials_in_process), which
+Tune reuses from trial to trial, so no Train controller or worker process starts and torch stays imported. Ray's
+own local mode (ScalingConfig(num_workers=0)) cannot serve there: inside a Tune session, Ray 2.60 refuses
+ray.train.get_context, report and get_checkpoint. So the driver opens `in_process(run)` around `train_loop`, and an
+InProcessRun answers in Ray Train's place and does its controller's work with the reports: it keeps each checkpoint
+in the run directory in Ray Train's layout (`<run_dir>/checkpoint_step_<N>/`), ranks them by the metric they were
+reported with (kept in REPORT_FILE beside them, so a resumed run ranks its earlier ones too), prunes them to
+checkpoint.keep_top_k (the latest is always kept, as Ray Train keeps it), and calls the run's callbacks.
+
+The training loop and the checkpoint manager call only this module, so both runs train the same code.
+"""
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPORT_FILE = "reported_metrics.json"  # in-process runs: the metrics a checkpoint was reported with
+CHECKPOINT_PREFIX = "checkpoint_step_"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    path: Path
+    step: int
+    metrics: dict  # what it was reported with; empty for one that Ray Train wrote
+
+
+@dataclass
+class InProcessRun:
+    """A run trained in the calling process, and what Ray Train's controller would do with its reports."""
+
+    run_dir: Path
+    datasets: dict  # name -> ray.data.Dataset (each worker of a Ray Train run reads the whole stream too)
+    keep_top_k: int  # checkpoint.keep_top_k, ranked by `metric`
+    metric: str
+    mode: str  # min | max
+    device: torch.device
+    callbacks: list = field(default_factory=list)  # ray.train.UserCallback objects; after_report is called
+
+    def report(self, metrics: dict, *, checkpoint_dir: Path | None, name: str | None) -> None:
+        checkpoint = None
+        if checkpoint_dir is not None:
+            final = self.run_dir / name
+            (checkpoint_dir / REPORT_FILE).write_text(json.dumps(metrics))
+            shutil.rmtree(final, ignore_errors=True)  # a resumed run that saves the same step again
+            checkpoint_dir.rename(final)  # staged in the run directory: the rename is the commit
+            self._prune()
+            checkpoint = _ray_checkpoint(final)
+        for callback in self.callbacks:
+            callback.after_report(None, [metrics], checkpoint)
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        found = []
+        for path in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            report = path / REPORT_FILE
+            found.append(StoredCheckpoint(path=path, step=int(path.name.removeprefix(CHECKPOINT_PREFIX)),
+                                          metrics=json.loads(report.read_text()) if report.exists() else {}))
+        return found
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return max(found, key=lambda item: item.step).path if found else None
+
+    def best(self) -> Path | None:
+        """The checkpoint whose reported metric is best (None when none was reported with it)."""
+        scored = self._ranked()
+        return scored[0].path if scored else None
+
+    def _ranked(self) -> list[StoredCheckpoint]:
+        scored = [item for item in self.checkpoints() if self.metric in item.metrics]
+        return sorted(scored, key=lambda item: item.metrics[self.metric], reverse=self.mode == "max")
+
+    def _prune(self) -> None:
+        latest = self.latest()
+        for item in self._ranked()[self.keep_top_k:]:
+            if item.path != latest:
+                shutil.rmtree(item.path)
+
+
+_in_process: InProcessRun | None = None
+
+
+@contextlib.contextmanager
+def in_process(run: InProcessRun) -> Iterator[InProcessRun]:
+    """While open, this module answers the training loop from `run` instead of Ray Train."""
+    global _in_process
+    assert _in_process is None, "one in-process run at a time"
+    _in_process = run
+    try:
+        yield run
+    finally:
+        _in_process = None
+
+
+def _ray_checkpoint(path: Path):
+    import ray.train
+
+    return ray.train.Checkpoint.from_directory(str(path))
+
+
+# ------------------------------------------------------------------------------------- what a worker asks
+
+def rank_and_world() -> tuple[int, int]:
+    if _in_process is not None:
+        return 0, 1
+    import ray.train
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def device() -> torch.device:
+    if _in_process is not None:
+        return _in_process.device
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def dataset_shard(name: str):
+    """What this worker iterates for `name` ("train", "val"): the whole ordered stream (see trainers/loop.py)."""
+    if _in_process is not None:
+        return _in_process.datasets[name]
+    import ray.train
+
+    return ray.train.get_dataset_shard(name)
+
+
+def staging_dir() -> Path | None:
+    """Where a checkpoint is written before it is reported: the run directory for an in-process run (its report
+    renames it into place), else the system's temporary directory (Ray Train copies it into storage)."""
+    return _in_process.run_dir if _in_process is not None else None
+
+
+def report(metrics: dict, *, checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+    """Report metrics, and a checkpoint written into `checkpoint_dir` to be kept as `name`."""
+    if _in_process is not None:
+        _in_process.report(metrics, checkpoint_dir=checkpoint_dir, name=name)
+        return
+    import ray.train
+
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_dir_name=name)
+
+
+@contextlib.contextmanager
+def latest_checkpoint() -> Iterator[tuple[Path, str] | None]:
+    """The run's latest checkpoint while open: (a local directory holding it, its name), or None."""
+    if _in_process is not None:
+        latest = _in_process.latest()
+        yield (latest, latest.name) if latest else None
+        return
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as directory:
+        yield Path(directory), Path(checkpoint.path).name
+
+
+def has_checkpoint() -> bool:
+    if _in_process is not None:
+        return _in_process.latest() is not None
+    import ray.train
+
+    return ray.train.get_checkpoint() is not None
