@@ -62,23 +62,26 @@ class LegResult:
     startup: dict | None = None  # phase -> seconds (trainers/startup.py); the Ray leg's only
 
 
-# What a process of a leg's tree is, by a piece of its command line, first match wins. Ray sets a worker's title
-# to ray::<Actor or task> once it runs one; Ray's daemons name the raylet on their command lines, so the raylet's
-# own binary is matched by its path.
+# What a process of a leg's tree is, by a piece of its command line, first match wins: the raylet and the GCS by
+# their binaries (their arguments name worker scripts), then the titles Ray gives its workers (ray::<Actor>).
 PROCESS_KINDS = (
+    ("ray/raylet/raylet", "raylet"), ("ray/gcs/gcs_server", "gcs_server"),
     ("ray::RayTrainWorker", "train workers"), ("torchrun_llm.py", "train workers"),
-    ("ray::TrainController", "Train controller"), ("ray::IDLE", "idle Ray workers"), ("ray::", "other Ray actors"),
-    ("default_worker.py", "Ray workers, starting"), ("gcs_server", "gcs_server"),
-    ("dashboard/agent.py", "dashboard agent"), ("ray-dashboard-", "dashboard modules"),
-    ("dashboard/dashboard.py", "dashboard"), ("runtime_env/agent", "runtime_env agent"),
-    ("log_monitor.py", "log monitor"), ("monitor.py", "autoscaler monitor"), ("ray/raylet/raylet", "raylet"),
+    ("ray::TrainController", "Train controller"), ("ray::DashboardAgent", "dashboard agent"),
+    ("ray::RuntimeEnvAgent", "runtime_env agent"), ("ray::IDLE", "idle Ray workers"),
+    ("default_worker.py", "Ray workers, starting"),
+    ("ray-dashboard-", "dashboard modules"), ("dashboard/dashboard.py", "dashboard"),
+    ("log_monitor.py", "log monitor"), ("monitor.py", "autoscaler monitor"),
     ("launch.py", "driver (launch.py)"), ("torch.distributed.run", "torchrun agent"),
     ("multiprocessing", "multiprocessing helpers"),
 )
 
 
 def process_kind(command_line: str) -> str:
-    return next((kind for piece, kind in PROCESS_KINDS if piece in command_line), command_line[:40] or "?")
+    kind = next((kind for piece, kind in PROCESS_KINDS if piece in command_line), None)
+    if kind is None and command_line.startswith("ray::"):  # another actor (Train's helpers, Ray Data's): its name
+        kind = command_line.split()[0].split(".")[0]
+    return kind or command_line[:40] or "?"
 
 
 class ProcessSampler(threading.Thread):

@@ -76,6 +76,10 @@ def test_an_in_process_run_trains_like_a_ray_train_worker_and_resumes_after_a_cr
     run = Run(cfg=config_from_dict(plain), config=launch.redacted(plain), experiment="llm_tiny",
               run_dir=tmp_path / "here" / "run", in_process=True)
     monkeypatch.setenv(CRASH_AT_STEP_ENV, "5")  # after the checkpoint at step 3
+    # What the in-process run exports as a launcher would, set here too so that the test's end unsets it again.
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                        ("NODE_RANK", "0")):
+        monkeypatch.setenv(name, value)
     try:
         with pytest.raises(RuntimeError, match="injected crash at step 5"):
             train(run, connect=False)
