@@ -7,15 +7,15 @@ Tune reuses from trial to trial, so no Train controller or worker process starts
 own local mode (ScalingConfig(num_workers=0)) cannot serve there: inside a Tune session, Ray 2.60 refuses
 ray.train.get_context, report and get_checkpoint. So the driver opens `in_process(run)` around `train_loop`, and an
 InProcessRun answers in Ray Train's place and does its controller's work with the reports: it keeps each checkpoint
-in the run directory in Ray Train's layout (`<run_dir>/checkpoint_step_<N>/`), ranks them by the metric they were
-reported with (kept in REPORT_FILE beside them, so a resumed run ranks its earlier ones too), prunes them to
-checkpoint.keep_top_k (the latest is always kept, as Ray Train keeps it), and calls the run's callbacks.
+in the run directory in Ray Train's layout (`<run_dir>/checkpoint_step_<N>/`), ranks them by the evaluation at their
+step (rank 0 logs it to metrics.jsonl before it reports the checkpoint, so a resumed run ranks its earlier ones
+too), prunes them to checkpoint.keep_top_k (the latest is always kept, as Ray Train keeps it), and calls the run's
+callbacks.
 
 The training loop and the checkpoint manager call only this module, so both runs train the same code.
 """
 
 import contextlib
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,19 +23,13 @@ from pathlib import Path
 
 import torch
 
-REPORT_FILE = "reported_metrics.json"  # in-process runs: the metrics a checkpoint was reported with
+from trainers import outputs
+
 CHECKPOINT_PREFIX = "checkpoint_step_"
 
 
 def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-@dataclass(frozen=True)
-class StoredCheckpoint:
-    path: Path
-    step: int
-    metrics: dict  # what it was reported with; empty for one that Ray Train wrote
 
 
 @dataclass
@@ -54,7 +48,6 @@ class InProcessRun:
         checkpoint = None
         if checkpoint_dir is not None:
             final = self.run_dir / name
-            (checkpoint_dir / REPORT_FILE).write_text(json.dumps(metrics))
             shutil.rmtree(final, ignore_errors=True)  # a resumed run that saves the same step again
             checkpoint_dir.rename(final)  # staged in the run directory: the rename is the commit
             self._prune()
@@ -62,32 +55,32 @@ class InProcessRun:
         for callback in self.callbacks:
             callback.after_report(None, [metrics], checkpoint)
 
-    def checkpoints(self) -> list[StoredCheckpoint]:
-        found = []
-        for path in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-            report = path / REPORT_FILE
-            found.append(StoredCheckpoint(path=path, step=int(path.name.removeprefix(CHECKPOINT_PREFIX)),
-                                          metrics=json.loads(report.read_text()) if report.exists() else {}))
-        return found
+    def checkpoints(self) -> dict[int, Path]:
+        """{step: directory} of the checkpoints kept in the run directory."""
+        return {int(path.name.removeprefix(CHECKPOINT_PREFIX)): path
+                for path in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*")}
 
     def latest(self) -> Path | None:
         found = self.checkpoints()
-        return max(found, key=lambda item: item.step).path if found else None
+        return found[max(found)] if found else None
 
     def best(self) -> Path | None:
-        """The checkpoint whose reported metric is best (None when none was reported with it)."""
-        scored = self._ranked()
-        return scored[0].path if scored else None
+        """The checkpoint whose evaluation scored best (None when no checkpoint's step was evaluated)."""
+        ranked = self._ranked()
+        return ranked[0] if ranked else None
 
-    def _ranked(self) -> list[StoredCheckpoint]:
-        scored = [item for item in self.checkpoints() if self.metric in item.metrics]
-        return sorted(scored, key=lambda item: item.metrics[self.metric], reverse=self.mode == "max")
+    def _ranked(self) -> list[Path]:
+        """The kept checkpoints whose step has an evaluation, best first (the latest row of a step wins)."""
+        scores = {row["step"]: row[self.metric] for row in outputs.read_metrics(self.run_dir) if self.metric in row}
+        found = self.checkpoints()
+        ranked = sorted((step for step in found if step in scores), key=scores.get, reverse=self.mode == "max")
+        return [found[step] for step in ranked]
 
     def _prune(self) -> None:
         latest = self.latest()
-        for item in self._ranked()[self.keep_top_k:]:
-            if item.path != latest:
-                shutil.rmtree(item.path)
+        for path in self._ranked()[self.keep_top_k:]:
+            if path != latest:
+                shutil.rmtree(path)
 
 
 _in_process: InProcessRun | None = None

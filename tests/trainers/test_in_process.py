@@ -26,27 +26,39 @@ class RecordingCallback:
 
 
 def test_checkpoints_are_kept_ranked_and_pruned_as_ray_train_keeps_them(tmp_path):
+    """Checkpoints rank by the evaluation at their step in metrics.jsonl, which the loop logs (rank 0, through
+    MetricsFile) before it reports the checkpoint; here each report follows its logged row the same way."""
     import torch
+
+    from trainers.tracking import MetricsFile
 
     callback = RecordingCallback()
     run = session.InProcessRun(run_dir=tmp_path, datasets={}, keep_top_k=2, metric="val_loss", mode="min",
                                device=torch.device("cpu"), callbacks=[callback])
+    metrics_file = MetricsFile(tmp_path / "metrics.jsonl", resume_step=0)
+
+    def log_and_report(metrics: dict, *, checkpoint: bool) -> None:
+        metrics_file.log(metrics)
+        step = metrics["step"]
+        session.report(metrics, checkpoint_dir=_staged_checkpoint(tmp_path, step) if checkpoint else None,
+                       name=session.checkpoint_dir_name(step) if checkpoint else None)
+
     with session.in_process(run):
         assert not session.has_checkpoint()
-        session.report({"step": 1, "train_loss": 9.0})  # a log line: no checkpoint
+        log_and_report({"step": 1, "train_loss": 9.0}, checkpoint=False)  # a log line: no checkpoint
         for step, val_loss in ((2, 3.0), (4, 1.0), (6, 2.0), (8, 4.0)):
-            session.report({"step": step, "val_loss": val_loss}, checkpoint_dir=_staged_checkpoint(tmp_path, step),
-                           name=session.checkpoint_dir_name(step))
-        kept = sorted(path.name for path in tmp_path.iterdir())
+            log_and_report({"step": step, "val_loss": val_loss}, checkpoint=True)
+        kept = sorted(path.name for path in tmp_path.glob("checkpoint_step_*"))
         # The best two by val_loss (steps 4 and 6) and the latest (8), which a resume needs; step 2 is gone.
         assert kept == ["checkpoint_step_00000004", "checkpoint_step_00000006", "checkpoint_step_00000008"]
+        assert not list(tmp_path.glob(".staged-*"))  # each staged directory was renamed into place
         assert run.best().name == "checkpoint_step_00000004" and run.latest().name == "checkpoint_step_00000008"
         with session.latest_checkpoint() as (directory, name):
             assert name == "checkpoint_step_00000008"
             assert json.loads((directory / "train_state.json").read_text()) == {"step": 8}
-        # A resumed run that saves step 8 again replaces it.
-        session.report({"step": 8, "val_loss": 0.5}, checkpoint_dir=_staged_checkpoint(tmp_path, 8),
-                       name=session.checkpoint_dir_name(8))
+        # A run resumed from step 6 trains step 8 again: its row replaces the old one, its checkpoint the old one.
+        metrics_file = MetricsFile(tmp_path / "metrics.jsonl", resume_step=6)
+        log_and_report({"step": 8, "val_loss": 0.5}, checkpoint=True)
         assert run.best().name == "checkpoint_step_00000008"
     assert [metrics["step"] for metrics, _ in callback.reports] == [1, 2, 4, 6, 8, 8]
     assert callback.reports[0][1] is None and callback.reports[-1][1] == str(tmp_path / "checkpoint_step_00000008")

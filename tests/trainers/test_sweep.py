@@ -49,6 +49,10 @@ def test_asha_stops_the_bad_learning_rates_and_lets_the_good_ones_finish(asha_sw
     for trial in bad:  # the Train run ended itself, cleanly, as a stopped run
         run_summary = json.loads((sweep_dir / trial["trial_id"] / "summary.json").read_text())
         assert run_summary["status"] == "stopped"
+    # Each trial trained in its own Tune process: a Ray Train worker would have recorded its placement group.
+    from trainers.outputs import PLACEMENT_GROUPS_FILE
+
+    assert not any((sweep_dir / trial["trial_id"] / PLACEMENT_GROUPS_FILE).exists() for trial in trials)
 
 
 def test_the_report_names_the_best_trial_and_its_best_checkpoint(asha_sweep):
