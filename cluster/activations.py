@@ -20,8 +20,17 @@ matmul activations and r those of the residual stream:
   - SwiGLU keeps w1's output, its SiLU, w3's output and their product: 4pf instead of GeLU's 2 x 4h.
 The loss keeps the fp32 log-softmax over the vocabulary (4V per token) from forward to backward, and at the
 start of backward also the gradients of the log-probabilities and the logits (8V more): with a 128k
-vocabulary that is 1.5 MB per token, more than a whole layer. tests/cluster/test_memory.py checks these
-formulas against the bytes a CPU forward really keeps, in fp32, bf16 and autocast.
+vocabulary that is 1.5 MB per token, more than a whole layer.
+
+Checkpointing (trainers/strategies/common.py wraps each block) keeps per layer the block's input (rh) and,
+in full, nothing else. Selective checkpointing also keeps every output of the ops its policy saves, whether
+backward reads it or not (measured): the seven matmuls' (q ph, k and v 2pg, wo ph, w1 and w3 2pf, w2 ph) and
+the attention kernel's (its output ph and the fp32 logsumexp 4a), so rh + p(4h + 2g + 2f) + 4a. wo's and
+w2's outputs only feed residual adds, which keep nothing, but the policy saves by op, not by need. Everything
+else is recomputed: the norms with their fp32 upcasts, RoPE, SwiGLU's SiLU and product, the attention output's
+reshape, and under autocast every bf16 cast, of activations and of weights alike. So, as in full, the weight
+casts exist only while a block runs backward (measured). tests/cluster/test_memory.py checks these formulas
+against the bytes a CPU forward really keeps, in fp32, bf16 and autocast, without and with either policy.
 
 Rankers keep little per sample (a few thousand numbers: the MLP outputs, DLRM's stacked embeddings, DCN's
 cross-layer inputs) next to their embedding tables, which are parameters, not activations.
@@ -52,14 +61,27 @@ class Activations:
 
 def llm_layer_bytes_per_token(cfg: LLMConfig, *, compute_bytes: int, residual_bytes: int) -> float:
     """What one transformer layer keeps for backward, per token (see the module docstring for each term)."""
-    h, f, heads = cfg.dim, cfg.ffn_hidden, cfg.n_heads
-    g = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    h, f, heads, g = cfg.dim, cfg.ffn_hidden, cfg.n_heads, _kv_width(cfg)
     p, r = compute_bytes, residual_bytes
     autocast = p != r
     norms = (_norm_bytes_per_token(h, compute_bytes=p, residual_bytes=r, consumers=3 if autocast else 1)
              + _norm_bytes_per_token(h, compute_bytes=p, residual_bytes=r, consumers=2 if autocast else 1))
     attention = 3 * p * h + 2 * p * g + FP32 * heads
     return norms + attention + 4 * p * f
+
+
+def llm_selective_layer_bytes_per_token(cfg: LLMConfig, *, compute_bytes: int, residual_bytes: int) -> float:
+    """What one selectively checkpointed layer keeps, per token: its input, its matmuls' outputs and its
+    attention kernel's (see the module docstring)."""
+    h, f, g = cfg.dim, cfg.ffn_hidden, _kv_width(cfg)
+    matmul_outputs = 3 * h + 2 * g + 2 * f  # wq, wo, w2; wk, wv; w1, w3
+    attention_outputs = compute_bytes * h + FP32 * cfg.n_heads  # and its logsumexp
+    return residual_bytes * h + compute_bytes * matmul_outputs + attention_outputs
+
+
+def _kv_width(cfg: LLMConfig) -> int:
+    """Width of keys and values: n_kv_heads x head_dim (narrower than dim under GQA)."""
+    return cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
 
 
 def _norm_bytes_per_token(h: int, *, compute_bytes: int, residual_bytes: int, consumers: int = 1) -> float:
@@ -69,21 +91,28 @@ def _norm_bytes_per_token(h: int, *, compute_bytes: int, residual_bytes: int, co
 
 
 def llm_activations(cfg: LLMConfig, *, vocab_size: int, seq_len: int, micro_batch: int, compute_bytes: int,
-                    residual_bytes: int, checkpointing: bool) -> Activations:
+                    residual_bytes: int, checkpointing: bool, selective: bool = False) -> Activations:
     """Activations of one micro batch of `micro_batch` sequences of `seq_len` tokens.
 
     compute_bytes: bytes of matmul inputs and outputs (2 in bf16, also under autocast); residual_bytes: bytes of
     the residual stream (4 under DDP's autocast, whose fp32 embedding output keeps the stream in fp32).
-    With checkpointing (trainers/strategies.py wraps each block) a layer keeps only its input, and backward
-    recomputes one layer at a time.
+    With checkpointing a layer keeps only its input, or with `selective` also its matmul and attention outputs,
+    and backward recomputes one layer at a time.
     """
     tokens = micro_batch * seq_len
-    layer = llm_layer_bytes_per_token(cfg, compute_bytes=compute_bytes, residual_bytes=residual_bytes)
-    kept_per_layer = residual_bytes * cfg.dim if checkpointing else layer
-    final_norm = _norm_bytes_per_token(cfg.dim, compute_bytes=compute_bytes, residual_bytes=residual_bytes)
+    sizes = dict(compute_bytes=compute_bytes, residual_bytes=residual_bytes)
+    layer = llm_layer_bytes_per_token(cfg, **sizes)
+    if not checkpointing:
+        kept_per_layer = layer
+    elif selective:
+        kept_per_layer = llm_selective_layer_bytes_per_token(cfg, **sizes)
+    else:
+        kept_per_layer = residual_bytes * cfg.dim
+    final_norm = _norm_bytes_per_token(cfg.dim, **sizes)
     stored = cfg.n_layers * kept_per_layer + final_norm + LOG_SOFTMAX_BYTES * vocab_size
     # While one layer runs backward: the gradients of its FFN activations and of the residual stream (an
-    # estimate, not measured), plus the recomputed layer itself under checkpointing.
+    # estimate, not measured), plus the recomputed layer itself under checkpointing. Selective recomputes
+    # less (its saved outputs are already stored), but counting the whole layer keeps it simple and errs high.
     layer_backward = 4 * compute_bytes * cfg.ffn_hidden + 2 * residual_bytes * cfg.dim
     if checkpointing:
         layer_backward += layer

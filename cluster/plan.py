@@ -30,7 +30,7 @@ from cluster.memory import (
     worker_overhead,
 )
 from conf.derived import resolve_address, resolve_precision, worker_range
-from conf.schema import InitDevice, Precision, RootConfig, StrategyConfig
+from conf.schema import CheckpointingPolicy, InitDevice, Precision, RootConfig, StrategyConfig
 
 
 class PlanFamily(Protocol):
@@ -115,6 +115,7 @@ class Plan:
     items_per_step: int
     item: str  # "tokens" or "samples"
     checkpointing_applies: bool  # the family has blocks worth recomputing
+    checkpointing_policy: str  # what a checkpointed block keeps: "full" or "selective"
     startup_note: str
     throughput: Throughput
     accum_steps: int
@@ -198,6 +199,11 @@ class Planned:
             return self.cfg.strategy
         return self.strategies[strategy].schema(name=strategy)
 
+    @property
+    def selective(self) -> bool:
+        """Whether checkpointing, where a setup turns it on, keeps matmul and attention outputs too."""
+        return self.cfg.trainer.activation_checkpointing_policy == CheckpointingPolicy.selective
+
     def accum_steps(self, setup: Setup) -> int:
         return self.cfg.trainer.global_batch_size // (setup.workers * setup.micro_batch)
 
@@ -219,7 +225,7 @@ def _activations(run: Planned, setup: Setup) -> Activations:
     fp32_stream = run.precision == Precision.fp32 or run.strategies[setup.strategy].autocast_over_fp32
     return run.family.activations(run.cfg.model, data=run.data, micro_batch=setup.micro_batch,
                                   compute_bytes=compute, residual_bytes=4 if fp32_stream else 2,
-                                  checkpointing=setup.checkpointing)
+                                  checkpointing=setup.checkpointing, selective=run.selective)
 
 
 def estimate_throughput(run: Planned, setup: Setup, *, hardware: Hardware) -> Throughput:
@@ -267,6 +273,7 @@ def build_plan(cfg: RootConfig, *, family: PlanFamily, strategies: Mapping[str, 
                 precision=run.precision, hardware=hardware, nodes=_nodes(setup, hardware), memory=memory,
                 items_per_step=cfg.trainer.global_batch_size * family.items_per_row(data), item=family.item,
                 checkpointing_applies=family.supports_activation_checkpointing, startup_note=strategy.startup_note,
+                checkpointing_policy=str(cfg.trainer.activation_checkpointing_policy),
                 throughput=estimate_throughput(run, setup, hardware=hardware), accum_steps=run.accum_steps(setup),
                 max_steps=cfg.trainer.max_steps, mfu=cfg.cluster.assumed_mfu,
                 peak_tflops=cfg.cluster.peak_tflops_per_gpu, price_per_hour=node.price_per_hour,
@@ -402,7 +409,7 @@ def _memory_lines(plan: Plan) -> list[str]:
     memory, states, setup = plan.memory, plan.memory.states, plan.setup
     per = "GPU" if plan.hardware.on_gpu else "worker"
     acts = memory.activations
-    checkpointing = "on" if setup.checkpointing else "off"
+    checkpointing = plan.checkpointing_policy if setup.checkpointing else "off"
     act_note = (f"micro batch {setup.micro_batch}, checkpointing {checkpointing}: {acts.stored / GB:.1f} kept "
                 f"for backward + {acts.working / GB:.1f} working" if plan.checkpointing_applies else
                 f"micro batch {setup.micro_batch}: {acts.stored / GB:.1f} kept + {acts.working / GB:.1f} working")
@@ -462,7 +469,9 @@ def _time_lines(plan: Plan) -> list[str]:
     lines.append(f"{'compute':<16}{_duration(throughput.compute_s)} per step at {plan.mfu:.0%} MFU of "
                  f"{plan.peak_tflops:g} TFLOP/s x {setup.workers} GPUs")
     sent = f"{throughput.comm_bytes / GB:.1f} GB sent per GPU per step"
-    if throughput.comm_s is None:
+    if not throughput.comm_bytes:  # one worker: no collective moves anything
+        lines.append(f"{'communication':<16}none (one worker)")
+    elif throughput.comm_s is None:
         lines.append(f"{'communication':<16}{sent}; time not estimated (link bandwidth not described)")
     else:
         bound = " (communication-bound)" if throughput.comm_s > throughput.compute_s else ""

@@ -42,6 +42,11 @@ class Precision(StrEnum):
     bf16 = "bf16"
 
 
+class CheckpointingPolicy(StrEnum):
+    full = "full"  # a block keeps only its input; backward runs its whole forward again
+    selective = "selective"  # it also keeps its matmul and attention outputs; backward recomputes the rest
+
+
 class InitDevice(StrEnum):
     auto = "auto"
     device = "device"
@@ -262,6 +267,16 @@ class TrainerConfig:
     seed: int = 0
     precision: Precision = Precision.auto
     activation_checkpointing: bool = False
+    # What a checkpointed block keeps (trainers/strategies/common.py): full keeps only the block's input;
+    # selective also keeps its matmul and attention outputs and recomputes only norms, RoPE and SwiGLU's
+    # pointwise ops, for more memory and far less recomputation. Read only with activation_checkpointing.
+    activation_checkpointing_policy: CheckpointingPolicy = CheckpointingPolicy.full
+    # torch.compile (Inductor) each transformer block before the strategy wraps the model. null = on where it
+    # helps and works: CUDA workers, a family with transformer blocks (LLMs), a strategy that supports it (not
+    # zero3, whose parameter hooks sit inside the blocks). Compiling takes seconds to a minute at the first step.
+    compile: bool | None = None
+    # AdamW's fused kernel: one kernel updates every parameter of a group. null = on for CUDA workers.
+    fused_optimizer: bool | None = None
     log_every_n_steps: int = 10
     # null = a quarter of max_steps (with sweep.scheduler=asha, max_steps / reduction_factor^2: two rungs)
     eval_every_n_steps: int | None = None

@@ -240,7 +240,7 @@ def _slipway_rank(rank: int, port: int, directory: str, out: str, threads: int) 
     with strategy.init_context(pretrained=True):
         model = build_llm(cfg, vocab_size=cfg.vocab_size, device="meta")
     trainer = TrainerConfig(lr=0.0, warmup_steps=0)
-    strategy.setup(model, blocks=model.layers, weight_decay=0.0, activation_checkpointing=False,
+    strategy.setup(model, blocks=model.layers, weight_decay=0.0,
                    build_optimizer=lambda groups: optim.build_optimizer(groups, trainer),
                    build_scheduler=lambda opt: optim.build_scheduler(opt, trainer), load_weights=load)
     figures["setup_s"] = time.perf_counter() - started - figures["load_s"]

@@ -172,16 +172,6 @@ def build_overrides(args: argparse.Namespace, *, run_root: Path) -> list[str]:
     ]
 
 
-def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from trainers.config import register_configs
-
-    register_configs()  # the schemas must be in Hydra's ConfigStore before composing, as in launch.py
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def run_leg(name: str, command: list[str], *, log_path: Path, timeout: float) -> tuple[float, float, dict]:
     """Run one leg with its output in `log_path`; returns (spawned_at, wall seconds, its processes' CPU samples).
     Raises if it fails."""
@@ -360,13 +350,14 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf import OmegaConf
 
     from datasets.text import prepare_text
+    from trainers.config import compose
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     bench_dir = (args.out / time.strftime("bench-%Y%m%d-%H%M%S")).resolve()
     bench_dir.mkdir(parents=True)
     # Composed once for the torchrun leg and the data; each round's Ray leg composes the same overrides itself.
-    dict_cfg = compose_config(build_overrides(args, run_root=bench_dir))
+    dict_cfg = compose(build_overrides(args, run_root=bench_dir))
     config_path = bench_dir / "torchrun_config.yaml"
     config_path.write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
     cfg = OmegaConf.to_object(dict_cfg)

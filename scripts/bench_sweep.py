@@ -68,17 +68,6 @@ def build_overrides(args: argparse.Namespace, *, root: Path, workers: int) -> li
     ]
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from trainers.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def start_warm_ray(dict_cfg) -> None:
     """The embedded Ray launch.py would start for this sweep, started here and given one task to run."""
     import os
@@ -161,6 +150,7 @@ def run_sweep(dict_cfg, *, args: argparse.Namespace, workers: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))  # scripts/ is not a package: conf/ and trainers/ live at the root
+    from trainers.config import compose
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)

@@ -1,39 +1,29 @@
 #!/usr/bin/env bash
-# GPU check: llm_1b_fsdp and llm_8b_zero3, each sized to ONE GPU, a few dozen bf16 steps on the embedded Ray;
-# prints steady-state tokens/s and MFU (model FLOPs / peak, peak from cluster.peak_tflops_per_gpu).
+# GPU check: tokens/s, MFU and peak memory of the training speed options (scripts/bench_mfu.py) for the 1B and
+# 8B presets, each sized to ONE GPU, on the embedded Ray; the serving comparison on request.
 #   bash scripts/gpu_check.sh                 # STEPS=40 OUT=/tmp/slipway_gpu_check by default
+#   QUICK=1 bash scripts/gpu_check.sh         # only the settings that decide the defaults (about half the time)
 #   SERVE_CHECK=1 bash scripts/gpu_check.sh   # and the native serving engine against vLLM (see the end)
-# Sizes: the 1B model is the full Llama-3.2-1B shape; the 8B model keeps Llama-3-8B's width (dim 4096,
-# FFN 14336, GQA 32/8) but 8 of its 32 layers, so that ZeRO-3's fp32 master weights and Adam states fit
-# one 80 GB GPU. Checkpointing is off: this measures throughput only.
+# Sizes: the 1B model is the full Llama-3.2-1B shape on FSDP2; the 8B model keeps Llama-3-8B's width (dim 4096,
+# FFN 14336, GQA 32/8) but 8 of its 32 layers, so that fp32 master weights and Adam states fit one 80 GB GPU
+# (bench_mfu.py's docstring). Checkpointing is off: this measures throughput only. Each setting is one run of
+# STEPS steps; the first few (compilation, allocator growth) are left out of the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-40}
 OUT=${OUT:-/tmp/slipway_gpu_check}
 PYTHON=${PYTHON:-python}
-common=(cluster=gpu_node cluster.num_workers=1 cluster.cpus_per_worker=8 cluster.include_dashboard=false
-        "trainer.max_steps=$STEPS" trainer.log_every_n_steps=5 "trainer.eval_every_n_steps=$STEPS"
-        trainer.eval_batches=1 checkpoint.enabled=false "paths.root=$OUT")
+settings_1b=() settings_8b=()
+if [ "${QUICK:-0}" = 1 ]; then
+  settings_1b=(--settings eager compiled selective)
+  settings_8b=(--settings zero3-eager compiled selective full)
+fi
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "== llm_1b_fsdp (1 GPU) =="
-"$PYTHON" launch.py +exp=llm_1b_fsdp "${common[@]}" trainer.global_batch_size=16 trainer.micro_batch_size=4 \
-  | tee "$OUT.1b.log"
-echo "== llm_8b_zero3, 8 of 32 layers (1 GPU) =="
-"$PYTHON" launch.py +exp=llm_8b_zero3 "${common[@]}" model.n_layers=8 data.seq_len=2048 \
-  trainer.global_batch_size=8 trainer.micro_batch_size=4 | tee "$OUT.8b.log"
-
-"$PYTHON" - "$OUT.1b.log" "$OUT.8b.log" <<'PY'
-import json, statistics, sys
-from pathlib import Path
-for log in sys.argv[1:]:
-    run_dir = Path([l for l in Path(log).read_text().splitlines() if l.startswith("run_dir: ")][-1][9:])
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in rows if "tokens_per_s" in r and r["step"] > 10]  # skip warm-up and allocator growth
-    tps = statistics.median(r["tokens_per_s"] for r in steady)
-    mfu = statistics.median(r["mfu"] for r in steady)
-    print(f"{run_dir.name}: {tps:,.0f} tokens/s, MFU {mfu:.1%} (median of {len(steady)} windows after step 10)")
-PY
+"$PYTHON" scripts/bench_mfu.py --preset 1b --steps "$STEPS" "${settings_1b[@]}" --out "$OUT/1b" | tee "$OUT.1b.log"
+echo "== llm_8b shape, 8 of 32 layers (1 GPU) =="
+"$PYTHON" scripts/bench_mfu.py --preset 8b --steps "$STEPS" "${settings_8b[@]}" --out "$OUT/8b" | tee "$OUT.8b.log"
 
 # Serving (SERVE_CHECK=1, with the vllm group installed: SLIPWAY_EXTRAS=vllm bash scripts/setup.sh): the native
 # engine on one GPU against vLLM on the same random llm_tiny export, tokens/s at each concurrency.

@@ -1,7 +1,9 @@
 """Shared test helpers: compose a config the way launch.py does and run it on the session's Ray."""
 
+import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -133,3 +135,28 @@ def assert_output_contract(stdout: str, stderr: str, *, root: Path) -> Path:
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "wandb").glob("offline-run-*")), "logger=wandb left no offline run"
     return run_dir
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A one-rank gloo process group in this process, with the launcher variables DeepSpeed reads, for the
+    strategies' own code called directly. A one-rank group already here (a process keeps the group of an
+    in-process sweep trial, trainers/loop.py) is used as it is and left in place."""
+    import pytest
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            patch.setenv(name, "1" if "WORLD" in name else "0")
+        if dist.is_initialized():
+            assert dist.get_world_size() == 1
+            yield
+            return
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()

@@ -51,6 +51,9 @@ BAD_INPUTS = [
     (["+exp=ranker_dlrm", "data=criteo_tsv", "data.path=/nonexistent/day_0"], "data.path='/nonexistent/day_0'"),
     (["+exp=ranker_dlrm", "data.hash_buckets=[5,5]"], "data.hash_buckets must be"),
     (["+exp=ranker_dlrm", "trainer.activation_checkpointing=true"], "trainer.activation_checkpointing"),
+    (["+exp=ranker_dlrm", "trainer.compile=true"], "trainer.compile=true does not apply to model.family=ranker"),
+    (["strategy=zero3", "trainer.compile=true"], "trainer.compile=true is not supported with strategy=zero3"),
+    (["strategy=fsdp", "strategy.fsdp_prefetch_blocks=0"], "strategy.fsdp_prefetch_blocks=0 must be at least 1"),
 ]
 
 

@@ -6,6 +6,8 @@ the family (trainers/families/) and strategy (trainers/strategies/) that own the
 happens here, above conf/.
 """
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -16,6 +18,7 @@ from trainers.families import all_families, get_family
 from trainers.strategies import all_strategies, get_strategy
 
 REDACTED = "<redacted>"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def register_configs() -> None:
@@ -28,6 +31,17 @@ def register_configs() -> None:
             store.store(group="data", name=f"{kind}_schema", node=schema)
     for spec in all_strategies().values():
         store.store(group="strategy", name=f"{spec.name}_schema", node=spec.schema(name=spec.name))
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml with `overrides`, as `python launch.py OVERRIDES` composes it, outside Hydra's own
+    entry point (benchmarks, Serve's application builder)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()  # the schemas must be in Hydra's ConfigStore before composing
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def plain_config(dict_cfg: DictConfig) -> dict:

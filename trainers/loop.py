@@ -29,6 +29,7 @@ from trainers.config import config_from_dict
 from trainers.distill import Objective
 from trainers.families import Batch, Family, get_family, init_device_for
 from trainers.strategies import Strategy, build_strategy, get_strategy
+from trainers.strategies.common import block_preparer
 from trainers.tracking import Tracker
 
 logger = logging.getLogger("slipway.train")
@@ -84,15 +85,39 @@ def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerCont
         device = torch.device("meta") if get_strategy(cfg.strategy.name).meta_init else device
     with strategy.init_context(pretrained=load_weights is not None):
         model = family.build_model(cfg.model, data=data, device=device)
+    on_gpu = ctx.device.type == "cuda"
+    compiled, fused = compiles_blocks(cfg, family, on_gpu=on_gpu), fuses_optimizer(cfg, on_gpu=on_gpu)
+    checkpointed, selective = cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_policy
     strategy.setup(
         model, blocks=family.blocks(model),
-        build_optimizer=partial(optim.build_optimizer, cfg=cfg.trainer),
+        build_optimizer=partial(optim.build_optimizer, cfg=cfg.trainer, fused=fused),
         build_scheduler=partial(optim.build_scheduler, cfg=cfg.trainer),
         weight_decay=cfg.trainer.weight_decay,
-        activation_checkpointing=cfg.trainer.activation_checkpointing,
+        prepare_blocks=block_preparer(checkpointing=checkpointed, selective=selective == "selective",
+                                      compile=compiled),
         load_weights=load_weights,
     )
+    if ctx.rank == 0:
+        logger.info("blocks: %s, %s; optimizer: %s AdamW", "compiled" if compiled else "eager",
+                    f"{selective} activation checkpointing" if checkpointed else "no activation checkpointing",
+                    "fused" if fused else "foreach")
     return strategy
+
+
+def compiles_blocks(cfg: RootConfig, family: Family, *, on_gpu: bool) -> bool:
+    """trainer.compile, where null: on for CUDA workers, for a family whose blocks are compute (transformer
+    blocks, not a ranker's embedding tables) under a strategy that can compile them. run.py refuses an explicit
+    true where it cannot apply. On CPU it stays off unless asked: Inductor's C++ build costs more start-up than
+    a short CPU run gains."""
+    if cfg.trainer.compile is not None:
+        return cfg.trainer.compile
+    return on_gpu and family.supports_activation_checkpointing and get_strategy(cfg.strategy.name).compiles_blocks
+
+
+def fuses_optimizer(cfg: RootConfig, *, on_gpu: bool) -> bool:
+    """trainer.fused_optimizer, where null: on for CUDA workers, where one kernel per step replaces a launch per
+    parameter group and tensor list (torch's default there is the multi-tensor foreach kernel)."""
+    return on_gpu if cfg.trainer.fused_optimizer is None else cfg.trainer.fused_optimizer
 
 
 def _pretrained_loader(cfg: RootConfig, family: Family):
@@ -240,7 +265,7 @@ def _format_progress(metrics: dict, max_steps: int, family: Family) -> str:
             f"{metrics[family.throughput_key]:,.0f} {family.throughput_unit} | "
             f"{metrics['step_time_s']:.3f} s/step | data wait {metrics['data_wait_frac']:.0%} | eta {eta}")
     if "mfu" in metrics:
-        line += f" | mfu {metrics['mfu']:.1%}"
+        line += f" | mfu {metrics['mfu']:.1%} | {metrics['max_memory_gb']:.1f} GB peak"
     if "distill_loss" in metrics:
         line += f" | distill {metrics['distill_loss']:.4f}"
     return line
@@ -397,6 +422,8 @@ def _after_step(cfg: RootConfig, *, family: Family, strategy: Strategy, state: T
         if ctx.device.type == "cuda":
             peak = cfg.cluster.peak_tflops_per_gpu * 1e12 * ctx.world_size
             metrics["mfu"] = metrics[family.throughput_key] * flops_per_item / peak
+            # This rank's peak so far (the allocator's count, not the driver's): what the speed options trade
+            metrics["max_memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 1e9
     if do_eval:
         metrics.update(evaluate(strategy, family, val_shard, ctx, micro=trainer.micro_batch_size,
                                 max_batches=trainer.eval_batches))

@@ -8,8 +8,10 @@ import torch
 from conf.schema import TrainerConfig
 
 
-def build_optimizer(param_groups: list[dict], cfg: TrainerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+def build_optimizer(param_groups: list[dict], cfg: TrainerConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW; `fused` selects its single-kernel implementation (trainers/loop.py: fuses_optimizer), which
+    computes the same update."""
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -138,7 +138,21 @@ def _check_family_fits(cfg: RootConfig, family: Family) -> None:
     if cfg.trainer.activation_checkpointing and not family.supports_activation_checkpointing:
         raise ValueError(f"trainer.activation_checkpointing does not apply to model.family={family.name}: "
                          "it has no blocks worth recomputing")
+    if cfg.trainer.compile:
+        _check_compile_applies(cfg, family)
     family.check_config(cfg.model, cfg.data)
+
+
+def _check_compile_applies(cfg: RootConfig, family: Family) -> None:
+    """trainer.compile=true compiles transformer blocks: a ranker's blocks are embedding tables, and ZeRO-3's
+    parameter hooks run inside each block's submodules, where they break the graph (StrategySpec.compiles_blocks)."""
+    if not family.supports_activation_checkpointing:
+        raise ValueError(f"trainer.compile=true does not apply to model.family={family.name}: it compiles "
+                         "transformer blocks, and this family has none")
+    if not get_strategy(cfg.strategy.name).compiles_blocks:
+        able = [name for name, spec in all_strategies().items() if spec.compiles_blocks]
+        raise ValueError(f"trainer.compile=true is not supported with strategy={cfg.strategy.name}; use "
+                         f"strategy={' or '.join(able)}, or trainer.compile=false")
 
 
 def _check_data_fits(cfg: RootConfig, *, train_rows: int, val_rows: int) -> None:

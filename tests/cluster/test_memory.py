@@ -164,9 +164,13 @@ LLM_SMALL = LLMConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=3
 MODES = [("fp32", 4, 4), ("bf16", 2, 2), ("autocast", 2, 4)]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+# (activation checkpointing, its selective policy)
+CHECKPOINTING = [(False, False), (True, False), (True, True)]
+
+
+@pytest.mark.parametrize("checkpointing, selective", CHECKPOINTING, ids=["no-ckpt", "ckpt", "selective-ckpt"])
 @pytest.mark.parametrize("mode, compute, residual", MODES, ids=[m[0] for m in MODES])
-def test_llm_activation_formula_matches_a_measured_forward(mode, compute, residual, checkpointing):
+def test_llm_activation_formula_matches_a_measured_forward(mode, compute, residual, checkpointing, selective):
     from torch import nn
 
     from trainers import llm
@@ -179,7 +183,7 @@ def test_llm_activation_formula_matches_a_measured_forward(mode, compute, residu
     if mode == "bf16":
         model = model.to(torch.bfloat16)
     if checkpointing:
-        apply_activation_checkpointing(model.layers)
+        apply_activation_checkpointing(model.layers, selective=selective)
     batch = {"tokens": torch.randint(0, vocab, (micro, seq + 1))}
     loss = get_family("llm").loss
 
@@ -194,10 +198,12 @@ def test_llm_activation_formula_matches_a_measured_forward(mode, compute, residu
                            matmul_in_blocks=sum(m.weight.numel() for m in model.layers.modules()
                                                 if isinstance(m, nn.Linear)), blocks=LLM_SMALL.n_layers)
         measured -= model_states("ddp", shape=shape, world=1, checkpointing=checkpointing).params
-        if checkpointing:  # the recomputed block's casts exist only in backward
+        # The recomputed block's casts exist only in backward. Selective recomputes the casts too (its policy
+        # saves only matmul and attention outputs), so it keeps none in forward, as full does (measured).
+        if checkpointing:
             measured += 2 * shape.matmul_in_blocks / shape.blocks
     estimate = llm_activations(LLM_SMALL, vocab_size=vocab, seq_len=seq, micro_batch=micro, compute_bytes=compute,
-                               residual_bytes=residual, checkpointing=checkpointing)
+                               residual_bytes=residual, checkpointing=checkpointing, selective=selective)
     assert estimate.stored == pytest.approx(measured, rel=0.05)
 
 

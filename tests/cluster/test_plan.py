@@ -71,6 +71,18 @@ def test_activations_without_checkpointing_suggest_checkpointing_or_a_smaller_mi
         assert plan_for([*overrides, *overrides_of(suggestion)]).fits, suggestion
 
 
+def test_selective_checkpointing_keeps_more_than_full_and_less_than_none():
+    kept = {}
+    for name, overrides in {"off": ["trainer.activation_checkpointing=false"],
+                            "full": ["trainer.activation_checkpointing=true"],
+                            "selective": ["trainer.activation_checkpointing=true",
+                                          "trainer.activation_checkpointing_policy=selective"]}.items():
+        plan = plan_for([*LLM_8B, *overrides])
+        assert f"checkpointing {name}:" in format_plan(plan)
+        kept[name] = plan.memory.activations.stored
+    assert kept["full"] < kept["selective"] < kept["off"]
+
+
 def test_the_large_ranker_is_planned_from_its_hash_buckets_without_data(tmp_path):
     cfg = config([*RANKER_LARGE, f"paths.root={tmp_path}"])
     data = get_family("ranker").plan_data(cfg.model, cfg.data)
@@ -163,7 +175,7 @@ def test_the_printed_table_is_aligned_and_uses_human_units():
     assert all(any(row.strip().startswith(name) for row in rows) for name in names)
     assert len({row.index(".") for row in rows}) == 1  # the GB column is aligned on the decimal point
     assert lines[start].index("GB") == rows[0].index(".")
-    for unit in ("PFLOP", "tokens/s", "TFLOP/s", "$55.04/h", "price source", "checkpointing on"):
+    for unit in ("PFLOP", "tokens/s", "TFLOP/s", "$55.04/h", "price source", "checkpointing full"):
         assert unit in text
 
 
@@ -211,3 +223,12 @@ def test_a_plan_that_does_not_fit_exits_non_zero_naming_what_would(launched):
     error = output.strip().splitlines()[-1]
     assert error.startswith("error: does not fit: needs ") and "would fit: strategy=zero3" in error
     assert list(root.iterdir()) == []
+
+
+def test_a_one_gpu_plan_has_no_communication_to_time():
+    """One worker sends nothing, so there is no bandwidth to divide by (it once raised ZeroDivisionError)."""
+    plan = plan_for([*LLM_8B, "strategy=fsdp", "model.n_layers=8", "cluster.num_workers=1",
+                     "trainer.global_batch_size=8", "trainer.micro_batch_size=2"])
+    assert plan.fits, plan.verdict
+    assert plan.throughput.comm_bytes == 0
+    assert "communication   none (one worker)" in format_plan(plan)

@@ -52,6 +52,8 @@ SMOKE_ARGS = {
     "bench_import.py": ["--smoke"],
     # A DLRM and the tiny LLM trained a few steps, optimized without compile, timed for 0.3 s.
     "bench_optimize.py": ["--smoke"],
+    # The tiny LLM on one CPU worker, 4 steps eager and 4 with compiled, selectively checkpointed blocks.
+    "bench_mfu.py": ["--smoke"],
 }
 NUMBER = r"([-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?)"
 
@@ -67,6 +69,7 @@ RUNS = {
     "drift": ("bench_drift.py", SMOKE_ARGS["bench_drift.py"]),
     "shadow": ("bench_shadow.py", SMOKE_ARGS["bench_shadow.py"]),
     "optimize": ("bench_optimize.py", SMOKE_ARGS["bench_optimize.py"]),
+    "mfu": ("bench_mfu.py", SMOKE_ARGS["bench_mfu.py"]),
 }
 
 
@@ -173,6 +176,16 @@ def test_bench_sweep(outputs):
     results = results_json(output)
     assert [sweep["workers"] for sweep in results["sweeps"]] == [1, 2]
     assert all(len(sweep["trials"]) == 1 and sweep["trials"][0]["training"] > 0 for sweep in results["sweeps"])
+
+
+def test_bench_mfu(outputs):
+    output = output_of(outputs, "mfu")
+    for setting in ("eager", "selective"):
+        assert figure(output, rf"\n{setting}\s+{NUMBER}\s+[\d.]+\s+n/a") > 0  # tokens/s; no MFU on CPU
+    # The settings change how a step runs, not what it computes: the same last loss.
+    assert figure(output, rf"last training loss: relative spread {NUMBER} across settings") < 1e-4
+    results = results_json(output)
+    assert [result["setting"] for result in results["results"]] == ["eager", "selective"]
 
 
 def test_bench_serve(outputs):

@@ -183,7 +183,7 @@ def _load_on_rank(rank: int, world: int, port: int, strategy_name: str, director
     with strategy.init_context(pretrained=True):
         model = build_llm(cfg, vocab_size=cfg.vocab_size, device="cpu" if strategy_name.startswith("zero") else "meta")
     trainer = TrainerConfig(lr=0.0, warmup_steps=0)
-    strategy.setup(model, blocks=model.layers, weight_decay=0.0, activation_checkpointing=False,
+    strategy.setup(model, blocks=model.layers, weight_decay=0.0,
                    build_optimizer=lambda groups: optim.build_optimizer(groups, trainer),
                    build_scheduler=lambda opt: optim.build_scheduler(opt, trainer),
                    load_weights=lambda m: load_pretrained(m, directory))

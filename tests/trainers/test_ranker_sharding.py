@@ -28,7 +28,7 @@ def shard_on_meta(rank: int, world: int, init_file: str, out_dir: str) -> None:
     strategy = build_strategy(FSDPConfig(), device=torch.device("cpu"), precision="fp32",
                               accum_steps=1, grad_clip=1.0, micro_batch_size=8)
     trainer = TrainerConfig(lr=0.01, warmup_steps=1)
-    strategy.setup(model, blocks=model.tables, weight_decay=0.0, activation_checkpointing=False,
+    strategy.setup(model, blocks=model.tables, weight_decay=0.0,
                    build_optimizer=lambda groups: optim.build_optimizer(groups, trainer),
                    build_scheduler=lambda opt: optim.build_scheduler(opt, trainer))
     big = model.tables[0].weight

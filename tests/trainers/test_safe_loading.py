@@ -4,15 +4,14 @@ are refused with an error naming the file, and the function never runs (its mark
 import io
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from conf.schema import Precision
+from tests.helpers import one_rank_group
 from trainers.safe_loading import CheckpointRefused, _AllowListUnpickler, install_safe_deepspeed_loader
 from trainers.strategies import build_strategy, default_options, get_strategy
 
@@ -48,20 +47,15 @@ def test_only_exact_pairs_of_an_allowed_module_resolve(tmp_path):
 
 @pytest.fixture
 def world_of_one():
-    """A one-rank gloo process group in this process, for the strategies' own load paths."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_rank_group():
+        yield
 
 
 def _strategy(name: str):
     strategy = build_strategy(default_options(name), device=torch.device("cpu"), precision=Precision.fp32,
                               accum_steps=1, grad_clip=1.0, micro_batch_size=2)
     blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
-    strategy.setup(nn.Sequential(*blocks), blocks=blocks, weight_decay=0.0, activation_checkpointing=False,
+    strategy.setup(nn.Sequential(*blocks), blocks=blocks, weight_decay=0.0,
                    build_optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3),
                    build_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
     strategy.unwrapped_model()(torch.randn(2, 4)).sum().backward()

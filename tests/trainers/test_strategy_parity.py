@@ -24,8 +24,11 @@ def single_process_losses(trained_runs):
 # (stage 2 adds gradient partitioning), and our code treats every stage alike but for the stage number.
 @pytest.mark.parametrize("strategy, extra", [
     ("ddp", []), ("fsdp", []), ("zero2", []), ("zero3", []), ("hsdp", []),
-    ("fsdp", ["trainer.activation_checkpointing=true"]),  # recomputation must not change the numbers
-], ids=["ddp", "fsdp", "zero2", "zero3", "hsdp-2x2", "fsdp-activation-checkpointing"])
+    # The speed options must not change the numbers: recomputation, compiled blocks, fused AdamW, deeper prefetch
+    # (tests/trainers/test_block_options.py checks each takes effect, and the other strategies).
+    ("fsdp", ["trainer.activation_checkpointing=true", "trainer.compile=true", "trainer.fused_optimizer=true",
+              "strategy.fsdp_prefetch_blocks=2"]),
+], ids=["ddp", "fsdp", "zero2", "zero3", "hsdp-2x2", "fsdp-checkpointed-compiled-fused-prefetch2"])
 def test_two_workers_match_single_process(strategy, extra, single_process_losses, trained_runs, ray_session,
                                           data_cache, tmp_path):
     if extra:

@@ -135,7 +135,8 @@ class Family:
     throughput_key: str  # metrics key of items per second
     throughput_unit: str  # as the progress line prints it
     flops_per_item: Callable[..., float]  # (model cfg, *, data) -> training FLOPs per item
-    # (model cfg, *, data, micro_batch, compute_bytes, residual_bytes, checkpointing) -> cluster Activations
+    # (model cfg, *, data, micro_batch, compute_bytes, residual_bytes, checkpointing, selective) -> cluster
+    # Activations; selective: the checkpointing policy is trainer.activation_checkpointing_policy=selective
     activations: Callable[..., object]
     # Checkpoints and exports: (model cfg, data) -> {"model_config": ..., "files": {name: source path}}; the
     # model_config keys that name a side file copied into exports (tokenizer.json, feature_spec.json).

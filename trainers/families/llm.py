@@ -155,9 +155,10 @@ def _payload(cfg: LLMConfig, data: dict) -> dict:
 
 
 def _activations(cfg: LLMConfig, *, data: dict, micro_batch: int, compute_bytes: int, residual_bytes: int,
-                 checkpointing: bool):
+                 checkpointing: bool, selective: bool):
     return llm_activations(cfg, vocab_size=vocab_size(cfg, data), seq_len=data["seq_len"], micro_batch=micro_batch,
-                           compute_bytes=compute_bytes, residual_bytes=residual_bytes, checkpointing=checkpointing)
+                           compute_bytes=compute_bytes, residual_bytes=residual_bytes, checkpointing=checkpointing,
+                           selective=selective)
 
 
 LLM = Family(

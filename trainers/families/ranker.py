@@ -97,7 +97,8 @@ def _payload(cfg: RankerConfig, data: dict) -> dict:
 
 
 def _activations(cfg: RankerConfig, *, data: dict, micro_batch: int, compute_bytes: int, residual_bytes: int,
-                 checkpointing: bool):
+                 checkpointing: bool, selective: bool):
+    # Rankers are never checkpointed (supports_activation_checkpointing=False): both flags are ignored.
     return ranker_activations(cfg, num_dense=data["num_dense"], num_tables=len(data["table_sizes"]),
                               micro_batch=micro_batch, compute_bytes=compute_bytes, residual_bytes=residual_bytes)
 

@@ -35,6 +35,7 @@ from trainers.discovery import Registry
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 WeightLoader = Callable[[nn.Module], None]
+BlockPreparer = Callable[[nn.ModuleList], None]
 
 
 class Strategy(Protocol):
@@ -47,11 +48,13 @@ class Strategy(Protocol):
         created, so no rank ever holds the whole model; the others build as asked (the meta device included)."""
 
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer: OptimizerFactory,
-              build_scheduler: SchedulerFactory, weight_decay: float, activation_checkpointing: bool,
-              load_weights: WeightLoader | None = None) -> None:
-        """Wrap `model` and build its optimizer. `load_weights(model)` (pretrained weights), when given, is
-        called once the parameters this rank holds are on its device and before anything copies them (an
-        optimizer's master weights, DDP's broadcast); a model built on the meta device is materialized first."""
+              build_scheduler: SchedulerFactory, weight_decay: float,
+              prepare_blocks: BlockPreparer | None = None, load_weights: WeightLoader | None = None) -> None:
+        """Wrap `model` and build its optimizer. `prepare_blocks(blocks)`, when given, is called on the blocks
+        before anything wraps them (activation checkpointing, compiling: trainers/strategies/common.py).
+        `load_weights(model)` (pretrained weights), when given, is called once the parameters this rank holds
+        are on its device and before anything copies them (an optimizer's master weights, DDP's broadcast); a
+        model built on the meta device is materialized first."""
 
     def micro_step(self, *, is_last: bool) -> AbstractContextManager: ...
 
@@ -133,6 +136,8 @@ class StrategySpec:
     network_bytes: Callable[..., float] | None = None
     # bf16 compute under autocast over fp32 weights (DDP): what comes from the embeddings stays fp32
     autocast_over_fp32: bool = False
+    # trainer.compile can torch.compile its blocks (false: its own hooks run inside the blocks and break the graph)
+    compiles_blocks: bool = True
     startup_note: str = "peak: the whole fp32 model, built on each worker"  # the plan's start-up row
     # The plan's note when start-up is the peak of the whole run.
     startup_peak_note: str = "start-up is the peak: the whole fp32 model is built on each worker before it is wrapped"

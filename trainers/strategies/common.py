@@ -19,12 +19,61 @@ def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
-    """Recompute each block's activations in backward instead of storing them (trades compute for memory)."""
+def apply_activation_checkpointing(blocks: nn.ModuleList, *, selective: bool = False) -> None:
+    """Recompute each block's activations in backward instead of storing them (trades compute for memory).
+
+    Full: a block keeps only its input and runs its whole forward again in backward. Selective: a block also
+    keeps what its matmuls and attention produce, the costly part to recompute, and recomputes only the cheap
+    rest (RMSNorm, RoPE, SwiGLU's SiLU and product, casts): more memory than full, a fraction of its
+    recomputation."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    context_fn = _keep_matmul_outputs_context if selective else None
     for index, block in enumerate(blocks):
-        blocks[index] = checkpoint_wrapper(block)
+        blocks[index] = checkpoint_wrapper(block, context_fn=context_fn) if context_fn else checkpoint_wrapper(block)
+
+
+# What selective checkpointing keeps: matmul and attention outputs (each attention kernel, including the
+# logsumexp it saves for backward). Everything else a block computes is recomputed.
+_KEPT_OPS = frozenset(getattr(torch.ops.aten, name) for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+) if hasattr(torch.ops.aten, name))
+
+
+def _keep_matmul_outputs(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    kept = getattr(op, "overloadpacket", op) in _KEPT_OPS
+    return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_matmul_outputs_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_keep_matmul_outputs)
+
+
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    """torch.compile (Inductor) each block in place, so parameter and state-dict names stay as they are and a
+    strategy wraps the blocks afterwards exactly as it would eager ones. Per block rather than the whole model:
+    the blocks share one shape, so they share one compiled graph, and FSDP's hooks stay between them (Dynamo
+    leaves FSDP2's hooks eager: torch._dynamo.config.skip_fsdp_hooks)."""
+    for block in blocks:
+        block.compile()
+
+
+def block_preparer(*, checkpointing: bool, selective: bool, compile: bool):
+    """What a strategy does to the blocks before it wraps the model: activation checkpointing first, then
+    compiling, so that the compiled graph holds the recomputation (torchtitan applies them in this order)."""
+
+    def prepare(blocks: nn.ModuleList) -> None:
+        if checkpointing:
+            apply_activation_checkpointing(blocks, selective=selective)
+        if compile:
+            compile_blocks(blocks)
+
+    return prepare
 
 
 def is_on_meta(model: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from cluster.memory import ADAM_MOMENTS, BF16, FP32, ModelShape, ModelStates
 from conf.schema import Precision, StrategyConfig, StrategyName
 from trainers.safe_loading import load_tensors
 from trainers.strategies import CheckpointFormat, StrategySpec, check_stored
-from trainers.strategies.common import TorchStrategy, apply_activation_checkpointing, is_on_meta, ring_share
+from trainers.strategies.common import TorchStrategy, is_on_meta, ring_share
 
 
 @dataclass
@@ -22,11 +22,11 @@ class DDPConfig(StrategyConfig):
 
 class DDPStrategy(TorchStrategy):
     def setup(self, model: nn.Module, *, blocks: nn.ModuleList, build_optimizer, build_scheduler,
-              weight_decay: float, activation_checkpointing: bool, load_weights=None) -> None:
+              weight_decay: float, prepare_blocks=None, load_weights=None) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        if activation_checkpointing:
-            apply_activation_checkpointing(blocks)
+        if prepare_blocks is not None:
+            prepare_blocks(blocks)
         if is_on_meta(model):  # built on meta only to be loaded: every replica reads the whole checkpoint
             model.to_empty(device=self.device)
         else:

@@ -19,6 +19,7 @@ from trainers.strategies.fsdp import (
     DCP_FORMAT,
     FSDPConfig,
     FSDPStrategy,
+    check_options,
     shard_group_payloads,
     sharded_model_states,
 )
@@ -39,6 +40,7 @@ def _groups(cfg: HSDPConfig, world: int) -> tuple[int, int]:
 
 
 def check_world(cfg: HSDPConfig, world: int) -> None:
+    check_options(cfg, world)
     shard = cfg.hsdp_shard_size
     if shard < 1 or world % shard:
         raise ValueError(f"strategy.hsdp_shard_size={shard} must be at least 1 and divide cluster.num_workers="
@@ -61,7 +63,8 @@ def model_states(cfg: HSDPConfig, *, shape: ModelShape, world: int, precision: P
     """FSDP2's model states with the shard group as the world: replicas do not divide memory."""
     _, shard = _groups(cfg, world)
     return sharded_model_states(shape, shards=shard, precision=precision, accum_steps=accum_steps,
-                                reshard_after_forward=cfg.fsdp_reshard_after_forward)
+                                reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                                prefetch_blocks=cfg.fsdp_prefetch_blocks)
 
 
 def communication_bytes(cfg: HSDPConfig, *, params: int, world: int, accum_steps: int,
