@@ -296,13 +296,13 @@ def print_breakdowns(figures: dict[str, dict]) -> None:
         print(f"\nray train: {total:.1f} s from spawn to the end of step 1 (launch.py's milestones, "
               "trainers/startup.py)")
         for phase, seconds in phases.items():
-            print(f"  {phase:36}{seconds:6.1f} s")
+            print(f"  {phase:40}{seconds:6.1f} s")
     for leg, figure in figures.items():
         shares = {key.removeprefix("cpu "): value for key, value in figure.items() if key.startswith("cpu ")}
         others = sum(share for kind, share in shares.items() if kind != "train workers")
         print(f"\n{leg}: CPU in the steady state, share of one core (all but the workers: {others:.1%})")
         for kind, share in sorted(shares.items(), key=lambda item: -item[1]):
-            print(f"  {kind:36}{share:7.1%}")
+            print(f"  {kind:40}{share:7.1%}")
 
 
 def print_report(figures: dict[str, dict], *, losses, first: int, last: int, tokens_per_step: int,

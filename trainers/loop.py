@@ -277,17 +277,18 @@ def _format_eval(metrics: dict, family: Family) -> str:
 
 def train_loop(config: dict) -> None:
     """Per-worker entry. `config` holds plain data: the resolved config, run facts and the prepared data."""
+    entered_at = time.time()  # the start-up milestone train_fn_start: Ray's worker set-up ends here
     configure_worker_logging()
     cfg = config_from_dict(config["cfg"])
     if config.get("in_process"):
         _join_one_process_group(cfg)
         try:
-            _train_worker(config, cfg)
+            _train_worker(config, cfg, entered_at=entered_at)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the process trains the next trial: return what this one cached
     else:
-        _train_worker(config, cfg)
+        _train_worker(config, cfg, entered_at=entered_at)
 
 
 def _join_one_process_group(cfg: RootConfig) -> None:
@@ -304,7 +305,7 @@ def _join_one_process_group(cfg: RootConfig) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _train_worker(config: dict, cfg: RootConfig) -> None:
+def _train_worker(config: dict, cfg: RootConfig, *, entered_at: float) -> None:
     data, run_dir = config["data"], Path(config["run_dir"])
     ctx = _setup_worker(cfg)
     startup_mark = partial(startup.mark_in_worker, run_dir) if config.get("mark_startup") and ctx.rank == 0 else None
@@ -312,6 +313,7 @@ def _train_worker(config: dict, cfg: RootConfig) -> None:
         import psutil
 
         startup_mark("worker_process_start", at=psutil.Process().create_time())
+        startup_mark("train_fn_start", at=entered_at)
         startup_mark("worker_loop_start")
     family = get_family(cfg.model.family)
     strategy = _setup_strategy(cfg, family, data, ctx)

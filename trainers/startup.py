@@ -25,7 +25,9 @@ MILESTONES = (
     ("ray_ready", "Ray start"),
     ("datasets_ready", "data hand-off"),
     ("worker_process_start", "Train controller, worker start"),
-    ("worker_loop_start", "worker imports, process group"),
+    # Ray Train's worker actor start-up, its process group, and the imports of the train function's modules
+    ("train_fn_start", "worker set-up, imports, process group"),
+    ("worker_loop_start", "config, device, seed"),
     ("model_ready", "model and strategy"),
     ("first_batch", "first batch"),
     ("first_step", "step 1"),

@@ -28,9 +28,9 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, *, selective: bool = F
     recomputation."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    context_fn = _keep_matmul_outputs_context if selective else None
+    policy = {"context_fn": _keep_matmul_outputs_context} if selective else {}
     for index, block in enumerate(blocks):
-        blocks[index] = checkpoint_wrapper(block, context_fn=context_fn) if context_fn else checkpoint_wrapper(block)
+        blocks[index] = checkpoint_wrapper(block, **policy)
 
 
 # What selective checkpointing keeps: matmul and attention outputs (each attention kernel, including the
@@ -57,8 +57,10 @@ def _keep_matmul_outputs_context():
 def compile_blocks(blocks: nn.ModuleList) -> None:
     """torch.compile (Inductor) each block in place, so parameter and state-dict names stay as they are and a
     strategy wraps the blocks afterwards exactly as it would eager ones. Per block rather than the whole model:
-    the blocks share one shape, so they share one compiled graph, and FSDP's hooks stay between them (Dynamo
-    leaves FSDP2's hooks eager: torch._dynamo.config.skip_fsdp_hooks)."""
+    the blocks share one shape, so they share one compiled graph, and the strategies' per-block work stays
+    between them. FSDP2 marks its hooks compiler-disabled, and they cost no graph break: under DDP, FSDP2 and
+    ZeRO-2 a 2-block model compiled one graph, run by both blocks, with no break (CPU, measured; the tests
+    check it)."""
     for block in blocks:
         block.compile()
 
