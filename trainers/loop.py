@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from conf.derived import resolve_precision
-from conf.schema import Precision, RootConfig
+from conf.schema import CheckpointingPolicy, Precision, RootConfig
 from trainers import checkpointing, distill, optim, outputs, session, startup
 from trainers.checkpointing import TrainState
 from trainers.config import config_from_dict
@@ -87,19 +87,19 @@ def _setup_strategy(cfg: RootConfig, family: Family, data: dict, ctx: WorkerCont
         model = family.build_model(cfg.model, data=data, device=device)
     on_gpu = ctx.device.type == "cuda"
     compiled, fused = compiles_blocks(cfg, family, on_gpu=on_gpu), fuses_optimizer(cfg, on_gpu=on_gpu)
-    checkpointed, selective = cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_policy
+    checkpointed, policy = cfg.trainer.activation_checkpointing, cfg.trainer.activation_checkpointing_policy
     strategy.setup(
         model, blocks=family.blocks(model),
         build_optimizer=partial(optim.build_optimizer, cfg=cfg.trainer, fused=fused),
         build_scheduler=partial(optim.build_scheduler, cfg=cfg.trainer),
         weight_decay=cfg.trainer.weight_decay,
-        prepare_blocks=block_preparer(checkpointing=checkpointed, selective=selective == "selective",
+        prepare_blocks=block_preparer(checkpointing=checkpointed, selective=policy == CheckpointingPolicy.selective,
                                       compile=compiled),
         load_weights=load_weights,
     )
     if ctx.rank == 0:
         logger.info("blocks: %s, %s; optimizer: %s AdamW", "compiled" if compiled else "eager",
-                    f"{selective} activation checkpointing" if checkpointed else "no activation checkpointing",
+                    f"{policy} activation checkpointing" if checkpointed else "no activation checkpointing",
                     "fused" if fused else "foreach")
     return strategy
 
