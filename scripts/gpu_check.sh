@@ -6,7 +6,7 @@
 #   SERVE_CHECK=1 bash scripts/gpu_check.sh   # and the native serving engine against vLLM (see the end)
 # Sizes: the 1B model is the full Llama-3.2-1B shape on FSDP2; the 8B model keeps Llama-3-8B's width (dim 4096,
 # FFN 14336, GQA 32/8) but 8 of its 32 layers, so that fp32 master weights and Adam states fit one 80 GB GPU
-# (bench_mfu.py's docstring). Checkpointing is off: this measures throughput only. Each setting is one run of
+# (bench_mfu.py's docstring). Saving checkpoints is off: this measures throughput only. Each setting is one run of
 # STEPS steps; the first few (compilation, allocator growth) are left out of the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
