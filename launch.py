@@ -258,6 +258,18 @@ def sweep(cfg: RootConfig, *, config: dict, experiment: str) -> Path:
     return sweep_dir
 
 
+def training_failures() -> tuple[type[Exception], ...]:
+    """What a run raises when it failed after checkpoint.max_failures restarts. Ray's is imported only where Ray
+    Train ran: a run without Ray (cluster.launcher=processes) must not pay for importing it."""
+    from trainers.local import WorkersFailedError
+
+    if "ray.train" not in sys.modules:
+        return (WorkersFailedError,)
+    from ray.train import TrainingFailedError
+
+    return (WorkersFailedError, TrainingFailedError)
+
+
 def experiment_name() -> str:
     return HydraConfig.get().runtime.choices.get("exp") or "default"
 
@@ -265,7 +277,6 @@ def experiment_name() -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     import psutil
-    from ray.train import TrainingFailedError
 
     from cluster.submit import JobFailedError
     from trainers import startup
@@ -279,7 +290,7 @@ def main(dict_cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError) as err:
         logger.error("error: %s", err)
         sys.exit(2)
-    except TrainingFailedError as err:
+    except training_failures() as err:
         logger.error("error: training failed after all retries: %s", err)
         sys.exit(1)
     except (SweepFailedError, JobFailedError) as err:

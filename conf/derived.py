@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from conf.schema import ClusterConfig, Precision
+from conf.schema import ClusterConfig, Launcher, Precision
 
 
 def resolve_address(cfg: ClusterConfig) -> str | None:
@@ -29,6 +29,11 @@ def _pair(value) -> tuple[int, int]:
     if len(value) != 2 or not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
         raise ValueError(f"cluster.num_workers={list(value)} must be an integer or a list of two: [min, max]")
     return value[0], value[1]
+
+
+def uses_ray(cfg) -> bool:
+    """Whether the run's workers are a Ray Train worker group (cluster.launcher=ray), not local processes."""
+    return cfg.cluster.launcher == Launcher.ray
 
 
 def is_elastic(cfg: ClusterConfig) -> bool:

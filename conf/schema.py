@@ -81,6 +81,11 @@ class PlacementStrategy(StrEnum):  # Ray placement group strategies
     STRICT_SPREAD = "STRICT_SPREAD"
 
 
+class Launcher(StrEnum):  # what starts the training workers (trainers/local.py)
+    ray = "ray"  # a Ray Train worker group: dashboard, Train state, restarts, many nodes, elastic
+    processes = "processes"  # no Ray: this process (one worker) or local processes joined like torchrun's
+
+
 class LoggerName(StrEnum):
     none = "none"
     wandb = "wandb"
@@ -342,6 +347,10 @@ class ClusterConfig:
     # Ray address: none (and no RAY_ADDRESS) starts an embedded local Ray; host:port or ray://host:10001 joins a
     # running cluster; with submit=true, the head's Jobs API (http://HEAD:8265).
     address: str | None = None
+    # ray: a Ray Train worker group. processes: no Ray at all, for quick runs on this machine: one worker trains
+    # in the launching process, several in local processes (trainers/local.py); seconds sooner to step 1, without
+    # the dashboard, Train state, other nodes or elastic resizing.
+    launcher: Launcher = Launcher.ray
     # Training workers: an int, or [min, max] for elastic training (Ray Train V2 starts with what is available
     # between them and resizes on failures and as capacity arrives). ddp and fsdp only.
     num_workers: Any = 2

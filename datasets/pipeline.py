@@ -63,3 +63,67 @@ def _load_split(directory: Path, *, split: str, columns: list[str], in_memory_li
         return ray.data.from_arrow([pq.read_table(file, columns=columns) for file in files])
     logger.info("streaming %d %s shards (%.1f MB) from %s", len(files), split, size_mb, directory)
     return ray.data.read_parquet(files, columns=columns)
+
+
+# ---------------------------------------------------------------------------------- without Ray (local launcher)
+
+def build_local_datasets(prepared: Prepared) -> dict[str, "ShardStream"]:
+    """{"train": ..., "val": ...} read straight from the prepared shards, for runs without Ray
+    (cluster.launcher=processes): the same rows in the same order, batched as Ray Data batches them."""
+    directories = {"train": prepared.train_dir, "val": prepared.val_dir}
+    return {name: ShardStream(_shard_files(Path(directories[name]), split=name), columns=prepared.columns(name))
+            for name in SPLITS}
+
+
+class ShardStream:
+    """A split's parquet shards in order, offering the one method the training loop calls on a Ray dataset:
+    `iter_torch_batches`. Batches run across shard boundaries, as Ray Data's do, so both give the loop the same
+    global batches (tests/trainers/test_local_launcher.py compares them)."""
+
+    READ_ROWS = 8192  # rows read from a shard at a time: a 1 GB split is never held whole
+
+    def __init__(self, files: list[str], *, columns: list[str]):
+        self.files, self.columns = list(files), list(columns)
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files, "columns": self.columns}  # plain data: it crosses to spawned workers
+
+    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False):
+        """Dicts of column -> tensor with `batch_size` rows (the last one shorter unless `drop_last`)."""
+        import pyarrow as pa
+
+        pending: list = []  # record batches not yet handed out, in order
+        held = 0
+        for batch in self._record_batches():
+            pending.append(batch)
+            held += batch.num_rows
+            while held >= batch_size:
+                table = pa.Table.from_batches(pending).combine_chunks()
+                yield _torch_columns(table.slice(0, batch_size))
+                rest = table.slice(batch_size)
+                pending, held = rest.to_batches(), rest.num_rows
+        if held and not drop_last:
+            yield _torch_columns(pa.Table.from_batches(pending).combine_chunks())
+
+    def _record_batches(self):
+        import pyarrow.parquet as pq
+
+        for file in self.files:
+            yield from pq.ParquetFile(file).iter_batches(batch_size=self.READ_ROWS, columns=self.columns)
+
+
+def _torch_columns(table) -> dict:
+    """A table as Ray Data's iter_torch_batches gives it: a fixed-size list column as a [rows, size] tensor, a
+    scalar column as a [rows] tensor, each of the column's own dtype."""
+    import pyarrow as pa
+    import torch
+
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(column.type):
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+        else:
+            values = column.to_numpy(zero_copy_only=False)
+        out[name] = torch.from_numpy(values.copy())
+    return out

@@ -2,8 +2,10 @@
 
     python scripts/bench_overhead.py                          # llm_tiny, 120 steps, 2 workers
     python scripts/bench_overhead.py --steps 200 --model llm_125m --overrides data.seq_len=256
+    python scripts/bench_overhead.py --launchers ray          # leave out the launch without Ray
 
-Leg A runs `python launch.py +exp=llm_tiny ...` (Ray Train, strategy=ddp); leg B runs scripts/torchrun_llm.py
+Leg A runs `python launch.py +exp=llm_tiny ...` (Ray Train, strategy=ddp); leg A' runs the same command with
+cluster.launcher=processes (no Ray: local processes, trainers/local.py); leg B runs scripts/torchrun_llm.py
 under `torchrun --standalone --nproc_per_node=<workers>` with the same composed config and prepared data.
 For each leg it reports the seconds from spawning the process to the end of step 1 (imports, Ray, worker
 processes, data, model: what a user waits for), and the steady-state tokens/s from step --warmup-steps to
@@ -12,9 +14,9 @@ there (eval and checkpoint intervals are set to --steps). The train losses at th
 closely: both legs train on the same rows from the same initial weights with the same optimizer.
 
 On a shared machine the figures move with whatever else runs: --repeats N alternates the legs N times
-(A B A B ...) and reports the median of each figure.
+(A A' B A A' B ...) and reports the median of each figure.
 
-Two breakdowns explain the Ray leg's figures: where its seconds to the first step went (launch.py's start-up
+Two breakdowns explain the launch.py legs' figures: where their seconds to the first step went (launch.py's start-up
 milestones, trainers/startup.py), and which of its processes used the CPU during the steady state (every process
 of the leg's tree is sampled once a second: Ray's own, the Train controller, the workers, the driver), as a
 share of one core, beside the same for torchrun's processes.
@@ -45,8 +47,12 @@ EXPERIMENT = "llm_tiny"
 CONTROLLED_KEYS = {
     "trainer.max_steps": "--steps", "trainer.log_every_n_steps": None, "trainer.eval_every_n_steps": None,
     "checkpoint.every_n_steps": None, "cluster.num_workers": "--workers", "paths.root": "--out",
+    "cluster.launcher": "--launchers",
     "strategy": None, "strategy.name": None, "model": "--model", "exp": None,
 }
+LAUNCHERS = ("ray", "processes")  # cluster.launcher values, each a launch.py leg
+LEG_TITLES = {"ray": "ray train", "processes": "processes", "torchrun": "torchrun"}
+STARTUP_TARGET = 2.0  # issue 19: launch.py's seconds to step 1 under 2x torchrun's
 SECONDS_TO_KILL = 10  # after SIGTERM, before SIGKILL, when a leg overruns --timeout
 
 logger = logging.getLogger("bench_overhead")
@@ -59,7 +65,7 @@ class LegResult:
     wall_s: float  # spawn to exit
     rows: dict[int, dict]  # step -> the step's metrics row; every row holds "time"
     cpu_samples: dict  # pid -> [(time, CPU seconds so far, kind)]: ProcessSampler's
-    startup: dict | None = None  # phase -> seconds (trainers/startup.py); the Ray leg's only
+    startup: dict | None = None  # phase -> seconds (trainers/startup.py); launch.py's legs only
 
 
 # What a process of a leg's tree is, by a piece of its command line, first match wins: the raylet and the GCS by
@@ -67,6 +73,7 @@ class LegResult:
 PROCESS_KINDS = (
     ("ray/raylet/raylet", "raylet"), ("ray/gcs/gcs_server", "gcs_server"),
     ("ray::RayTrainWorker", "train workers"), ("torchrun_llm.py", "train workers"),
+    ("spawn_main", "train workers"),  # cluster.launcher=processes: multiprocessing's spawned children
     ("ray::TrainController", "Train controller"), ("ray::DashboardAgent", "dashboard agent"),
     ("ray::RuntimeEnvAgent", "runtime_env agent"), ("ray::IDLE", "idle Ray workers"),
     ("default_worker.py", "Ray workers, starting"),
@@ -128,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per leg")
     parser.add_argument("--warmup-steps", type=int, default=20, help="first steps left out of the steady state")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers = torchrun processes")
+    parser.add_argument("--launchers", nargs="+", choices=LAUNCHERS, default=list(LAUNCHERS),
+                        help="launch.py legs: cluster.launcher=ray and/or processes (torchrun always runs)")
     parser.add_argument("--model", default=None, help="model preset (a conf/model/ name, e.g. llm_125m)")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for both legs")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "slipway-bench-overhead",
@@ -229,15 +238,17 @@ def ray_run_dir(log_path: Path) -> Path:
     return Path(lines[-1].removeprefix("run_dir: ").strip())
 
 
-def run_ray_leg(overrides: list[str], *, round_dir: Path, timeout: float) -> LegResult:
+def run_launch_leg(launcher: str, overrides: list[str], *, round_dir: Path, timeout: float) -> LegResult:
     from trainers import startup
 
-    log_path = round_dir / "ray.log"
-    command = [sys.executable, str(REPO_ROOT / "launch.py"), *overrides]
-    spawned_at, wall, samples = run_leg("A (Ray Train via launch.py)", command, log_path=log_path, timeout=timeout)
+    log_path = round_dir / f"{launcher}.log"
+    command = [sys.executable, str(REPO_ROOT / "launch.py"), *overrides, f"cluster.launcher={launcher}"]
+    spawned_at, wall, samples = run_leg(f"launch.py, cluster.launcher={launcher}", command, log_path=log_path,
+                                        timeout=timeout)
     run_dir = ray_run_dir(log_path)
-    return LegResult(name="ray", spawned_at=spawned_at, wall_s=wall, rows=read_step_rows(run_dir / "metrics.jsonl"),
-                     cpu_samples=samples, startup=startup.phases(run_dir))
+    return LegResult(name=launcher, spawned_at=spawned_at, wall_s=wall,
+                     rows=read_step_rows(run_dir / "metrics.jsonl"), cpu_samples=samples,
+                     startup=startup.phases(run_dir))
 
 
 def run_torchrun_leg(config_path: Path, *, data_dir: Path, workers: int, round_dir: Path,
@@ -288,15 +299,15 @@ def median_figures(rounds: list[dict[str, dict]]) -> dict[str, dict]:
 
 
 def print_breakdowns(figures: dict[str, dict]) -> None:
-    """The Ray leg's start-up phases, and each leg's CPU use by process kind in the steady state."""
-    ray = figures["ray"]
-    phases = {key.removeprefix("startup "): value for key, value in ray.items() if key.startswith("startup ")}
-    if phases:
-        total = phases.pop("total")
-        print(f"\nray train: {total:.1f} s from spawn to the end of step 1 (launch.py's milestones, "
-              "trainers/startup.py)")
-        for phase, seconds in phases.items():
-            print(f"  {phase:40}{seconds:6.1f} s")
+    """The launch.py legs' start-up phases, and each leg's CPU use by process kind in the steady state."""
+    for leg, figure in figures.items():
+        phases = {key.removeprefix("startup "): value for key, value in figure.items() if key.startswith("startup ")}
+        if phases:
+            total = phases.pop("total")
+            print(f"\n{LEG_TITLES[leg]}: {total:.1f} s from spawn to the end of step 1 (launch.py's milestones, "
+                  "trainers/startup.py)")
+            for phase, seconds in phases.items():
+                print(f"  {phase:40}{seconds:6.1f} s")
     for leg, figure in figures.items():
         shares = {key.removeprefix("cpu "): value for key, value in figure.items() if key.startswith("cpu ")}
         others = sum(share for kind, share in shares.items() if kind != "train workers")
@@ -305,43 +316,51 @@ def print_breakdowns(figures: dict[str, dict]) -> None:
             print(f"  {kind:40}{share:7.1%}")
 
 
-def print_report(figures: dict[str, dict], *, losses, first: int, last: int, tokens_per_step: int,
-                 round_ratios: list[float]) -> float:
-    ray, torchrun = figures["ray"], figures["torchrun"]
-    rounds = f", median of {len(round_ratios)} rounds" if len(round_ratios) > 1 else ""
+def print_report(figures: dict[str, dict], *, losses: dict, first: int, last: int, tokens_per_step: int,
+                 round_ratios: dict[str, list[float]]) -> dict[str, dict]:
+    """The legs side by side, then each launch.py leg's ratios to torchrun; returns those ratios."""
+    torchrun = figures["torchrun"]
+    repeats = len(next(iter(round_ratios.values())))
+    rounds = f", median of {repeats} rounds" if repeats > 1 else ""
     print(f"\nsteady state: steps {first + 1}..{last}, {tokens_per_step} tokens per step{rounds}")
-    print(f"{'':28}{'ray train':>14}{'torchrun':>14}")
+    print(f"{'':28}" + "".join(f"{LEG_TITLES[leg]:>14}" for leg in figures))
     table = [("seconds to first step", "seconds_to_first_step", "{:14.1f}"),
              ("steady-state tokens/s", "tokens_per_s", "{:14,.0f}"),
              ("mean step (ms)", "mean_step_ms", "{:14.1f}"),
              ("median step (ms)", "median_step_ms", "{:14.1f}"),
              ("wall, spawn to exit (s)", "wall_s", "{:14.1f}")]
     for label, key, fmt in table:
-        print(f"{label:28}{fmt.format(ray[key])}{fmt.format(torchrun[key])}")
-    if losses:
-        step, ray_loss, torchrun_loss = losses
-        relative = abs(ray_loss - torchrun_loss) / max(abs(torchrun_loss), 1e-12)
-        print(f"{f'train_loss at step {step}':28}{ray_loss:14.6f}{torchrun_loss:14.6f}"
-              f"   (relative difference {relative:.2e})")
-    else:
-        print("train_loss: no step logged by both legs")
-    if len(round_ratios) > 1:
-        print("ratio per round: " + ", ".join(f"{ratio:.2f}" for ratio in round_ratios))
-    ratio = ray["tokens_per_s"] / torchrun["tokens_per_s"]
-    print(f"ratio ray/torchrun steady-state tokens/s: {ratio:.2f} (target >= 0.97)")
-    return ratio
+        print(f"{label:28}" + "".join(fmt.format(figure[key]) for figure in figures.values()))
+    ratios = {}
+    for launcher, loss in losses.items():
+        if loss:
+            step, ours, theirs = loss
+            relative = abs(ours - theirs) / max(abs(theirs), 1e-12)
+            print(f"{launcher} train_loss at step {step}: {ours:.6f} against torchrun's {theirs:.6f} "
+                  f"(relative difference {relative:.2e})")
+        else:
+            print(f"{launcher} train_loss: no step logged by both it and torchrun")
+        if repeats > 1:
+            print(f"{launcher} ratio per round: " + ", ".join(f"{ratio:.2f}" for ratio in round_ratios[launcher]))
+        steady = figures[launcher]["tokens_per_s"] / torchrun["tokens_per_s"]
+        start = figures[launcher]["seconds_to_first_step"] / torchrun["seconds_to_first_step"]
+        print(f"ratio {launcher}/torchrun steady-state tokens/s: {steady:.2f} (target >= 0.97)")
+        print(f"ratio {launcher}/torchrun seconds to first step: {start:.2f} (target < {STARTUP_TARGET:g})")
+        ratios[launcher] = {"tokens_per_s": steady, "seconds_to_first_step": start}
+    return ratios
 
 
 def run_round(index: int, args: argparse.Namespace, *, bench_dir: Path, config_path: Path,
-              data_dir: Path) -> tuple[LegResult, LegResult]:
+              data_dir: Path) -> list[LegResult]:
     round_dir = bench_dir / f"round-{index}"
     round_dir.mkdir()
     if args.repeats > 1:
         logger.info("round %d of %d", index, args.repeats)
-    ray = run_ray_leg(build_overrides(args, run_root=round_dir), round_dir=round_dir, timeout=args.timeout)
-    torchrun = run_torchrun_leg(config_path, data_dir=data_dir, workers=args.workers, round_dir=round_dir,
-                                timeout=args.timeout)
-    return ray, torchrun
+    legs = [run_launch_leg(launcher, build_overrides(args, run_root=round_dir / launcher), round_dir=round_dir,
+                           timeout=args.timeout) for launcher in args.launchers]
+    legs.append(run_torchrun_leg(config_path, data_dir=data_dir, workers=args.workers, round_dir=round_dir,
+                                 timeout=args.timeout))
+    return legs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -371,14 +390,15 @@ def main(argv: list[str] | None = None) -> None:
         legs = run_round(index, args, bench_dir=bench_dir, config_path=config_path, data_dir=Path(prepared.root))
         rounds.append({leg.name: summarize(leg, first=first, last=last, tokens_per_step=tokens_per_step)
                        for leg in legs})
-        losses = last_common_loss(*legs)
-    round_ratios = [figures["ray"]["tokens_per_s"] / figures["torchrun"]["tokens_per_s"] for figures in rounds]
+        losses = {leg.name: last_common_loss(leg, legs[-1]) for leg in legs[:-1]}
+    round_ratios = {launcher: [figures[launcher]["tokens_per_s"] / figures["torchrun"]["tokens_per_s"]
+                               for figures in rounds] for launcher in args.launchers}
     figures = median_figures(rounds)
     print_breakdowns(figures)
-    ratio = print_report(figures, losses=losses, first=first, last=last, tokens_per_step=tokens_per_step,
-                         round_ratios=round_ratios)
+    ratios = print_report(figures, losses=losses, first=first, last=last, tokens_per_step=tokens_per_step,
+                          round_ratios=round_ratios)
     results = {"overrides": build_overrides(args, run_root=bench_dir), "window": [first, last],
-               "tokens_per_step": tokens_per_step, "legs": figures, "ratio": ratio, "rounds": rounds,
+               "tokens_per_step": tokens_per_step, "legs": figures, "ratios": ratios, "rounds": rounds,
                "last_common_loss": losses}
     (bench_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {bench_dir / 'results.json'}")

@@ -24,7 +24,9 @@ Drift, injected into a ranker's rows before they are sent:
 
 Delayed labels: with --feedback-delay S, each answer's label (a ranker's clicks: the indices of the candidates
 that were clicked; an LLM answer's score) goes to POST /v1/feedback S seconds after the answer came, with the
-answer's id, as a client would send it. The script waits for the last of them before it ends.
+answer's id, as a client would send it, by as many threads as there are clients; the progress lines say how far
+behind its due time the oldest unsent label is, and the summary the worst delay. The script waits for the last of
+them before it ends.
 
 Faults (test-only; the endpoint must run with serve.monitor.fault_injection=true): --fault VERSION:latency_ms=MS,
 error_rate=SHARE makes that version's requests wait MS longer and fail with a 500 at that rate, from the start of
@@ -240,10 +242,11 @@ class Replay:
     """Clients sending the requests in turn, paced to a total rate; what came back, under a lock."""
 
     def __init__(self, base_url: str, traffic: Traffic, *, headers: dict, rate: float,
-                 feedback_delay: float | None = None):
+                 feedback_delay: float | None = None, feedback_senders: int = 1):
         self.url, self.traffic, self.bodies = base_url + traffic.path, traffic, traffic.bodies
         self.headers, self.rate, self.feedback_delay = headers, rate, feedback_delay
-        self.feedback = Feedback(base_url + "/v1/feedback", headers=headers) if feedback_delay is not None else None
+        self.feedback = (Feedback(base_url + "/v1/feedback", headers=headers, senders=feedback_senders)
+                         if feedback_delay is not None else None)
         self.lock = threading.Lock()
         self.stopped = False  # SIGTERM or Ctrl-C: no new requests; those in flight finish and the summary prints
         self.next_index = 0
@@ -294,21 +297,28 @@ class Replay:
                     "versions": {str(v): n for v, n in self.versions.items()}, "seconds": round(elapsed, 2),
                     "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
                     "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
-                    "feedback": dict(self.feedback.statuses) if self.feedback else {}}
+                    "feedback": dict(self.feedback.statuses) if self.feedback else {},
+                    "feedback_worst_lag_s": round(self.feedback.worst_lag_s, 2) if self.feedback else None}
 
 
 class Feedback:
-    """Clicks sent to POST /v1/feedback when they fall due, by one thread, in the order they fall due."""
+    """Clicks sent to POST /v1/feedback when they fall due, in the order they fall due, by `senders` threads.
 
-    def __init__(self, url: str, *, headers: dict):
+    As many senders as request clients: one sender alone keeps up with one client's answers at best, and on a
+    busy endpoint (feedback waits behind the requests) a single sender fell to ~10 labels/s against 60 answers/s,
+    so the labels of a rollout's canary arrived after its judge had stopped looking."""
+
+    def __init__(self, url: str, *, headers: dict, senders: int = 1):
         self.url, self.headers = url, headers
         self.due: list[tuple[float, int, dict]] = []  # (when, order, body): the order breaks ties
         self.condition = threading.Condition()
         self.statuses: Counter = Counter()
         self.order = itertools.count()
         self.closed = False
-        self.thread = threading.Thread(target=self._send_due, daemon=True)
-        self.thread.start()
+        self.worst_lag_s = 0.0  # the longest a label waited past its due time before it was sent
+        self.threads = [threading.Thread(target=self._send_due, daemon=True) for _ in range(senders)]
+        for thread in self.threads:
+            thread.start()
 
     def later(self, when: float, body: dict) -> None:
         with self.condition:
@@ -319,8 +329,14 @@ class Feedback:
         """Wait until every click has been sent."""
         with self.condition:
             self.closed = True
-            self.condition.notify()
-        self.thread.join()
+            self.condition.notify_all()
+        for thread in self.threads:
+            thread.join()
+
+    def lag_s(self) -> float:
+        """How long the oldest label due has been waiting (0 when none is overdue)."""
+        with self.condition:
+            return max(0.0, time.monotonic() - self.due[0][0]) if self.due else 0.0
 
     def _send_due(self) -> None:
         while True:
@@ -329,7 +345,8 @@ class Feedback:
                     if self.closed and not self.due:
                         return
                     self.condition.wait(timeout=None if not self.due else self.due[0][0] - time.monotonic())
-                _, _, body = heapq.heappop(self.due)
+                when, _, body = heapq.heappop(self.due)
+                self.worst_lag_s = max(self.worst_lag_s, time.monotonic() - when)
             request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=self.headers,
                                              method="POST")
             try:
@@ -358,8 +375,9 @@ def run(replay: Replay, *, concurrency: int) -> dict:
             if thread.is_alive():
                 break
         progress = replay.summary()
+        lag = f", feedback {replay.feedback.lag_s():.1f} s behind" if replay.feedback is not None else ""
         print(f"  {progress['requests']}/{len(replay.bodies)} requests, {progress['errors']} errors, "
-              f"{progress['seconds']:.0f} s", flush=True)
+              f"{progress['seconds']:.0f} s{lag}", flush=True)
     if replay.feedback is not None:
         replay.feedback.close()
     return replay.summary()
@@ -403,7 +421,8 @@ def main(argv=None) -> int:
     fault = parse_fault(args.fault) if args.fault else None
     if fault:
         print(f"fault injected: {post_json(base + '/v1/faults', fault, headers=headers)['faults']}", flush=True)
-    replay = Replay(base, traffic, headers=headers, rate=args.rate, feedback_delay=args.feedback_delay)
+    replay = Replay(base, traffic, headers=headers, rate=args.rate, feedback_delay=args.feedback_delay,
+                    feedback_senders=args.concurrency)
     try:
         summary = {**run(replay, concurrency=args.concurrency), "shift": shifts, "skew": skews, "split": args.split}
     finally:
@@ -412,7 +431,8 @@ def main(argv=None) -> int:
     print(f"{summary['requests']} requests ({summary['errors']} errors, statuses {summary['statuses']}), "
           f"{summary['counted']} {summary['unit']} in {summary['seconds']} s; "
           f"p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; answered by versions "
-          f"{summary['versions']}; feedback {summary['feedback'] or 'none'}", flush=True)
+          f"{summary['versions']}; feedback {summary['feedback'] or 'none'}"
+          + (f" (at worst {summary['feedback_worst_lag_s']:g} s late)" if summary["feedback"] else ""), flush=True)
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if summary["errors"] == 0 or fault else 1

@@ -54,6 +54,10 @@ BAD_INPUTS = [
     (["+exp=ranker_dlrm", "trainer.compile=true"], "trainer.compile=true does not apply to model.family=ranker"),
     (["strategy=zero3", "trainer.compile=true"], "trainer.compile=true is not supported with strategy=zero3"),
     (["strategy=fsdp", "strategy.fsdp_prefetch_blocks=0"], "strategy.fsdp_prefetch_blocks=0 must be at least 1"),
+    (["cluster.launcher=processes", "cluster.address=127.0.0.1:6379"],
+     "cluster.launcher=processes trains on this machine without Ray, but cluster.address=127.0.0.1:6379"),
+    (["cluster.launcher=processes", "sweep=asha"], "but sweep=asha runs its trials under Ray Tune"),
+    (["cluster.launcher=threads"], "cluster.launcher"),
 ]
 
 

@@ -18,7 +18,6 @@ the run directory). Loading never unpickles arbitrary objects (trainers/safe_loa
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,11 +114,10 @@ def checkpoint_format(checkpoint_dir: Path) -> CheckpointFormat:
 def save_and_report(strategy: Strategy, state: TrainState, metrics: dict, *, rank: int, model_config: dict,
                     files: dict[str, str]) -> None:
     """Every rank writes its part and reports it; the parts become one checkpoint in the run's storage."""
-    # ignore_cleanup_errors: an in-process run's report renames the directory away
-    with tempfile.TemporaryDirectory(prefix=".slipway-ckpt-", dir=session.staging_dir(),
-                                     ignore_cleanup_errors=True) as tmp:
-        write_checkpoint_dir(strategy, state, Path(tmp), rank=rank, model_config=model_config, files=files)
-        session.report(metrics, checkpoint_dir=Path(tmp), name=session.checkpoint_dir_name(state.step))
+    name = session.checkpoint_dir_name(state.step)
+    with session.checkpoint_staging(name) as directory:
+        write_checkpoint_dir(strategy, state, directory, rank=rank, model_config=model_config, files=files)
+        session.report(metrics, checkpoint_dir=directory, name=name)
 
 
 def report_metrics(metrics: dict) -> None:

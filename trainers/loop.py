@@ -12,6 +12,7 @@ each worker reads every token row; rows are a few KB against a step of compute, 
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -52,6 +53,8 @@ def configure_worker_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for noisy in ("ray.data", "ray.train", "deepspeed", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if "ray.train" not in sys.modules:
+        return  # a run without Ray (cluster.launcher=processes) does not import it for this
     # Ray Train names its per-report logger after its file path, outside the "ray.train" hierarchy; its
     # INFO line repeats every checkpoint's metrics, which our progress lines already show.
     from ray.train.v2._internal.execution import context as train_context
@@ -296,8 +299,7 @@ def _join_one_process_group(cfg: RootConfig) -> None:
     wrappers and the loop's collectives need one: a group of this process alone, over an in-memory store (no
     port). It stays for the process's later trials: DeepSpeed caches the world group it first sees
     (deepspeed.utils.groups), so a group taken down and made again breaks the next ZeRO trial."""
-    if dist.is_initialized():
-        assert dist.get_world_size() == 1, "an in-process run in a process of a larger group"
+    if dist.is_initialized():  # this process's group: its own, kept from a trial before, or its local launcher's
         return
     # What a launcher exports to each worker (Ray Train does too); DeepSpeed asserts LOCAL_RANK is set.
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "0"})

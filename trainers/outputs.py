@@ -35,11 +35,16 @@ HASH_EXCLUDED_KEYS = (
 def config_hash(config: dict, *, excluded: tuple[str, ...] = HASH_EXCLUDED_KEYS) -> str:
     """sha256 of the resolved config minus the `excluded` dotted keys, as hex. A teacher (model.teacher) and how it
     teaches (distill) change what a run computes and are hashed; without a teacher, the distill block is read by
-    nothing and both are left out, so that runs keep the names they had before distillation existed."""
+    nothing and both are left out, so that runs keep the names they had before distillation existed. The
+    default launcher is left out likewise."""
     trimmed = json.loads(json.dumps(config))
     if (trimmed.get("model") or {}).get("teacher") is None:
         trimmed.get("model", {}).pop("teacher", None)
         trimmed.pop("distill", None)
+    # A run under Ray Train keeps the name it had before there was another launcher. A run without Ray gets a
+    # name of its own: it computes the same, but Ray Train's resume state would not know its checkpoints.
+    if (trimmed.get("cluster") or {}).get("launcher") == "ray":
+        trimmed["cluster"].pop("launcher")
     for dotted in excluded:
         *parents, leaf = dotted.split(".")
         node = trimmed

@@ -27,6 +27,7 @@ from conf.derived import (
     parse_teacher,
     resolve_address,
     scaling_workers,
+    uses_ray,
     worker_range,
 )
 from conf.schema import ClusterConfig, PlacementStrategy, Precision, ResumePolicy, RootConfig
@@ -87,6 +88,28 @@ def check_config(cfg: RootConfig) -> None:
         parse_teacher(cfg.model.teacher)  # its syntax; what it names is resolved with the registry (launch.py)
     _check_worker_counts(cfg)
     _check_placement(cfg)
+    _check_launcher(cfg)
+
+
+def _check_launcher(cfg: RootConfig) -> None:
+    """cluster.launcher=processes trains on this machine without Ray: what needs Ray is refused by name."""
+    if uses_ray(cfg):
+        return
+    cluster, why = cfg.cluster, None
+    if resolve_address(cluster) is not None or cfg.submit:
+        why = (f"cluster.address={resolve_address(cluster)} (or RAY_ADDRESS) joins a Ray cluster"
+               + (" and submit=true sends the run to its Jobs API" if cfg.submit else ""))
+    elif is_elastic(cluster) or cluster.autoscaling:
+        why = (f"cluster.num_workers={cluster.num_workers} asks for elastic training" if is_elastic(cluster)
+               else "cluster.autoscaling=true waits for nodes") + ", which Ray Train does"
+    elif cfg.sweep.name != "none":
+        why = (f"sweep={cfg.sweep.name} runs its trials under Ray Tune (their 1-worker trials already train in "
+               "their trial's own process, without a worker group)")
+    elif cluster.use_gpu and cluster.gpus_per_worker != 1:
+        why = f"each local process takes one whole GPU, not cluster.gpus_per_worker={cluster.gpus_per_worker:g}"
+    if why:
+        raise ValueError(f"cluster.launcher=processes trains on this machine without Ray, but {why}; use "
+                         "cluster.launcher=ray (the default)")
 
 
 def _check_worker_counts(cfg: RootConfig) -> None:
@@ -214,7 +237,7 @@ def train(run: Run, *, connect: bool = True, callbacks: list | None = None) -> d
     """The whole recipe for one run; returns summary.json's content. A run that already finished is not
     trained again. A sweep trial passes connect=False (its driver connected and checked the cluster) and the
     callbacks that report to Tune."""
-    from datasets.pipeline import build_ray_datasets
+    from datasets.pipeline import build_local_datasets, build_ray_datasets
 
     preflight(run.cfg)
     outputs.check_writable(Path(run.cfg.paths.data_cache), key="paths.data_cache")
@@ -231,10 +254,13 @@ def train(run: Run, *, connect: bool = True, callbacks: list | None = None) -> d
             logger.info("%s already finished (%d steps); not training again", run.run_dir.name, previous["steps"])
             return previous
         startup.mark("data_ready")
-        if connect:
-            _connect(run.cfg)
-        startup.mark("ray_ready")
-        datasets = build_ray_datasets(prepared, in_memory_limit_mb=run.cfg.data.in_memory_limit_mb)
+        if uses_ray(run.cfg):
+            if connect:
+                _connect(run.cfg)
+            startup.mark("ray_ready")
+            datasets = build_ray_datasets(prepared, in_memory_limit_mb=run.cfg.data.in_memory_limit_mb)
+        else:
+            datasets = build_local_datasets(prepared)
         startup.mark("datasets_ready")
         startup.write_driver_marks(run.run_dir)
         summary = fit(run, data=prepared.to_dict(), datasets=datasets, callbacks=callbacks)
@@ -427,10 +453,10 @@ def fit(run: Run, *, data: dict, datasets: dict, callbacks: list | None = None) 
     Raises KeyboardInterrupt when the user pressed Ctrl-C: Ray Train's own SIGINT handler aborts the run
     and either returns early or exits the process, and both must not read as a finished run.
     """
+    if run.in_process or not uses_ray(run.cfg):
+        return _fit_without_ray(run, data=data, datasets=datasets, callbacks=callbacks)
     from ray.train import TrainingFailedError
 
-    if run.in_process:
-        return _fit_in_process(run, data=data, datasets=datasets, callbacks=callbacks)
     family, run_dir = _family(run), run.run_dir
     trainer = build_trainer(run, data=data, datasets=datasets, callbacks=callbacks)
     record = _summary_writer(run)
@@ -474,25 +500,64 @@ def _record_end(run: Run, record, *, best: str | None, latest: str | None) -> di
     return summary
 
 
-def _fit_in_process(run: Run, *, data: dict, datasets: dict, callbacks: list | None) -> dict:
-    """Train in this process (trainers/session.py), the checkpoint manager doing a Train controller's work with the
-    reports; then record the run as fit() does."""
-    family, cluster = _family(run), run.cfg.cluster
+def _fit_without_ray(run: Run, *, data: dict, datasets: dict, callbacks: list | None) -> dict:
+    """Train in this process (a sweep's 1-worker trial; cluster.launcher=processes with one worker) or in local
+    processes (cluster.launcher=processes), the checkpoint manager doing a Train controller's work with the reports
+    (trainers/session.py, trainers/local.py); then record the run as fit() does. Under the processes launcher a
+    failure restarts from the latest checkpoint up to checkpoint.max_failures times, as Ray Train restarts its
+    worker group; a sweep's trial fails at once, as Tune's trials do (trainers/sweep.py)."""
+    family, cfg = _family(run), run.cfg
     record = _summary_writer(run)
-    # A GPU trial's process holds its GPU: Ray exposes it as the only visible device.
-    device = torch.device("cuda", 0) if cluster.use_gpu else torch.device("cpu")
-    storage = session.InProcessRun(run_dir=run.run_dir, datasets=datasets, keep_top_k=run.cfg.checkpoint.keep_top_k,
-                                   metric=family.metric, mode=family.metric_mode, device=device,
-                                   callbacks=list(callbacks or []))
-    try:
-        with session.in_process(storage):
-            train_loop({**_loop_config(run, data=data), "in_process": True})
-    except Exception as err:
-        record(status="failed", best_checkpoint=None, latest_checkpoint=None, error=f"{type(err).__name__}: {err}")
-        outputs.plot_losses(run.run_dir)
-        raise
-    best, latest = storage.best() or storage.latest(), storage.latest()
+    storage = {"run_dir": run.run_dir, "keep_top_k": cfg.checkpoint.keep_top_k, "metric": family.metric,
+               "mode": family.metric_mode, "callbacks": list(callbacks or [])}
+    loop_config = {**_loop_config(run, data=data), "in_process": True}
+    restarts = 0 if run.in_process else cfg.checkpoint.max_failures
+    for attempt in range(restarts + 1):
+        session.clear_staging(run.run_dir)  # parts of a checkpoint that a failed attempt did not finish
+        try:
+            _train_without_ray(cfg, loop_config=loop_config, storage=storage, datasets=datasets)
+            break
+        except KeyboardInterrupt:
+            record(status="interrupted", best_checkpoint=None, latest_checkpoint=None)
+            raise
+        except Exception as err:
+            if attempt < restarts:
+                logger.warning("training failed (%s: %s); restarting from the latest checkpoint (restart %d of "
+                               "checkpoint.max_failures=%d)", type(err).__name__, str(err).splitlines()[0],
+                               attempt + 1, restarts)
+                continue
+            record(status="failed", best_checkpoint=None, latest_checkpoint=None,
+                   error=f"{type(err).__name__}: {err}")
+            outputs.plot_losses(run.run_dir)
+            if run.in_process:
+                raise  # a sweep's trial: Tune reports it
+            from trainers.local import WorkersFailedError
+
+            raise WorkersFailedError(f"{type(err).__name__}: {err}") from err
+    kept = session.InProcessRun(**storage, datasets={}, device=torch.device("cpu"))
+    best, latest = kept.best() or kept.latest(), kept.latest()
     return _record_end(run, record, best=str(best) if best else None, latest=str(latest) if latest else None)
+
+
+def _train_without_ray(cfg: RootConfig, *, loop_config: dict, storage: dict, datasets: dict) -> None:
+    from trainers import local
+
+    workers = cfg.cluster.num_workers
+    if workers == 1:
+        # A GPU trial's process holds its GPU: Ray exposes it as the only visible device.
+        device = local.worker_device(use_gpu=cfg.cluster.use_gpu, rank=0)
+        had_group = torch.distributed.is_initialized()
+        try:
+            with session.in_process(session.InProcessRun(**storage, datasets=datasets, device=device)):
+                train_loop(loop_config)
+        finally:
+            # A sweep's trial process keeps its group for the next trial (trainers/loop.py); a launch's run does not.
+            if not uses_ray(cfg) and not had_group and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return
+    local.run_processes(local.train_worker, world_size=workers, run_dir=storage["run_dir"],
+                        use_gpu=cfg.cluster.use_gpu,
+                        args=(loop_config, {**storage, "callbacks": []}, datasets, cfg.cluster.use_gpu))
 
 
 def _named_placement_timeout(error, *, cluster: ClusterConfig):

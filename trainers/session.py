@@ -12,20 +12,28 @@ step (rank 0 logs it to metrics.jsonl before it reports the checkpoint, so a res
 too), prunes them to checkpoint.keep_top_k (the latest is always kept, as Ray Train keeps it), and calls the run's
 callbacks.
 
-The training loop and the checkpoint manager call only this module, so both runs train the same code.
+A run launched with cluster.launcher=processes has no Ray at all (trainers/local.py): one worker trains in the
+launching process, several in local processes joined like torchrun's. Each process opens `in_process(run)` with
+its rank; the ranks write a checkpoint's parts into one staging directory in the run directory, and rank 0 renames
+it into place once every rank is done (a barrier), then ranks and prunes as above.
+
+The training loop and the checkpoint manager call only this module, so every kind of run trains the same code.
 """
 
 import contextlib
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from trainers import outputs
 
 CHECKPOINT_PREFIX = "checkpoint_step_"
+STAGING_PREFIX = ".staging-"  # a checkpoint being written by an in-process run's ranks; renamed when complete
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -43,15 +51,27 @@ class InProcessRun:
     mode: str  # min | max
     device: torch.device
     callbacks: list = field(default_factory=list)  # ray.train.UserCallback objects; after_report is called
+    rank: int = 0  # this process's rank among `world_size` local processes (cluster.launcher=processes)
+    world_size: int = 1
+
+    def staging(self, name: str) -> Path:
+        """Where every rank writes its part of checkpoint `name`: one directory in the run directory."""
+        directory = self.run_dir / f"{STAGING_PREFIX}{name}"
+        directory.mkdir(exist_ok=True)
+        return directory
 
     def report(self, metrics: dict, *, checkpoint_dir: Path | None, name: str | None) -> None:
+        if checkpoint_dir is not None and self.world_size > 1:
+            dist.barrier()  # every rank's part is written
+        if self.rank != 0:
+            return
         checkpoint = None
         if checkpoint_dir is not None:
             final = self.run_dir / name
             shutil.rmtree(final, ignore_errors=True)  # a resumed run that saves the same step again
             checkpoint_dir.rename(final)  # staged in the run directory: the rename is the commit
             self._prune()
-            checkpoint = _ray_checkpoint(final)
+            checkpoint = _ray_checkpoint(final) if self.callbacks else None
         for callback in self.callbacks:
             callback.after_report(None, [metrics], checkpoint)
 
@@ -86,6 +106,12 @@ class InProcessRun:
 _in_process: InProcessRun | None = None
 
 
+def clear_staging(run_dir: Path) -> None:
+    """Remove the parts of checkpoints that an in-process run began and did not finish (it failed meanwhile)."""
+    for leftover in Path(run_dir).glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def in_process(run: InProcessRun) -> Iterator[InProcessRun]:
     """While open, this module answers the training loop from `run` instead of Ray Train."""
@@ -108,7 +134,7 @@ def _ray_checkpoint(path: Path):
 
 def rank_and_world() -> tuple[int, int]:
     if _in_process is not None:
-        return 0, 1
+        return _in_process.rank, _in_process.world_size
     import ray.train
 
     context = ray.train.get_context()
@@ -132,10 +158,16 @@ def dataset_shard(name: str):
     return ray.train.get_dataset_shard(name)
 
 
-def staging_dir() -> Path | None:
-    """Where a checkpoint is written before it is reported: the run directory for an in-process run (its report
-    renames it into place), else the system's temporary directory (Ray Train copies it into storage)."""
-    return _in_process.run_dir if _in_process is not None else None
+@contextlib.contextmanager
+def checkpoint_staging(name: str) -> Iterator[Path]:
+    """A directory to write this rank's part of checkpoint `name` into before reporting it: for an in-process run,
+    one in the run directory that all its ranks share (its report renames it into place); under Ray Train, a
+    temporary one of this rank's own, removed after the report (Ray Train copied it into storage)."""
+    if _in_process is not None:
+        yield _in_process.staging(name)
+        return
+    with tempfile.TemporaryDirectory(prefix=".slipway-ckpt-") as tmp:
+        yield Path(tmp)
 
 
 def report(metrics: dict, *, checkpoint_dir: Path | None = None, name: str | None = None) -> None:

@@ -22,9 +22,9 @@ MILESTONES = (
     ("process_start", None),
     ("composed", "Python, imports, Hydra"),
     ("data_ready", "checks, data, run files"),
-    ("ray_ready", "Ray start"),
+    ("ray_ready", "Ray start"),  # not passed by a run without Ray (cluster.launcher=processes)
     ("datasets_ready", "data hand-off"),
-    ("worker_process_start", "Train controller, worker start"),
+    ("worker_process_start", "worker start (Ray: Train controller)"),
     # Ray Train's worker actor start-up, its process group, and the imports of the train function's modules
     ("train_fn_start", "worker set-up, imports, process group"),
     ("worker_loop_start", "config, device, seed"),
@@ -33,6 +33,7 @@ MILESTONES = (
     ("first_step", "step 1"),
 )
 
+OPTIONAL = {"ray_ready"}
 _driver_marks: list[dict] | None = None  # None: begin() was not called, nothing is marked
 
 
@@ -67,8 +68,7 @@ def mark_in_worker(run_dir: Path, milestone: str, *, at: float | None = None) ->
 
 def phases(run_dir: Path) -> dict[str, float] | None:
     """{phase: seconds} for this launch, in order, plus "total" (process start to the end of step 1); None
-    unless every milestone was marked. A worker process Ray started before it was asked for (a warm pool)
-    counts from the data hand-off."""
+    unless every milestone was marked (but Ray's start, which a run without Ray does not pass)."""
     path = run_dir / STARTUP_FILE
     if not path.exists():
         return None
@@ -76,13 +76,16 @@ def phases(run_dir: Path) -> dict[str, float] | None:
     for line in path.read_text().splitlines():
         item = json.loads(line)
         marks.setdefault(item["milestone"], item["at"])  # a restarted worker group marks again: the first counts
-    if any(name not in marks for name, _ in MILESTONES):
+    if any(name not in marks for name, _ in MILESTONES if name not in OPTIONAL):
         return None
+    # A worker process that was there before it was asked for (Ray's warm pool; the launching process itself when
+    # it trains in process) starts its phase at the data hand-off.
     marks["worker_process_start"] = max(marks["worker_process_start"], marks["datasets_ready"])
     result, previous = {}, marks["process_start"]
     for name, phase in MILESTONES[1:]:
-        result[phase] = marks[name] - previous
-        previous = marks[name]
+        if name in marks:
+            result[phase] = marks[name] - previous
+            previous = marks[name]
     result["total"] = marks["first_step"] - marks["process_start"]
     return result
 

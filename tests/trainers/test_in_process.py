@@ -11,8 +11,8 @@ from trainers import session
 
 def _staged_checkpoint(run_dir, step: int):
     """A checkpoint directory as the checkpoint manager stages it before reporting (one file stands for the rest)."""
-    staged = run_dir / f".staged-{step}"
-    staged.mkdir()
+    with session.checkpoint_staging(session.checkpoint_dir_name(step)) as staged:
+        assert staged.parent == run_dir
     (staged / "train_state.json").write_text(json.dumps({"step": step}))
     return staged
 
@@ -51,7 +51,7 @@ def test_checkpoints_are_kept_ranked_and_pruned_as_ray_train_keeps_them(tmp_path
         kept = sorted(path.name for path in tmp_path.glob("checkpoint_step_*"))
         # The best two by val_loss (steps 4 and 6) and the latest (8), which a resume needs; step 2 is gone.
         assert kept == ["checkpoint_step_00000004", "checkpoint_step_00000006", "checkpoint_step_00000008"]
-        assert not list(tmp_path.glob(".staged-*"))  # each staged directory was renamed into place
+        assert not list(tmp_path.glob(f"{session.STAGING_PREFIX}*"))  # each staged directory was renamed into place
         assert run.best().name == "checkpoint_step_00000004" and run.latest().name == "checkpoint_step_00000008"
         with session.latest_checkpoint() as (directory, name):
             assert name == "checkpoint_step_00000008"
@@ -62,7 +62,8 @@ def test_checkpoints_are_kept_ranked_and_pruned_as_ray_train_keeps_them(tmp_path
         assert run.best().name == "checkpoint_step_00000008"
     assert [metrics["step"] for metrics, _ in callback.reports] == [1, 2, 4, 6, 8, 8]
     assert callback.reports[0][1] is None and callback.reports[-1][1] == str(tmp_path / "checkpoint_step_00000008")
-    assert session.staging_dir() is None  # closed: Ray Train answers again
+    with session.checkpoint_staging("checkpoint_step_00000010") as staged:  # closed: a temporary directory again
+        assert staged.parent != tmp_path
 
 
 def _last_row_per_step(run_dir, key: str) -> dict[int, float]:

@@ -34,6 +34,10 @@ def test_run_name_ignores_logging_and_paths_but_not_training_settings():
     assert config_hash(base) == config_hash(_plain(["trainer.log_every_n_steps=3"]))
     assert config_hash(base) != config_hash(_plain(["trainer.max_steps=7"]))
     assert config_hash(base) != config_hash(_plain(["strategy=fsdp"]))
+    # The default launcher leaves the names runs had before it existed; a run without Ray is named apart.
+    without_launcher = {**base, "cluster": {key: value for key, value in base["cluster"].items() if key != "launcher"}}
+    assert config_hash(base) == config_hash(without_launcher)
+    assert config_hash(base) != config_hash(_plain(["cluster.launcher=processes"]))
 
 
 def test_unknown_key_fails_at_composition():
