@@ -1,4 +1,5 @@
-"""Ray Data datasets over prepared parquet shards (token rows or click-log rows)."""
+"""Ray Data datasets over prepared parquet shards (token rows or click-log rows), and the same batches read
+without Ray (ShardStream, for cluster.launcher=processes)."""
 
 import logging
 from pathlib import Path
@@ -85,25 +86,19 @@ class ShardStream:
     def __init__(self, files: list[str], *, columns: list[str]):
         self.files, self.columns = list(files), list(columns)
 
-    def __getstate__(self) -> dict:
-        return {"files": self.files, "columns": self.columns}  # plain data: it crosses to spawned workers
-
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False):
         """Dicts of column -> tensor with `batch_size` rows (the last one shorter unless `drop_last`)."""
         import pyarrow as pa
 
-        pending: list = []  # record batches not yet handed out, in order
-        held = 0
+        rest = None  # rows read and not yet handed out; slicing and concatenating tables copies no rows
         for batch in self._record_batches():
-            pending.append(batch)
-            held += batch.num_rows
-            while held >= batch_size:
-                table = pa.Table.from_batches(pending).combine_chunks()
-                yield _torch_columns(table.slice(0, batch_size))
-                rest = table.slice(batch_size)
-                pending, held = rest.to_batches(), rest.num_rows
-        if held and not drop_last:
-            yield _torch_columns(pa.Table.from_batches(pending).combine_chunks())
+            read = pa.Table.from_batches([batch])
+            rest = read if rest is None else pa.concat_tables([rest, read])
+            while rest.num_rows >= batch_size:
+                yield _torch_columns(rest.slice(0, batch_size))
+                rest = rest.slice(batch_size)
+        if rest is not None and rest.num_rows and not drop_last:
+            yield _torch_columns(rest)
 
     def _record_batches(self):
         import pyarrow.parquet as pq

@@ -10,9 +10,10 @@ plus the strategy's own part, in its checkpoint format (trainers/strategies/): d
 optimizer.pt and scheduler.pt from rank 0; fsdp and hsdp a dcp/ directory (one shard file per rank); ZeRO a
 deepspeed/ directory of per-rank partitions.
 
-Every rank writes its part into a local temporary directory and reports it (trainers/session.py: to Ray Train,
-which merges the parts into one directory in the run's storage, or to an in-process run, which renames it into
-the run directory). Loading never unpickles arbitrary objects (trainers/safe_loading.py).
+Every rank writes its part into a staging directory and reports it (trainers/session.py): under Ray Train a
+temporary directory of its own, whose parts Ray Train merges into one directory in the run's storage; in an
+in-process run (a sweep's 1-worker trial, cluster.launcher=processes) one directory in the run directory that every
+rank writes into and rank 0 renames into place. Loading never unpickles arbitrary objects (trainers/safe_loading.py).
 """
 
 import json
