@@ -30,10 +30,13 @@ class WorkersFailedError(RuntimeError):
     """The run failed on its last try (checkpoint.max_failures restarts were spent); the message says how."""
 
 
-def launcher_env(*, rank: int, world_size: int) -> dict[str, str]:
-    """What a launcher exports to each worker (torchrun and Ray Train do too); DeepSpeed asserts LOCAL_RANK."""
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size), "NODE_RANK": "0"}
+def join_process_group(store, *, rank: int, world_size: int, use_gpu: bool) -> None:
+    """Join this process to a group of `world_size` over `store`, exporting what a launcher exports to each worker
+    (torchrun and Ray Train do too; DeepSpeed asserts LOCAL_RANK is set)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "NODE_RANK": "0"})
+    backend = "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
 def worker_device(*, use_gpu: bool, rank: int) -> torch.device:
@@ -41,7 +44,8 @@ def worker_device(*, use_gpu: bool, rank: int) -> torch.device:
 
 
 def run_processes(worker, *, world_size: int, run_dir: Path, use_gpu: bool, args: tuple) -> None:
-    """Run `worker(rank, world_size, *args)` in `world_size` local processes, joined in one process group, and wait.
+    """Run `worker(rank, world_size, device, *args)` in `world_size` local processes, joined in one process group,
+    and wait.
     A process that fails ends the others and raises here with its error; Ctrl-C ends them all."""
     import torch.multiprocessing as mp
 
@@ -67,22 +71,21 @@ def run_processes(worker, *, world_size: int, run_dir: Path, use_gpu: bool, args
 
 
 def _entry(rank: int, worker, world_size: int, store_path: str, use_gpu: bool, args: tuple) -> None:
-    os.environ.update(launcher_env(rank=rank, world_size=world_size))
-    backend = "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+    device = worker_device(use_gpu=use_gpu, rank=rank)
     if use_gpu:
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size)
+        torch.cuda.set_device(device)
+    join_process_group(dist.FileStore(store_path, world_size), rank=rank, world_size=world_size, use_gpu=use_gpu)
     try:
-        worker(rank, world_size, *args)
+        worker(rank, world_size, device, *args)
     finally:
         dist.destroy_process_group()
 
 
-def train_worker(rank: int, world_size: int, loop_config: dict, storage: dict, datasets: dict, use_gpu: bool) -> None:
+def train_worker(rank: int, world_size: int, device: torch.device, loop_config: dict, storage: dict,
+                 datasets: dict) -> None:
     """One local process's training: the loop, answered by an in-process run of this rank."""
     from trainers.loop import train_loop
 
-    run = session.InProcessRun(**storage, datasets=datasets, rank=rank, world_size=world_size,
-                               device=worker_device(use_gpu=use_gpu, rank=rank))
+    run = session.InProcessRun(**storage, datasets=datasets, rank=rank, world_size=world_size, device=device)
     with session.in_process(run):
         train_loop(loop_config)

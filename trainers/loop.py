@@ -301,10 +301,9 @@ def _join_one_process_group(cfg: RootConfig) -> None:
     (deepspeed.utils.groups), so a group taken down and made again breaks the next ZeRO trial."""
     if dist.is_initialized():  # this process's group: its own, kept from a trial before, or its local launcher's
         return
-    # What a launcher exports to each worker (Ray Train does too); DeepSpeed asserts LOCAL_RANK is set.
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "0"})
-    backend = "cpu:gloo,cuda:nccl" if cfg.cluster.use_gpu else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    from trainers.local import join_process_group
+
+    join_process_group(dist.HashStore(), rank=0, world_size=1, use_gpu=cfg.cluster.use_gpu)
 
 
 def _train_worker(config: dict, cfg: RootConfig, *, entered_at: float) -> None:

@@ -556,8 +556,7 @@ def _train_without_ray(cfg: RootConfig, *, loop_config: dict, storage: dict, dat
                 torch.distributed.destroy_process_group()
         return
     local.run_processes(local.train_worker, world_size=workers, run_dir=storage["run_dir"],
-                        use_gpu=cfg.cluster.use_gpu,
-                        args=(loop_config, {**storage, "callbacks": []}, datasets, cfg.cluster.use_gpu))
+                        use_gpu=cfg.cluster.use_gpu, args=(loop_config, {**storage, "callbacks": []}, datasets))
 
 
 def _named_placement_timeout(error, *, cluster: ClusterConfig):
