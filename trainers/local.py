@@ -13,7 +13,6 @@ The training code is the same (trainers/loop.py: train_loop): trainers/session.p
 """
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -28,15 +27,6 @@ STORE_FILE = ".process_group_store"  # the rendezvous of one attempt's processes
 
 class WorkersFailedError(RuntimeError):
     """The run failed on its last try (checkpoint.max_failures restarts were spent); the message says how."""
-
-
-def join_process_group(store, *, rank: int, world_size: int, use_gpu: bool) -> None:
-    """Join this process to a group of `world_size` over `store`, exporting what a launcher exports to each worker
-    (torchrun and Ray Train do too; DeepSpeed asserts LOCAL_RANK is set)."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "NODE_RANK": "0"})
-    backend = "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
 def worker_device(*, use_gpu: bool, rank: int) -> torch.device:
@@ -74,7 +64,8 @@ def _entry(rank: int, worker, world_size: int, store_path: str, use_gpu: bool, a
     device = worker_device(use_gpu=use_gpu, rank=rank)
     if use_gpu:
         torch.cuda.set_device(device)
-    join_process_group(dist.FileStore(store_path, world_size), rank=rank, world_size=world_size, use_gpu=use_gpu)
+    session.join_process_group(dist.FileStore(store_path, world_size), rank=rank, world_size=world_size,
+                               use_gpu=use_gpu)
     try:
         worker(rank, world_size, device, *args)
     finally:

@@ -301,9 +301,7 @@ def _join_one_process_group(cfg: RootConfig) -> None:
     (deepspeed.utils.groups), so a group taken down and made again breaks the next ZeRO trial."""
     if dist.is_initialized():  # this process's group: its own, kept from a trial before, or its local launcher's
         return
-    from trainers.local import join_process_group
-
-    join_process_group(dist.HashStore(), rank=0, world_size=1, use_gpu=cfg.cluster.use_gpu)
+    session.join_process_group(dist.HashStore(), rank=0, world_size=1, use_gpu=cfg.cluster.use_gpu)
 
 
 def _train_worker(config: dict, cfg: RootConfig, *, entered_at: float) -> None:

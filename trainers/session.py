@@ -21,6 +21,7 @@ The training loop and the checkpoint manager call only this module, so every kin
 """
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -128,6 +129,16 @@ def _ray_checkpoint(path: Path):
     import ray.train
 
     return ray.train.Checkpoint.from_directory(str(path))
+
+
+def join_process_group(store, *, rank: int, world_size: int, use_gpu: bool) -> None:
+    """Join this process to a group of `world_size` over `store`, exporting what a launcher exports to each worker
+    (torchrun and Ray Train do too; DeepSpeed asserts LOCAL_RANK is set)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "NODE_RANK": "0"})
+    backend = "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
 
 
 # ------------------------------------------------------------------------------------- what a worker asks
